@@ -1,0 +1,104 @@
+"""Checkpoints: adapter + optimizer + scheduler + RNG + data position, written atomically, read without pickle.
+
+Layout: <run>/checkpoints/step-00000010/{adapter/, optimizer.pt, scheduler.json, rng.pt, trainer_state.json}.
+`.pt` files hold only tensors and plain containers and are read back with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lora_dpo.errors import LoraDpoError
+
+STATE = "trainer_state.json"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE).is_file())
+
+
+def atomic_dir(final: Path, write) -> None:
+    """Call write(tmp_dir), then rename tmp_dir → final, so a crash never leaves a half-written `final`."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+    try:
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int | None) -> Path:
+    """Write checkpoint `step`; prune to the newest `keep`."""
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp / "adapter")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        torch.save(_rng_state(), tmp / "rng.pt")
+        (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=1))
+
+    final = checkpoint_dir(run_dir, step)
+    atomic_dir(final, write)
+    if keep:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
+    return final
+
+
+def resolve(run_dir: Path, which: str) -> Path:
+    if which == "latest":
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise LoraDpoError(f"train.resume_from_checkpoint: 'latest' but '{run_dir}/checkpoints' holds no "
+                               "checkpoint; set train.save_steps to write some, or start without resuming")
+        return found[-1]
+    path = Path(which)
+    if not (path / STATE).is_file():
+        raise LoraDpoError(f"train.resume_from_checkpoint: '{which}' is not a checkpoint directory (no {STATE})")
+    return path
+
+
+def load(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore everything saved by `save` into live objects; → the trainer state dict."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    try:
+        state = json.loads((path / STATE).read_text())
+        weights = load_file(path / "adapter" / "adapter_model.safetensors")
+        opt = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        sched = json.loads((path / "scheduler.json").read_text())
+        rng = torch.load(path / "rng.pt", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable piece means the checkpoint is unusable
+        older = [p for p in list_checkpoints(path.parent) if p.name < path.name]
+        hint = f"; resume from the previous one: train.resume_from_checkpoint={older[-1]}" if older else ""
+        raise LoraDpoError(f"checkpoint '{path}' is incomplete or corrupt ({type(e).__name__}){hint}") from None
+    set_peft_model_state_dict(model, weights)
+    optimizer.load_state_dict(opt)
+    scheduler.load_state_dict(sched)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(rng["cuda"]))
+    return state

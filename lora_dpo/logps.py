@@ -1,0 +1,68 @@
+"""Per-sequence log-probs of completion tokens, from hidden states, in chunks along tokens, in fp32.
+
+The decoder runs once; the LM head and log-softmax run only on completion positions, a chunk of tokens at a time,
+and under activation checkpointing when grad is on, so a (rows, T, vocab) logits tensor never exists and each
+chunk's logits are recomputed in backward instead of being stored.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from lora_dpo.batching import Batch
+
+DEFAULT_CHUNK = 1024
+
+
+def causal_lm(model):
+    """The *ForCausalLM module under a PeftModel (LoRA layers are injected in place, so they are in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _token_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_head, softcap: float | None) -> torch.Tensor:
+    """hidden (N, H), labels (N,) → log p(label) (N,) fp32."""
+    logits = lm_head(hidden).float()  # (N, V)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def completion_logps(lm, hidden: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor,
+                     chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log p(token) over each row's completion tokens.
+
+    hidden (R, T, H) last hidden states; input_ids (R, T); completion_mask (R, T) bool.
+    Returns (logps (R,) fp32, n_tokens (R,) long). Position t predicts token t+1, so the mask is shifted.
+    """
+    target_mask = completion_mask[:, 1:]                                    # (R, T-1)
+    h = hidden[:, :-1][target_mask]                                         # (N, H)
+    labels = input_ids[:, 1:][target_mask]                                  # (N,)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(target_mask)[target_mask]
+    head = lm.get_output_embeddings()
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    pieces = []
+    for s in range(0, h.shape[0], chunk_size):
+        hc, lc = h[s: s + chunk_size], labels[s: s + chunk_size]
+        if torch.is_grad_enabled() and hc.requires_grad:
+            pieces.append(checkpoint(_token_logps, hc, lc, head, softcap, use_reentrant=False))
+        else:
+            pieces.append(_token_logps(hc, lc, head, softcap))
+    token_logps = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
+    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=h.device).index_add(0, rows, token_logps)
+    return sums, target_mask.sum(-1)
+
+
+def batch_logps(model, batch: Batch, chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the decoder on the batch → (logps (2B,), n_tokens (2B,)) in the layout of `batch` (chosen rows first)."""
+    lm = causal_lm(model)
+    out = lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return completion_logps(lm, out.last_hidden_state, batch.input_ids, batch.completion_mask, chunk_size)
+
+
+def plain_batch_logps(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The textbook computation (full logits, log_softmax, gather): the oracle the fast path is tested against."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)  # (R, T-1)
+    mask = batch.completion_mask[:, 1:]
+    return (logp * mask).sum(-1), mask.sum(-1)

