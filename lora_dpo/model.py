@@ -180,10 +180,26 @@ def load_base(cfg: ModelConfig, q: QuantizationConfig, dtype: torch.dtype, devic
                            "check the path or hub id (this machine may be offline)") from None
     if qc is None:
         model.to(device)
+    _keep_cpu_4bit_differentiable(model)
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _keep_cpu_4bit_differentiable(model) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference.
+
+    bitsandbytes 0.50 repacks a Linear4bit's weight into an AVX512-BF16 layout the first time it runs in eval mode
+    without grad on such a CPU, and from then on uses a kernel with no autograd formula, in training too: the
+    gradient through the frozen base layers silently becomes zero. An eval pass (the step-0 check, held-out eval)
+    would then corrupt training. tests/test_model.py guards this.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def attach_lora(base, cfg: LoraConfig, *, seed: int, gradient_checkpointing: bool):

@@ -1,0 +1,148 @@
+"""Model: one copy of the 4-bit base serves policy and reference; the reference is exactly the bare base."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from lora_dpo import model as M
+from lora_dpo.batching import collate
+from lora_dpo.data import Pair
+from lora_dpo.errors import LoraDpoError
+from lora_dpo.logps import batch_logps
+from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig
+
+CPU = torch.device("cpu")
+
+
+def small_batch(pad: int = 2):
+    return collate([Pair([1, 2, 3, 4], [5, 6, 7], [8, 9], 0), Pair([10, 11], [12, 13, 14, 15], [16], 1)], pad)
+
+
+def qlora(path, **lora):
+    base = M.load_base(ModelConfig(name_or_path=str(path)), QuantizationConfig(), torch.float32, CPU)
+    return M.attach_lora(base, LoraConfig(**lora), seed=0, gradient_checkpointing=False)
+
+
+def randomise_lora_b(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_base_is_4bit_nf4_with_lora_on_every_linear(tiny_model_dir):
+    m = qlora(tiny_model_dir)
+    q_layers = [mod for mod in m.modules() if isinstance(mod, bnb.nn.Linear4bit)]
+    assert len(q_layers) == 2 * 7  # q k v o gate up down per layer
+    assert all(mod.weight.quant_state.quant_type == "nf4" for mod in q_layers)
+    assert all(mod.weight.quant_state.nested for mod in q_layers)  # double quantization
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len(trainable) == 2 * len(q_layers)
+
+
+def test_one_copy_of_the_base_weights(tiny_model_dir):
+    m = qlora(tiny_model_dir)
+    base_params = [p for n, p in m.named_parameters() if "lora_" not in n]
+    ptrs = {p.data_ptr() for p in base_params}
+    assert len(ptrs) == len(base_params)  # no parameter is stored twice
+    from transformers import PreTrainedModel
+
+    models = [mod for mod in m.modules() if isinstance(mod, PreTrainedModel) and hasattr(mod, "lm_head")]
+    assert len(models) == 1  # the reference is not a second model
+    before = {id(p) for p in m.parameters()}
+    with M.reference_mode(m):
+        batch_logps(m, small_batch())
+    assert {id(p) for p in m.parameters()} == before  # the reference pass created no weights
+
+
+def test_reference_equals_bare_base_and_policy_differs(tiny_model_dir):
+    m = qlora(tiny_model_dir)
+    randomise_lora_b(m)
+    bare = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(), torch.float32, CPU)
+    b = small_batch()
+    with torch.no_grad():
+        expected, _ = batch_logps(bare, b)
+        policy, _ = batch_logps(m, b)
+    with M.reference_mode(m):
+        ref, _ = batch_logps(m, b)
+    assert torch.allclose(ref, expected, atol=1e-6, rtol=0)
+    assert (policy - ref).abs().max() > 1e-3
+    assert torch.is_grad_enabled()  # reference_mode restores grad mode on exit
+
+
+def test_qlora_gradients_match_the_dequantized_twin(tiny_model_dir):
+    """bitsandbytes' CPU 4-bit path must pass correct gradients to LoRA layers below it."""
+    m4 = qlora(tiny_model_dir)
+    randomise_lora_b(m4)
+    twin = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(load_in_4bit=False),
+                       torch.float32, CPU)
+    modules = dict(twin.named_modules())
+    with torch.no_grad():
+        for name, mod in m4.get_base_model().named_modules():
+            if isinstance(mod, bnb.nn.Linear4bit):
+                w = bnb.functional.dequantize_4bit(mod.weight.data, mod.weight.quant_state)
+                modules[name.replace(".base_layer", "")].weight.copy_(w)
+    twin = M.attach_lora(twin, LoraConfig(), seed=0, gradient_checkpointing=False)
+    twin.load_state_dict({k: v for k, v in m4.state_dict().items() if "lora_" in k}, strict=False)
+    b = small_batch()
+    for m in (m4, twin):
+        batch_logps(m, b)[0].sum().backward()
+    g4 = dict((n, p.grad) for n, p in m4.named_parameters() if p.requires_grad)
+    gt = dict((n, p.grad) for n, p in twin.named_parameters() if p.requires_grad)
+    deepest = [n for n in g4 if "layers.0." in n and "lora_A" in n]
+    assert deepest and all(g4[n].abs().sum() > 0 for n in deepest)
+    for n in g4:
+        scale = gt[n].abs().max() + 1e-12
+        assert (g4[n] - gt[n]).abs().max() / scale < 0.03, n
+
+
+def test_source_errors(tmp_path):
+    with pytest.raises(LoraDpoError, match="not found"):
+        M.resolve_source(ModelConfig(name_or_path=str(tmp_path / "m.gguf")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoraDpoError, match="no config.json"):
+        M.resolve_source(ModelConfig(name_or_path=str(tmp_path / "empty")))
+    with pytest.raises(LoraDpoError, match="not a model directory"):
+        M.resolve_source(ModelConfig(name_or_path=str(tmp_path / "nope")))
+    assert M.resolve_source(ModelConfig(name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")).kind == "hub"
+    corrupt = tmp_path / "bad.gguf"
+    corrupt.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(LoraDpoError, match="cannot read GGUF"):
+        M.gguf_to_hf_dir(corrupt)
+
+
+def test_demo_model_from_gguf(demo_dir):
+    """The demo GGUF converts to a Llama checkpoint that answers like SmolLM2-135M-Instruct."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_dir)
+    m = AutoModelForCausalLM.from_pretrained(demo_dir)
+    assert m.config.model_type == "llama" and m.config.num_hidden_layers == 30
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = m.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_an_eval_pass_does_not_change_training_gradients(tiny_model_dir):
+    """Regression: bitsandbytes' CPU inference repacking must not leak into training (it drops gradients)."""
+    from lora_dpo.recipe import DpoConfig
+    from lora_dpo.train import dpo_forward
+
+    def grad_after(eval_first: bool):
+        m = qlora(tiny_model_dir)
+        randomise_lora_b(m)
+        if eval_first:
+            m.eval()
+            with torch.no_grad():
+                dpo_forward(m, small_batch(), DpoConfig())
+        m.train()
+        dpo_forward(m, small_batch(), DpoConfig())[0].backward()
+        return [p.grad for p in m.parameters() if p.requires_grad]
+
+    for a, b in zip(grad_after(False), grad_after(True)):
+        assert torch.equal(a, b)

@@ -1,0 +1,144 @@
+"""Recipe schema: typed keys, errors that name the key and the fix, typed overrides, `validate` loads no model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from lora_dpo.errors import LoraDpoError
+from lora_dpo.recipe import describe_keys, load_recipe, recipe_from_dict
+
+BASE = {"model": {"name_or_path": "org/model"}, "data": {"train": "t.jsonl"}, "output": {"dir": "runs/x"}}
+
+
+def with_(section: str, **kv) -> dict:
+    raw = {k: dict(v) for k, v in BASE.items()}
+    raw.setdefault(section, {}).update(kv)
+    return raw
+
+
+def test_defaults_filled_in():
+    r = recipe_from_dict(BASE)
+    assert r.dpo.beta == 0.1 and r.dpo.loss_type == "sigmoid"
+    assert r.quantization.load_in_4bit and r.quantization.bnb_4bit_quant_type == "nf4"
+    assert r.lora.target_modules == "all-linear" and r.lora.r == 16
+    assert r.train.per_device_train_batch_size == 4
+
+
+def test_issue_recipe_shape_loads(tmp_path):
+    text = """
+model: {name_or_path: HuggingFaceTB/SmolLM2-135M-Instruct}
+quantization: {load_in_4bit: true, bnb_4bit_quant_type: nf4, bnb_4bit_use_double_quant: true}
+lora: {r: 16, lora_alpha: 32, lora_dropout: 0.0, target_modules: all-linear}
+data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 512, max_prompt_length: 256}
+dpo: {beta: 0.1, loss_type: sigmoid}
+train: {learning_rate: 5.0e-5, max_steps: 100, per_device_train_batch_size: 4, gradient_accumulation_steps: 1}
+output: {dir: runs/quickstart}
+"""
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    r = load_recipe(p)
+    assert r.lora.lora_alpha == 32.0 and isinstance(r.lora.lora_alpha, float)
+    assert r.train.learning_rate == 5e-5
+    # the resolved recipe round-trips through YAML to the same recipe
+    assert recipe_from_dict(yaml.safe_load(r.to_yaml())) == r
+
+
+@pytest.mark.parametrize("raw, key, needle", [
+    (with_("dpo", betta=0.1), "dpo.betta", "did you mean 'beta'"),
+    (with_("train", learning_rte=1e-4), "train.learning_rte", "did you mean 'learning_rate'"),
+    ({**BASE, "loras": {}}, "loras", "did you mean 'lora'"),
+    (with_("dpo", beta=0), "dpo.beta", "> 0"),
+    (with_("dpo", beta=-1.0), "dpo.beta", "> 0"),
+    (with_("lora", r=0), "lora.r", "> 0"),
+    (with_("lora", r=4.5), "lora.r", "an integer"),
+    (with_("lora", r="16"), "lora.r", "an integer"),
+    (with_("dpo", loss_type="dpo"), "dpo.loss_type", "one of 'sigmoid'"),
+    (with_("quantization", load_in_4bit="yes"), "quantization.load_in_4bit", "true/false"),
+    (with_("lora", lora_dropout=1.0), "lora.lora_dropout", "in [0, 1)"),
+    (with_("dpo", label_smoothing=0.5, loss_type="robust"), "dpo.label_smoothing", "[0, 0.5)"),
+    (with_("data", max_prompt_length=600), "data.max_prompt_length", "smaller than data.max_length"),
+    (with_("quantization", load_in_8bit=True), "quantization.load_in_8bit", "load_in_4bit"),
+    (with_("train", report_to=["mlflow"]), "train.report_to", "tensorboard"),
+    ({"data": BASE["data"], "output": BASE["output"]}, "model", "missing section"),
+    (with_("model", name_or_path=None) | {"model": {}}, "model.name_or_path", "missing"),
+    (with_("dpo", beta=float("nan")), "dpo.beta", "a number"),
+])
+def test_bad_values_name_key_and_fix(raw, key, needle):
+    with pytest.raises(LoraDpoError) as e:
+        recipe_from_dict(raw)
+    msg = str(e.value)
+    assert f"'{key}'" in msg and needle in msg and "\n" not in msg
+
+
+def test_overrides_are_typed_like_the_schema(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(BASE))
+    r = load_recipe(p, ["train.max_steps=20", "dpo.beta=0.05", "lora.lora_alpha=8", "train.gradient_checkpointing=true",
+                        "lora.target_modules=[q_proj, v_proj]", "data.eval=e.jsonl"])
+    assert r.train.max_steps == 20 and r.dpo.beta == 0.05
+    assert r.lora.lora_alpha == 8.0 and isinstance(r.lora.lora_alpha, float)
+    assert r.train.gradient_checkpointing is True
+    assert r.lora.target_modules == ["q_proj", "v_proj"] and r.data.eval == "e.jsonl"
+    for bad, needle in [("train.max_steps=ten", "train.max_steps"), ("dpo=1", "section.key"),
+                        ("trian.max_steps=3", "did you mean 'train'"), ("dpo.beta=-2", "dpo.beta")]:
+        with pytest.raises(LoraDpoError, match=needle.replace(".", r"\.").replace("'", "'")):
+            load_recipe(p, [bad])
+
+
+def test_yaml_errors_name_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  name_or_path: [unclosed\n")
+    with pytest.raises(LoraDpoError, match=r"bad\.yaml.*line \d+"):
+        load_recipe(p)
+    with pytest.raises(LoraDpoError, match="not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(LoraDpoError, match="empty"):
+        load_recipe(tmp_path / "empty.yaml")
+
+
+def test_yaml_is_safe_loaded(tmp_path):
+    p = tmp_path / "evil.yaml"
+    p.write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(LoraDpoError):
+        load_recipe(p)
+
+
+def test_every_key_is_documented():
+    text = describe_keys()
+    for key in ("beta:", "loss_type:", "bnb_4bit_quant_type:", "target_modules:", "resume_from_checkpoint:"):
+        assert key in text
+    assert all(" — " in line for line in text.splitlines() if line.startswith("  "))
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lora_dpo", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def test_validate_cli_loads_no_model(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(with_("model", name_or_path="/nonexistent/model/dir")))
+    res = _cli("validate", str(p), "dpo.beta=0.2")
+    assert res.returncode == 0, res.stderr
+    assert "valid" in res.stdout and "β=0.2" in res.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["validate", "{d}/missing.yaml"], "not found"),
+    (["validate", "{d}/r.yaml", "dpo.beta=0"], "dpo.beta"),
+    (["validate", "{d}/r.yaml", "dpo.bta=1"], "did you mean 'beta'"),
+    (["{d}/r.yaml", "train.max_steps=abc"], "train.max_steps"),
+    (["validate"], "recipe"),
+])
+def test_cli_errors_are_one_line_exit_2(tmp_path, args, needle):
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(BASE))
+    res = _cli(*[a.format(d=tmp_path) for a in args])
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in res.stderr
+    assert not (tmp_path / "runs").exists()

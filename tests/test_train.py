@@ -1,0 +1,158 @@
+"""The loop end to end on a tiny 4-bit model: step-0 check, metrics, eval, checkpoints, exact resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lora_dpo import train
+from lora_dpo.errors import LoraDpoError
+from lora_dpo.recipe import TrainConfig, load_recipe, recipe_from_dict
+from lora_dpo.train import make_scheduler
+
+TRAIN_KEYS = {"step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+              "logps/chosen", "logps/rejected", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_mb"}
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_run_directory(recipe_dict, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe_dict["train"].update(max_steps=4, eval_steps=2, save_steps=2)
+    result = train(recipe_from_dict(recipe_dict))
+    out = result.output_dir
+    assert abs(result.step0_loss - math.log(2)) < 1e-4
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(TRAIN_KEYS <= set(r) for r in rows)
+    assert "eval/rewards/accuracies" in rows[1] and "eval/loss" in rows[3] and "eval/loss" not in rows[0]
+    assert rows[0]["learning_rate"] == pytest.approx(1e-3) and rows[-1]["learning_rate"] < 1e-3
+    assert rows[-1]["loss"] != pytest.approx(math.log(2), abs=1e-6)  # it moved
+    # resolved recipe: defaults filled in, loads back to the same recipe
+    assert load_recipe(out / "recipe.yaml") == recipe_from_dict(recipe_dict)
+    assert "bnb_4bit_quant_type: nf4" in (out / "recipe.yaml").read_text()
+    assert json.loads((out / "data_report.json").read_text())[0]["kept"] == 32
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+    # a standard PEFT adapter with the tokenizer beside it
+    base = AutoModelForCausalLM.from_pretrained(recipe_dict["model"]["name_or_path"])
+    peft = PeftModel.from_pretrained(base, out / "adapter")
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in peft.named_parameters())
+    assert AutoTokenizer.from_pretrained(out / "adapter").eos_token == "<|im_end|>"
+
+
+@pytest.mark.parametrize("loss_type, extra", [("ipo", {}), ("hinge", {}), ("robust", {"label_smoothing": 0.1}),
+                                              ("sigmoid", {"rpo_alpha": 0.5}), ("simpo", {"simpo_gamma": 0.3})])
+def test_every_loss_trains(recipe_dict, loss_type, extra, capsys):
+    recipe_dict["dpo"] = {"loss_type": loss_type, **extra}
+    recipe_dict["data"].pop("eval")
+    recipe_dict["train"]["max_steps"] = 2
+    result = train(recipe_from_dict(recipe_dict))
+    printed = capsys.readouterr().out
+    assert "step-0 check" in printed
+    if loss_type == "simpo":
+        assert result.step0_loss is None and "not applicable" in printed
+    else:
+        assert "✓" in printed
+    assert all(math.isfinite(r["loss"]) for r in result.history)
+
+
+def test_gradient_accumulation_matches_the_big_batch(recipe_dict, tmp_path):
+    recipe_dict["data"].pop("eval")
+    # Adam's first step is ≈ lr·sign(g); a large ε makes it ≈ lr·g so the weights compare the gradients themselves
+    opt = {"max_steps": 1, "learning_rate": 1.0, "adam_epsilon": 1.0, "max_grad_norm": 0.0}
+    a = dict(recipe_dict, train={**opt, "per_device_train_batch_size": 4}, output={"dir": str(tmp_path / "a")})
+    b = dict(recipe_dict, train={**opt, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2},
+             output={"dir": str(tmp_path / "b")})
+    ra, rb = train(recipe_from_dict(a)), train(recipe_from_dict(b))
+    wa = load_file(ra.adapter_dir / "adapter_model.safetensors")
+    wb = load_file(rb.adapter_dir / "adapter_model.safetensors")
+    assert ra.history[0]["grad_norm"] == pytest.approx(rb.history[0]["grad_norm"], rel=1e-4)
+    assert any(not torch.equal(wa[k], torch.zeros_like(wa[k])) for k in wa if "lora_B" in k)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+
+
+def test_resume_is_exact(recipe_dict, tmp_path):
+    """Resuming from a checkpoint ends with the same adapter, bit for bit, and the same metrics after it."""
+    recipe_dict["data"].pop("eval")
+    recipe_dict["lora"] = {"lora_dropout": 0.1}  # the RNG state must be restored too
+    recipe_dict["train"].update(max_steps=6, save_steps=3)
+    full = train(recipe_from_dict(recipe_dict))
+    crashed = tmp_path / "crashed"
+    shutil.copytree(full.output_dir, crashed)
+    shutil.rmtree(crashed / "adapter")  # as if killed after the step-3 checkpoint
+    lines = (crashed / "metrics.jsonl").read_text().splitlines()
+    (crashed / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n")  # step 4 was logged, then the crash
+    recipe_dict["output"]["dir"] = str(crashed)
+    recipe_dict["train"]["resume_from_checkpoint"] = "latest"
+    resumed = train(recipe_from_dict(recipe_dict))
+    assert resumed.step0_loss is None
+    wa = load_file(full.adapter_dir / "adapter_model.safetensors")
+    wb = load_file(resumed.adapter_dir / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    strip = [{k: v for k, v in r.items() if k not in ("tokens_per_second", "peak_memory_mb")}
+             for r in metrics(full.output_dir)]
+    assert [{k: v for k, v in r.items() if k not in ("tokens_per_second", "peak_memory_mb")}
+            for r in metrics(crashed)] == strip
+
+
+def test_existing_run_is_refused_and_untouched(recipe_dict):
+    recipe_dict["train"]["max_steps"] = 1
+    recipe_dict["data"].pop("eval")
+    first = train(recipe_from_dict(recipe_dict))
+    before = (first.output_dir / "metrics.jsonl").read_bytes()
+    with pytest.raises(LoraDpoError, match="already holds a run.*overwrite=true"):
+        train(recipe_from_dict(recipe_dict))
+    assert (first.output_dir / "metrics.jsonl").read_bytes() == before
+    with pytest.raises(LoraDpoError, match="holds no checkpoint"):
+        recipe_dict["train"]["resume_from_checkpoint"] = "latest"
+        train(recipe_from_dict(recipe_dict))
+
+
+@pytest.mark.parametrize("kind, warmup, expect", [
+    ("linear", 0, [1.0, 0.75, 0.5, 0.25]),
+    ("cosine", 0, [1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]),
+    ("constant", 2, [1 / 3, 2 / 3, 1.0, 1.0]),
+    ("linear", 2, [1 / 3, 2 / 3, 1.0, 0.5]),
+])
+def test_schedules(kind, warmup, expect):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = make_scheduler(opt, TrainConfig(lr_scheduler_type=kind, warmup_steps=warmup), steps=4)
+    seen = []
+    for _ in range(4):
+        seen.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx(expect)
+
+
+def test_cli_trains_and_refuses_to_overwrite(recipe_dict, tmp_path):
+    recipe_dict["data"].pop("eval")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict))
+    cmd = [sys.executable, "-m", "lora_dpo", str(path), "train.max_steps=2", "dpo.beta=0.05"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "step-0 check: loss 0.693147 = ln 2 ✓" in res.stdout
+    assert "32 rows read, 32 pairs kept, 0 dropped" in res.stdout
+    out = tmp_path / "run"
+    assert load_recipe(out / "recipe.yaml").dpo.beta == 0.05
+    assert len(metrics(out)) == 2
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert "already holds a run" in res.stderr and "Traceback" not in res.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
