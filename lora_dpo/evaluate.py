@@ -7,10 +7,28 @@ from pathlib import Path
 
 import torch
 
+from lora_dpo import batching
 from lora_dpo import data as data_lib
 from lora_dpo import model as model_lib
 from lora_dpo.errors import LoraDpoError
-from lora_dpo.recipe import load_recipe
+from lora_dpo.objective import MetricMeter, dpo_forward
+from lora_dpo.recipe import DpoConfig, load_recipe
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs: list[data_lib.Pair], cfg: DpoConfig, batch_size: int, pad_id: int,
+                   device: torch.device) -> dict:
+    """Held-out metrics under the `eval/` names (adapter on vs off, no dropout)."""
+    was_training = model.training
+    model.eval()
+    meter = MetricMeter()
+    for chunk in batching.eval_batches(pairs, batch_size):
+        loss, metrics = dpo_forward(model, batching.collate(chunk, pad_id).to(device), cfg)
+        meter.add(loss * len(chunk), metrics)
+    model.train(was_training)
+    result = meter.result("eval/")
+    result["eval/loss"] = meter.loss_sum / max(meter.pairs, 1)  # loss weighted per pair, not per batch
+    return result
 
 
 def load_run(run_dir: str | Path):
@@ -57,8 +75,6 @@ def side_by_side(model, tokenizer, rows: list[dict], system_prompt: str | None =
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, generations: int = 4) -> dict:
-    from lora_dpo.train import evaluate_pairs
-
     run_dir = Path(run_dir)
     recipe, model, tokenizer, device = load_run(run_dir)
     path = data or recipe.data.eval

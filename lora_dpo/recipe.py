@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -118,6 +119,16 @@ class TrainConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    generations: int = _f(4, "Held-out prompts whose greedy answers (reference vs policy) are printed side by side.",
+                          check=_NONNEG)
+    max_new_tokens: int = _f(32, "Tokens generated per prompt.", check=_POS)
+    behaviour_regex: str | None = _f(None, "A regex searched in each greedy answer; the share of held-out prompts "
+                                     "whose answer matches is the behaviour rate, printed before and after training.")
+    behaviour_prompts: int = _f(64, "How many held-out prompts the behaviour rate is measured on.", check=_POS)
+
+
+@dataclass
 class OutputConfig:
     dir: str = _f(_REQUIRED, "Run directory (recipe.yaml, metrics.jsonl, adapter/, checkpoints/).")
     overwrite: bool = _f(False, "Allow writing into a directory that already holds a finished run.")
@@ -132,6 +143,7 @@ class Recipe:
     lora: LoraConfig = field(default_factory=LoraConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -232,6 +244,11 @@ def _cross_checks(r: Recipe) -> None:
                    "completions keep at least one token")
     if r.dpo.label_smoothing and r.dpo.loss_type not in ("sigmoid", "robust"):
         raise _err("dpo.label_smoothing", f"is used by loss_type sigmoid or robust, not {r.dpo.loss_type}; remove it")
+    if r.evaluation.behaviour_regex is not None:
+        try:
+            re.compile(r.evaluation.behaviour_regex)
+        except re.error as e:
+            raise _err("evaluation.behaviour_regex", f"is not a valid regular expression ({e})") from None
     if r.train.report_to and len(set(r.train.report_to)) != len(r.train.report_to):
         raise _err("train.report_to", "lists a tracker twice")
 

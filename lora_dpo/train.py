@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from lora_dpo import batching, checkpoints, data, losses
+from lora_dpo import batching, checkpoints, data, losses, tracking
 from lora_dpo import model as model_lib
 from lora_dpo.batching import Batch
 from lora_dpo.errors import LoraDpoError
-from lora_dpo.logps import batch_logps
+from lora_dpo.evaluate import evaluate_pairs
+from lora_dpo.objective import MetricMeter, dpo_forward
 from lora_dpo.recipe import DpoConfig, Recipe, TrainConfig
 
 RUN_FILES = ("recipe.yaml", "metrics.jsonl", "adapter", "checkpoints", "data_report.json")
@@ -41,70 +42,6 @@ class RunResult:
     @property
     def final_metrics(self) -> dict:
         return self.history[-1] if self.history else {}
-
-
-# ---------------------------------------------------------------- the loss on one batch
-
-def dpo_forward(model, batch: Batch, cfg: DpoConfig, reference_logps: tuple | None = None) -> tuple[torch.Tensor, dict]:
-    """Policy (adapter on) and reference (adapter off, no grad) log-probs → loss and metric tensors."""
-    policy, n_tokens = batch_logps(model, batch)                      # (2B,)
-    pc, pr = policy.chunk(2)
-    nc, nr = n_tokens.chunk(2)
-    if cfg.loss_type in losses.REFERENCE_FREE:
-        rc = rr = None
-    elif reference_logps is not None:
-        rc, rr = reference_logps
-    else:
-        with model_lib.reference_mode(model):
-            rc, rr = batch_logps(model, batch)[0].chunk(2)
-    out = losses.preference_loss(pc, pr, rc, rr, nc, nr, loss_type=cfg.loss_type, beta=cfg.beta,
-                                 label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-                                 rpo_alpha=cfg.rpo_alpha)
-    metrics = {
-        "rewards/chosen": out.chosen_rewards, "rewards/rejected": out.rejected_rewards,
-        "rewards/margins": out.chosen_rewards - out.rejected_rewards,
-        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
-        "logps/chosen": pc.detach(), "logps/rejected": pr.detach(),
-    }
-    return out.losses.mean(), metrics
-
-
-class MetricMeter:
-    """Averages per-pair metric tensors over the micro-batches of a logging window."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.pairs = 0
-        self.loss_sum = 0.0
-        self.batches = 0
-
-    def add(self, loss: torch.Tensor, metrics: dict) -> None:
-        self.loss_sum += float(loss)
-        self.batches += 1
-        for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v.sum())
-        self.pairs += int(next(iter(metrics.values())).numel())
-
-    def result(self, prefix: str = "") -> dict:
-        out = {f"{prefix}loss": self.loss_sum / max(self.batches, 1)}
-        out.update({f"{prefix}{k}": v / max(self.pairs, 1) for k, v in self.sums.items()})
-        return out
-
-
-@torch.no_grad()
-def evaluate_pairs(model, pairs: list[data.Pair], cfg: DpoConfig, batch_size: int, pad_id: int,
-                   device: torch.device) -> dict:
-    """Held-out metrics under the `eval/` names (adapter on vs off, no dropout)."""
-    was_training = model.training
-    model.eval()
-    meter = MetricMeter()
-    for chunk in batching.eval_batches(pairs, batch_size):
-        loss, metrics = dpo_forward(model, batching.collate(chunk, pad_id).to(device), cfg)
-        meter.add(loss * len(chunk), metrics)
-    model.train(was_training)
-    result = meter.result("eval/")
-    result["eval/loss"] = meter.loss_sum / max(meter.pairs, 1)  # loss weighted per pair, not per batch
-    return result
 
 
 # ---------------------------------------------------------------- setup helpers
@@ -255,7 +192,7 @@ def run(recipe: Recipe) -> RunResult:
     (out / "recipe.yaml").write_text(recipe.to_yaml())
     (out / "data_report.json").write_text(json.dumps([r.to_dict() for r in reports], indent=1))
     _write_metrics(out, history)
-    trackers = _open_trackers(tcfg.report_to, out)
+    trackers = tracking.open_trackers(tcfg.report_to, out)
 
     stream = batching.micro_batches(train_pairs, tcfg.per_device_train_batch_size, tcfg.seed,
                                     start=start * tcfg.gradient_accumulation_steps)
@@ -347,44 +284,3 @@ def _read_metrics(out: Path) -> list[dict]:
 
 def _write_metrics(out: Path, rows: list[dict]) -> None:
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-class _TensorBoard:
-    def __init__(self, out: Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise LoraDpoError("train.report_to: tensorboard is not installed; `pip install tensorboard` or "
-                               "remove it from report_to") from None
-        self.writer = SummaryWriter(str(out / "tensorboard"))
-
-    def log(self, row: dict) -> None:
-        for k, v in row.items():
-            if k != "step":
-                self.writer.add_scalar(k, v, row["step"])
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-class _Wandb:
-    def __init__(self, out: Path) -> None:
-        try:
-            import wandb
-        except ImportError:
-            raise LoraDpoError("train.report_to: wandb is not installed; `pip install wandb` or remove it from "
-                               "report_to") from None
-        self.run = wandb.init(project="lora-dpo", name=out.name, dir=str(out))
-
-    def log(self, row: dict) -> None:
-        self.run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-
-    def close(self) -> None:
-        self.run.finish()
-
-
-_TRACKERS = {"tensorboard": _TensorBoard, "wandb": _Wandb}
-
-
-def _open_trackers(names: list[str], out: Path) -> list:
-    return [_TRACKERS[n](out) for n in names]

@@ -130,8 +130,8 @@ def test_demo_model_from_gguf(demo_dir):
 
 def test_an_eval_pass_does_not_change_training_gradients(tiny_model_dir):
     """Regression: bitsandbytes' CPU inference repacking must not leak into training (it drops gradients)."""
+    from lora_dpo.objective import dpo_forward
     from lora_dpo.recipe import DpoConfig
-    from lora_dpo.train import dpo_forward
 
     def grad_after(eval_first: bool):
         m = qlora(tiny_model_dir)

@@ -1,0 +1,48 @@
+"""Extra metric trackers (report_to). metrics.jsonl is always written by the loop; these are optional and gated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lora_dpo.errors import LoraDpoError
+
+
+class _TensorBoard:
+    def __init__(self, out: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise LoraDpoError("train.report_to: tensorboard is not installed; `pip install tensorboard` or "
+                               "remove it from report_to") from None
+        self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def log(self, row: dict) -> None:
+        for k, v in row.items():
+            if k != "step":
+                self.writer.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    def __init__(self, out: Path) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise LoraDpoError("train.report_to: wandb is not installed; `pip install wandb` or remove it from "
+                               "report_to") from None
+        self.run = wandb.init(project="lora-dpo", name=out.name, dir=str(out))
+
+    def log(self, row: dict) -> None:
+        self.run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+_TRACKERS = {"tensorboard": _TensorBoard, "wandb": _Wandb}
+
+
+def open_trackers(names: list[str], out: Path) -> list:
+    return [_TRACKERS[n](out) for n in names]
