@@ -1,25 +1,29 @@
 """lora-dpo: DPO on LoRA adapters over a 4-bit base, one copy of the weights.
 
-    from lora_dpo import load_recipe, train
+    from lora_dpo import load_recipe, train, evaluate
     run = train(load_recipe("recipes/quickstart.yaml", ["train.max_steps=20"]))
+    evaluate(run.output_dir)
+
+The public names share theirs with the modules that implement them (`lora_dpo/train.py` …): the modules are
+imported first, then the names are bound to the functions, so `lora_dpo.train` is always the function. Inside the
+package, import from the modules (`from lora_dpo.train import run`), never `from lora_dpo import train`.
 """
 
 from lora_dpo.errors import LoraDpoError
+from lora_dpo.evaluate import evaluate as _evaluate
 from lora_dpo.recipe import Recipe, load_recipe
+from lora_dpo.train import RunResult
+from lora_dpo.train import run as _run
 
-__all__ = ["LoraDpoError", "Recipe", "evaluate", "load_recipe", "train"]
+__all__ = ["LoraDpoError", "Recipe", "RunResult", "evaluate", "load_recipe", "train"]
 __version__ = "0.1.0"
 
 
-def train(recipe: Recipe):
+def train(recipe: Recipe) -> RunResult:
     """Train from a validated recipe; → RunResult (output_dir, adapter_dir, history, eval_metrics)."""
-    from lora_dpo.train import run
-
-    return run(recipe)
+    return _run(recipe)
 
 
-def evaluate(run_dir, data=None, generations: int = 4):
-    """Held-out metrics and policy-vs-reference generations of a finished run; → dict (also eval.json)."""
-    from lora_dpo.evaluate import evaluate as _evaluate
-
+def evaluate(run_dir, data: str | None = None, generations: int | None = None) -> dict:
+    """Held-out metrics and reference-vs-policy answers of a finished run; → dict (also written to eval.json)."""
     return _evaluate(run_dir, data=data, generations=generations)

@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a finished run on its held-out data")
     e.add_argument("run_dir")
     e.add_argument("--data", help="a .jsonl file of pairs instead of the run's data.eval")
-    e.add_argument("--generations", type=int, default=4, help="prompts to generate for, side by side")
+    e.add_argument("--generations", type=int, help="prompts to show side by side (default: the recipe's)")
     sub.add_parser("keys", help="print every recipe key")
     return p
 

@@ -186,11 +186,12 @@ def tokenize_rows(rows: list[dict], tokenizer, cfg: DataConfig, source: str) -> 
     return pairs, report
 
 
-def load(cfg: DataConfig, tokenizer, split: str = "train") -> tuple[list[Pair], DataReport]:
-    """Read and tokenise `data.train` or `data.eval`. Every row dropped → an error, not an empty run."""
+def load(cfg: DataConfig, tokenizer, split: str = "train", rows: list[dict] | None = None,
+         ) -> tuple[list[Pair], DataReport]:
+    """Read (unless `rows` are given) and tokenise `data.train` or `data.eval`. Every row dropped → an error."""
     path = cfg.train if split == "train" else cfg.eval
     key = f"data.{split}"
-    pairs, report = tokenize_rows(read_rows(path, key), tokenizer, cfg, source=path)
+    pairs, report = tokenize_rows(read_rows(path, key) if rows is None else rows, tokenizer, cfg, source=path)
     if not pairs:
         reasons = ", ".join(f"{n} × {r}" for r, n in report.dropped.items())
         raise LoraDpoError(f"{key}: every row of '{path}' was dropped ({reasons}); fix the data")

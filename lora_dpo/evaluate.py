@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,13 +20,16 @@ from lora_dpo.recipe import DpoConfig, load_recipe
 
 @torch.no_grad()
 def evaluate_pairs(model, pairs: list[data_lib.Pair], cfg: DpoConfig, batch_size: int, pad_id: int,
-                   device: torch.device) -> dict:
-    """Held-out metrics under the `eval/` names (adapter on vs off, no dropout)."""
+                   device: torch.device, ties: bool = False) -> dict:
+    """Held-out metrics under the `eval/` names (adapter on vs off, no dropout); `ties` adds the share of pairs
+    whose margin is exactly 0."""
     was_training = model.training
     model.eval()
     meter = MetricMeter()
     for chunk in batching.eval_batches(pairs, batch_size):
         loss, metrics = dpo_forward(model, batching.collate(chunk, pad_id).to(device), cfg)
+        if ties:
+            metrics["ties"] = (metrics["rewards/margins"] == 0).float()
         meter.add(loss * len(chunk), metrics)
     model.train(was_training)
     result = meter.result("eval/")
@@ -47,36 +53,94 @@ def load_run(run_dir: str | Path):
     return recipe, model, tokenizer, device
 
 
-def prompt_text_ids(row: dict, tokenizer, system_prompt: str | None = None) -> list[int]:
-    """The prompt of a row as the model sees it at inference (chat template + generation prompt)."""
-    p, _, _, _ = data_lib.tokenize_row(row, tokenizer, system_prompt)
-    return p
-
-
 @torch.no_grad()
-def generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int = 32, reference: bool = False) -> str:
-    ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)
-    ctx = model_lib.reference_mode(model) if reference else torch.no_grad()
-    with ctx:
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True).strip()
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 32, reference: bool = False,
+             batch_size: int = 16) -> list[str]:
+    """Greedy answers for tokenised prompts, batched with left padding; `reference` switches the adapter off."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    answers = []
+    ctx = model_lib.reference_mode if reference else _no_grad
+    with ctx(model):
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i: i + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for j, p in enumerate(chunk):
+                ids[j, width - len(p):] = torch.tensor(p)
+                mask[j, width - len(p):] = 1
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+            answers += [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+    model.train(was_training)
+    return answers
 
 
-def side_by_side(model, tokenizer, rows: list[dict], system_prompt: str | None = None,
-                 max_new_tokens: int = 32) -> list[dict]:
-    out = []
-    for row in rows:
-        ids = prompt_text_ids(row, tokenizer, system_prompt)
-        out.append({"prompt": row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"],
-                    "reference": generate(model, tokenizer, ids, max_new_tokens, reference=True),
-                    "policy": generate(model, tokenizer, ids, max_new_tokens)})
-    return out
+@contextlib.contextmanager
+def _no_grad(model):
+    with torch.no_grad():
+        yield model
 
 
-def evaluate(run_dir: str | Path, data: str | None = None, generations: int = 4) -> dict:
+@dataclass
+class Snapshot:
+    """Held-out numbers and greedy answers of one model state (the reference before training, the policy after)."""
+    metrics: dict | None  # None for the reference alone: no policy to compare it with
+    answers: list[str]
+    behaviour_rate: float | None
+
+    def summary(self) -> str:
+        m = self.metrics
+        parts = [] if m is None else [f"reward accuracy {m['eval/rewards/accuracies']:.2f}",
+                                      f"margin {m['eval/rewards/margins']:+.3f}", f"loss {m['eval/loss']:.4f}"]
+        if self.behaviour_rate is not None:
+            parts.append(f"behaviour rate {self.behaviour_rate:.0%}")
+        return ", ".join(parts)
+
+
+def snapshot(model, tokenizer, pairs: list, recipe, device, reference: bool = False) -> Snapshot:
+    """Held-out metrics (policy vs reference) and greedy answers on the first held-out prompts (of the reference
+    alone, without metrics, when `reference`).
+
+    Before training the policy IS the reference, so every reward is 0 and every pair a tie; ties count as half a
+    correct ranking here (and as wrong in `eval/rewards/accuracies`, TRL's convention), so 'before' reads as chance.
+    """
+    ev = recipe.evaluation
+    metrics = None
+    if not reference:
+        metrics = evaluate_pairs(model, pairs, recipe.dpo, recipe.train.per_device_eval_batch_size,
+                                 tokenizer.pad_token_id, device, ties=True)
+        metrics["eval/rewards/accuracies"] += 0.5 * metrics.pop("eval/ties")
+    n = max(ev.generations, ev.behaviour_prompts if ev.behaviour_regex else 0)
+    chosen = pairs[:n]
+    answers = generate(model, tokenizer, [p.prompt_ids for p in chosen], ev.max_new_tokens, reference=reference)
+    rate = None
+    if ev.behaviour_regex:
+        pattern = re.compile(ev.behaviour_regex)
+        rate = sum(bool(pattern.search(a)) for a in answers) / max(len(answers), 1)
+    return Snapshot(metrics, answers, rate)
+
+
+def print_before_after(before: Snapshot, after: Snapshot, rows: list[dict], pairs: list, n: int) -> None:
+    print(f"held-out, before training (reference): {before.summary()}")
+    print(f"held-out, after training (policy):     {after.summary()}")
+    for pair, ref, pol in list(zip(pairs, before.answers, after.answers))[:n]:
+        prompt = rows[pair.index]["prompt"]
+        prompt = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        one_line = {"\n": " ⏎ "}
+        ref, pol = (a.translate(str.maketrans(one_line)) for a in (ref, pol))
+        print(f"\n  prompt:    {prompt}\n  reference: {ref}\n  policy:    {pol}")
+
+
+def evaluate(run_dir: str | Path, data: str | None = None, generations: int | None = None) -> dict:
+    """Held-out metrics of a finished run, and reference vs policy answers side by side; writes eval.json."""
     run_dir = Path(run_dir)
     recipe, model, tokenizer, device = load_run(run_dir)
+    if generations is not None:
+        recipe.evaluation.generations = generations
     path = data or recipe.data.eval
     if not path:
         raise LoraDpoError(f"run '{run_dir}' has no data.eval; pass --data FILE.jsonl")
@@ -84,12 +148,18 @@ def evaluate(run_dir: str | Path, data: str | None = None, generations: int = 4)
     pairs, report = data_lib.tokenize_rows(rows, tokenizer, recipe.data, source=path)
     for line in report.lines():
         print(line)
-    metrics = evaluate_pairs(model, pairs, recipe.dpo, recipe.train.per_device_eval_batch_size,
-                             tokenizer.pad_token_id, device)
-    gens = side_by_side(model, tokenizer, [rows[p.index] for p in pairs[:generations]], recipe.data.system_prompt)
-    result = {"data": path, "pairs": len(pairs), **metrics, "generations": gens}
+    before = snapshot(model, tokenizer, pairs, recipe, device, reference=True)
+    after = snapshot(model, tokenizer, pairs, recipe, device)
+    print_before_after(before, after, rows, pairs, recipe.evaluation.generations)
+    result = snapshots_json(path, pairs, rows, before, after)
     (run_dir / "eval.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
-    print("held-out: " + ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items()))
-    for g in gens:
-        print(f"\nprompt:    {g['prompt']}\nreference: {g['reference']}\npolicy:    {g['policy']}")
     return result
+
+
+def snapshots_json(path: str, pairs: list, rows: list[dict], before: Snapshot, after: Snapshot) -> dict:
+    prompts = [rows[p.index]["prompt"] for p in pairs[: len(after.answers)]]
+    return {"data": path, "pairs": len(pairs), "before": {"behaviour_rate": before.behaviour_rate,
+                                                           **(before.metrics or {})},
+            "after": {"behaviour_rate": after.behaviour_rate, **after.metrics},
+            "generations": [{"prompt": p, "reference": r, "policy": q}
+                            for p, r, q in zip(prompts, before.answers, after.answers)]}

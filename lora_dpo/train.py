@@ -23,7 +23,7 @@ from lora_dpo import batching, checkpoints, data, losses, tracking
 from lora_dpo import model as model_lib
 from lora_dpo.batching import Batch
 from lora_dpo.errors import LoraDpoError
-from lora_dpo.evaluate import evaluate_pairs
+from lora_dpo.evaluate import evaluate_pairs, print_before_after, snapshot, snapshots_json
 from lora_dpo.objective import MetricMeter, dpo_forward
 from lora_dpo.recipe import DpoConfig, Recipe, TrainConfig
 
@@ -153,15 +153,14 @@ def run(recipe: Recipe) -> RunResult:
     torch.manual_seed(tcfg.seed)
 
     # data first: it fails fast and cheaply on bad files, before any model is loaded
-    data.read_rows(recipe.data.train, "data.train")
-    if recipe.data.eval:
-        data.read_rows(recipe.data.eval, "data.eval")
+    train_rows = data.read_rows(recipe.data.train, "data.train")
+    eval_rows = data.read_rows(recipe.data.eval, "data.eval") if recipe.data.eval else None
     tokenizer = model_lib.load_tokenizer(recipe.model)
-    train_pairs, train_report = data.load(recipe.data, tokenizer, "train")
+    train_pairs, train_report = data.load(recipe.data, tokenizer, "train", train_rows)
     reports = [train_report]
     eval_pairs = None
-    if recipe.data.eval:
-        eval_pairs, eval_report = data.load(recipe.data, tokenizer, "eval")
+    if eval_rows:
+        eval_pairs, eval_report = data.load(recipe.data, tokenizer, "eval", eval_rows)
         reports.append(eval_report)
     for rep in reports:
         for line in rep.lines():
@@ -200,6 +199,10 @@ def run(recipe: Recipe) -> RunResult:
     if start == 0:
         first = next(batching.micro_batches(train_pairs, tcfg.per_device_train_batch_size, tcfg.seed))
         step0 = step0_check(policy, batching.collate(first, pad_id).to(device), dcfg)
+    before = None
+    if eval_pairs and start == 0:
+        before = snapshot(policy, tokenizer, eval_pairs, recipe, device)  # policy == reference here
+        print(f"held-out, before training: {before.summary()}", flush=True)
 
     policy.train()
     meter, tokens, t_window = MetricMeter(), 0, time.perf_counter()
@@ -239,8 +242,11 @@ def run(recipe: Recipe) -> RunResult:
         eval_metrics = evaluate_pairs(policy, eval_pairs, dcfg, tcfg.per_device_eval_batch_size, pad_id, device)
         history[-1].update(eval_metrics)
         _write_metrics(out, history)
-        print("held-out: " + ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in eval_metrics.items()),
-              flush=True)
+        after = snapshot(policy, tokenizer, eval_pairs, recipe, device)
+        before = before or snapshot(policy, tokenizer, eval_pairs, recipe, device, reference=True)
+        print_before_after(before, after, eval_rows, eval_pairs, recipe.evaluation.generations)
+        report = snapshots_json(recipe.data.eval, eval_pairs, eval_rows, before, after)
+        (out / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     for tracker in trackers:
         tracker.close()
 
