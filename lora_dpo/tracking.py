@@ -44,5 +44,16 @@ class _Wandb:
 _TRACKERS = {"tensorboard": _TensorBoard, "wandb": _Wandb}
 
 
+def check_available(names: list[str]) -> None:
+    """Fail before anything is loaded or written when a requested tracker is not installed."""
+    for name in names:
+        module = {"tensorboard": "tensorboard", "wandb": "wandb"}[name]
+        try:
+            __import__(module)
+        except ImportError:
+            raise LoraDpoError(f"train.report_to: {name} is not installed; `pip install {module}` or remove it "
+                               "from report_to") from None
+
+
 def open_trackers(names: list[str], out: Path) -> list:
     return [_TRACKERS[n](out) for n in names]

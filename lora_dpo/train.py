@@ -148,6 +148,7 @@ def run(recipe: Recipe) -> RunResult:
     # correct (tests/test_model.py compares against the dequantized twin), so the warning is noise for users
     warnings.filterwarnings("ignore", message=r"bitsandbytes::gemv_4bit: an autograd kernel")
     out = _prepare_output_dir(recipe)
+    tracking.check_available(tcfg.report_to)
     device, dtype = model_lib.device_and_dtype(tcfg.precision, tcfg.device)
     random.seed(tcfg.seed)
     torch.manual_seed(tcfg.seed)

@@ -156,3 +156,65 @@ def test_cli_trains_and_refuses_to_overwrite(recipe_dict, tmp_path):
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
     assert "already holds a run" in res.stderr and "Traceback" not in res.stderr
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_tensorboard_gets_every_metric(recipe_dict):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe_dict["train"].update(max_steps=2, report_to=["tensorboard"], eval_steps=1)
+    result = train(recipe_from_dict(recipe_dict))
+    acc = EventAccumulator(str(result.output_dir / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert TRAIN_KEYS - {"step"} <= tags and "eval/rewards/accuracies" in tags
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2]
+
+
+@pytest.mark.parametrize("override, needle", [
+    ({"report_to": ["wandb"]}, "wandb is not installed"),
+    ({"optim": "paged_adamw_8bit"}, "needs a CUDA GPU"),
+])
+def test_unavailable_options_fail_before_writing(recipe_dict, override, needle):
+    import importlib.util
+    from pathlib import Path
+
+    if "wandb" in needle and importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here, so this error cannot happen")
+    if "CUDA" in needle and torch.cuda.is_available():
+        pytest.skip("a GPU is present, so this error cannot happen")
+    recipe_dict["train"].update(override)
+    with pytest.raises(LoraDpoError, match=needle):
+        train(recipe_from_dict(recipe_dict))
+    assert not Path(recipe_dict["output"]["dir"]).exists()
+
+
+def test_gradient_checkpointing_run_matches_plain_run(recipe_dict, tmp_path):
+    recipe_dict["data"].pop("eval")
+    recipe_dict["train"]["max_steps"] = 2
+    plain = train(recipe_from_dict(recipe_dict))
+    recipe_dict["train"]["gradient_checkpointing"] = True
+    recipe_dict["output"]["dir"] = str(tmp_path / "gc")
+    ckpt = train(recipe_from_dict(recipe_dict))
+    for a, b in zip(plain.history, ckpt.history):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+
+
+def test_precision_follows_the_device():
+    from lora_dpo.model import device_and_dtype
+
+    assert device_and_dtype("auto", "cpu") == (torch.device("cpu"), torch.float32)
+    assert device_and_dtype("bf16", "cpu")[1] == torch.bfloat16
+    if not torch.cuda.is_available():
+        with pytest.raises(LoraDpoError, match="no CUDA GPU"):
+            device_and_dtype("auto", "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_paged_adamw_run(recipe_dict):
+    """GPU twin of the CPU loop tests: bf16 autocast, paged 8-bit AdamW, step-0 check still exact."""
+    recipe_dict["train"].update(max_steps=3, optim="paged_adamw_8bit", device="cuda")
+    result = train(recipe_from_dict(recipe_dict))
+    assert abs(result.step0_loss - math.log(2)) < 1e-4
+    assert all(math.isfinite(r["loss"]) for r in result.history)
+    assert result.history[-1]["peak_memory_mb"] > 0
