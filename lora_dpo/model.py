@@ -104,7 +104,11 @@ def gguf_to_hf_dir(gguf: str | Path) -> Path:
     try:
         fresh.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process (data parallel) finished the same conversion first
+            if not (out / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -52,6 +52,13 @@ class MetricMeter:
             self.sums[k] = self.sums.get(k, 0.0) + float(v.sum())
         self.pairs += int(next(iter(metrics.values())).numel())
 
+    def reduce(self, ctx, device: torch.device) -> None:
+        """Sum the window over data-parallel processes (a no-op in a single process)."""
+        keys = sorted(self.sums)
+        values = ctx.sum([self.loss_sum, self.batches, self.pairs] + [self.sums[k] for k in keys], device)
+        self.loss_sum, self.batches, self.pairs = values[0], int(values[1]), int(values[2])
+        self.sums = dict(zip(keys, values[3:]))
+
     def result(self, prefix: str = "") -> dict:
         out = {f"{prefix}loss": self.loss_sum / max(self.batches, 1)}
         out.update({f"{prefix}{k}": v / max(self.pairs, 1) for k, v in self.sums.items()})

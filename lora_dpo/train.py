@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lora_dpo import batching, checkpoints, data, losses, tracking
+from lora_dpo import batching, checkpoints, data, distributed, losses, tracking
 from lora_dpo import model as model_lib
 from lora_dpo.batching import Batch
 from lora_dpo.errors import LoraDpoError
@@ -71,10 +71,10 @@ def _clear_run(out: Path) -> None:
             p.unlink()
 
 
-def total_steps(cfg: TrainConfig, n_pairs: int) -> int:
+def total_steps(cfg: TrainConfig, n_pairs: int, world: int = 1) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     return max(1, math.ceil(cfg.num_train_epochs * n_pairs / per_step))
 
 
@@ -113,10 +113,10 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def step0_check(model, batch: Batch, cfg: DpoConfig) -> float | None:
+def step0_check(model, batch: Batch, cfg: DpoConfig, say=print) -> float | None:
     """With a fresh adapter (B = 0) policy == reference, so the loss is the loss at zero margin (ln 2 for DPO)."""
     if cfg.loss_type in losses.REFERENCE_FREE:
-        print(f"step-0 check: not applicable to the reference-free loss '{cfg.loss_type}'", flush=True)
+        say(f"step-0 check: not applicable to the reference-free loss '{cfg.loss_type}'")
         return None
     was_training = model.training
     model.eval()
@@ -136,20 +136,33 @@ def step0_check(model, batch: Batch, cfg: DpoConfig) -> float | None:
         raise LoraDpoError(f"step-0 check failed: loss {float(loss):.6f} ≠ {name}, max |margin| {margin:.2e}; the "
                            "reference is not the policy with its adapter off (a model with dropout or a "
                            "non-fresh adapter?)")
-    print(f"step-0 check: loss {float(loss):.6f} = {name} ✓, margins 0 ✓", flush=True)
+    say(f"step-0 check: loss {float(loss):.6f} = {name} ✓, margins 0 ✓")
     return float(loss)
 
 
 # ---------------------------------------------------------------- the run
 
 def run(recipe: Recipe) -> RunResult:
-    tcfg, dcfg = recipe.train, recipe.dpo
+    tcfg = recipe.train
     # bitsandbytes' CPU 4-bit kernel has no registered autograd kernel; the gradient w.r.t. its input is still
     # correct (tests/test_model.py compares against the dequantized twin), so the warning is noise for users
     warnings.filterwarnings("ignore", message=r"bitsandbytes::gemv_4bit: an autograd kernel")
-    out = _prepare_output_dir(recipe)
-    tracking.check_available(tcfg.report_to)
     device, dtype = model_lib.device_and_dtype(tcfg.precision, tcfg.device)
+    ctx = distributed.setup(device)
+    # only the writer checks the run directory: another process could otherwise see the one rank 0 just made
+    out = _prepare_output_dir(recipe) if ctx.main else Path(recipe.output.dir)
+    tracking.check_available(tcfg.report_to)
+    if device.type == "cuda" and ctx.enabled:
+        device = torch.device("cuda", ctx.local_rank)
+    try:
+        return _run(recipe, out, device, dtype, ctx)
+    finally:
+        ctx.close()
+
+
+def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ctx: distributed.Context) -> RunResult:
+    tcfg, dcfg = recipe.train, recipe.dpo
+    say = ctx.print
     random.seed(tcfg.seed)
     torch.manual_seed(tcfg.seed)
 
@@ -165,17 +178,19 @@ def run(recipe: Recipe) -> RunResult:
         reports.append(eval_report)
     for rep in reports:
         for line in rep.lines():
-            print(line, flush=True)
+            say(line)
 
     q = recipe.quantization
     kind = f"4-bit {q.bnb_4bit_quant_type}" if q.load_in_4bit else "8-bit" if q.load_in_8bit else str(dtype)[6:]
-    print(f"loading {recipe.model.name_or_path} ({kind}) on {device}", flush=True)
+    where = f"{ctx.world} processes on {device.type}" if ctx.enabled else str(device)
+    say(f"loading {recipe.model.name_or_path} ({kind}) on {where}")
     policy = model_lib.attach_lora(model_lib.load_base(recipe.model, recipe.quantization, dtype, device),
                                    recipe.lora, seed=tcfg.seed, gradient_checkpointing=tcfg.gradient_checkpointing)
-    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    print(f"LoRA r={recipe.lora.r}: {trainable:,} trainable parameters", flush=True)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    say(f"LoRA r={recipe.lora.r}: {sum(p.numel() for p in params):,} trainable parameters")
 
-    steps = total_steps(tcfg, len(train_pairs))
+    global_batch = tcfg.per_device_train_batch_size * ctx.world  # pairs per micro-batch, all processes together
+    steps = total_steps(tcfg, len(train_pairs), ctx.world)
     optimizer = make_optimizer(policy, tcfg)
     scheduler = make_scheduler(optimizer, tcfg, steps)
     pad_id = tokenizer.pad_token_id
@@ -185,38 +200,39 @@ def run(recipe: Recipe) -> RunResult:
         ckpt = checkpoints.resolve(out, tcfg.resume_from_checkpoint)
         start = checkpoints.load(ckpt, policy, optimizer, scheduler)["step"]
         history = [m for m in _read_metrics(out) if m["step"] <= start]
-        print(f"resumed from {ckpt} at step {start}/{steps}", flush=True)
-    elif out.exists():
-        _clear_run(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(recipe.to_yaml())
-    (out / "data_report.json").write_text(json.dumps([r.to_dict() for r in reports], indent=1))
-    _write_metrics(out, history)
-    trackers = tracking.open_trackers(tcfg.report_to, out)
+        say(f"resumed from {ckpt} at step {start}/{steps}")
+    if ctx.main:
+        if not tcfg.resume_from_checkpoint and out.exists():
+            _clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(recipe.to_yaml())
+        (out / "data_report.json").write_text(json.dumps([r.to_dict() for r in reports], indent=1))
+        _write_metrics(out, history)
+    trackers = tracking.open_trackers(tcfg.report_to, out) if ctx.main else []
 
-    stream = batching.micro_batches(train_pairs, tcfg.per_device_train_batch_size, tcfg.seed,
+    stream = batching.micro_batches(train_pairs, global_batch, tcfg.seed,
                                     start=start * tcfg.gradient_accumulation_steps)
     step0 = None
     if start == 0:
-        first = next(batching.micro_batches(train_pairs, tcfg.per_device_train_batch_size, tcfg.seed))
-        step0 = step0_check(policy, batching.collate(first, pad_id).to(device), dcfg)
+        first = ctx.shard(next(batching.micro_batches(train_pairs, global_batch, tcfg.seed)))
+        step0 = step0_check(policy, batching.collate(first, pad_id).to(device), dcfg, say)
     before = None
-    if eval_pairs and start == 0:
+    if eval_pairs and start == 0 and ctx.main:
         before = snapshot(policy, tokenizer, eval_pairs, recipe, device)  # policy == reference here
-        print(f"held-out, before training: {before.summary()}", flush=True)
+        say(f"held-out, before training: {before.summary()}")
 
     policy.train()
     meter, tokens, t_window = MetricMeter(), 0, time.perf_counter()
-    bar = _progress(steps, start)
+    bar = _progress(steps, start, enabled=ctx.main)
     for step in range(start + 1, steps + 1):
         for _ in range(tcfg.gradient_accumulation_steps):
-            batch = batching.collate(next(stream), pad_id).to(device)
+            batch = batching.collate(ctx.shard(next(stream)), pad_id).to(device)
             with _autocast(device, dtype):
                 loss, metrics = dpo_forward(policy, batch, dcfg)
             (loss / tcfg.gradient_accumulation_steps).backward()
             meter.add(loss.detach(), metrics)
             tokens += batch.num_tokens()
-        params = [p for p in policy.parameters() if p.requires_grad]
+        ctx.average_grads(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm or float("inf"))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -226,34 +242,38 @@ def run(recipe: Recipe) -> RunResult:
 
         if step % tcfg.logging_steps == 0 or step == steps:
             elapsed = time.perf_counter() - t_window
+            meter.reduce(ctx, device)
+            tokens = ctx.sum([tokens], device)[0]
             row = {"step": step, **meter.result(), "learning_rate": lr, "grad_norm": float(grad_norm),
                    "tokens_per_second": tokens / max(elapsed, 1e-9), "peak_memory_mb": peak_memory_mb(device)}
-            if eval_pairs and tcfg.eval_steps and step % tcfg.eval_steps == 0 and step != steps:
+            if eval_pairs and tcfg.eval_steps and step % tcfg.eval_steps == 0 and step != steps and ctx.main:
                 row.update(evaluate_pairs(policy, eval_pairs, dcfg, tcfg.per_device_eval_batch_size, pad_id, device))
             history.append(row)
-            _log(out, row, trackers, bar)
+            if ctx.main:
+                _log(out, row, trackers, bar)
             meter, tokens, t_window = MetricMeter(), 0, time.perf_counter()
-        if tcfg.save_steps and step % tcfg.save_steps == 0 and step != steps:
+        if tcfg.save_steps and step % tcfg.save_steps == 0 and step != steps and ctx.main:
             path = checkpoints.save(out, step, policy, optimizer, scheduler, {"steps": steps}, tcfg.save_total_limit)
             bar.write(f"checkpoint {path}")
     bar.close()
 
     eval_metrics = {}
-    if eval_pairs:
-        eval_metrics = evaluate_pairs(policy, eval_pairs, dcfg, tcfg.per_device_eval_batch_size, pad_id, device)
-        history[-1].update(eval_metrics)
-        _write_metrics(out, history)
-        after = snapshot(policy, tokenizer, eval_pairs, recipe, device)
-        before = before or snapshot(policy, tokenizer, eval_pairs, recipe, device, reference=True)
-        print_before_after(before, after, eval_rows, eval_pairs, recipe.evaluation.generations)
-        report = snapshots_json(recipe.data.eval, eval_pairs, eval_rows, before, after)
-        (out / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    for tracker in trackers:
-        tracker.close()
-
     adapter_dir = out / "adapter"
-    checkpoints.atomic_dir(adapter_dir, lambda tmp: (policy.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
-    print(f"adapter written to {adapter_dir}", flush=True)
+    if ctx.main:
+        if eval_pairs:
+            eval_metrics = evaluate_pairs(policy, eval_pairs, dcfg, tcfg.per_device_eval_batch_size, pad_id, device)
+            history[-1].update(eval_metrics)
+            _write_metrics(out, history)
+            after = snapshot(policy, tokenizer, eval_pairs, recipe, device)
+            before = before or snapshot(policy, tokenizer, eval_pairs, recipe, device, reference=True)
+            print_before_after(before, after, eval_rows, eval_pairs, recipe.evaluation.generations)
+            report = snapshots_json(recipe.data.eval, eval_pairs, eval_rows, before, after)
+            (out / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+        for tracker in trackers:
+            tracker.close()
+        checkpoints.atomic_dir(adapter_dir, lambda tmp: (policy.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+        say(f"adapter written to {adapter_dir}")
+    ctx.barrier()
     return RunResult(out, adapter_dir, steps, step0, history, eval_metrics)
 
 
@@ -265,12 +285,12 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, enabled=False)
 
 
-def _progress(steps: int, start: int):
+def _progress(steps: int, start: int, enabled: bool = True):
     from tqdm.auto import tqdm
 
     tty = sys.stderr.isatty()
     return tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                mininterval=0.5 if tty else 30)
+                mininterval=0.5 if tty else 30, disable=not enabled)
 
 
 def _log(out: Path, row: dict, trackers: list, bar) -> None:
