@@ -101,7 +101,9 @@ class TrainConfig:
     lr_scheduler_type: Literal["linear", "cosine", "constant"] = _f("linear", "Decay after warmup.")
     warmup_steps: int = _f(0, "Linear warmup steps (wins over warmup_ratio when > 0).", check=_NONNEG)
     warmup_ratio: float = _f(0.0, "Warmup as a fraction of max_steps.", check=_PROB)
-    optim: Literal["adamw_torch", "paged_adamw_8bit"] = _f("adamw_torch", "Optimizer.")
+    optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = _f(
+        "adamw_torch", "Optimizer; the 8-bit ones (bitsandbytes) keep Adam's state in 8 bit, the paged one pages it "
+        "to CPU memory under GPU memory pressure (on CPU it runs un-paged).")
     weight_decay: float = _f(0.0, "AdamW weight decay.", check=_NONNEG)
     adam_beta1: float = _f(0.9, "AdamW β1.", check=_PROB)
     adam_beta2: float = _f(0.999, "AdamW β2.", check=_PROB)

@@ -82,12 +82,13 @@ def make_optimizer(model, cfg: TrainConfig):
     params = [p for p in model.parameters() if p.requires_grad]
     kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
               weight_decay=cfg.weight_decay)
-    if cfg.optim == "paged_adamw_8bit":
-        if not torch.cuda.is_available():
-            raise LoraDpoError("train.optim: paged_adamw_8bit needs a CUDA GPU; use adamw_torch on CPU")
+    if cfg.optim in ("paged_adamw_8bit", "adamw_8bit"):
         import bitsandbytes as bnb
 
-        return bnb.optim.PagedAdamW8bit(params, **kw)
+        with warnings.catch_warnings():  # on CPU the paged variant runs un-paged; bitsandbytes says so every step
+            warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+            cls = bnb.optim.PagedAdamW8bit if cfg.optim == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+            return cls(params, **kw)
     return torch.optim.AdamW(params, **kw)
 
 
