@@ -68,6 +68,8 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, kee
 
 
 def resolve(run_dir: Path, which: str) -> Path:
+    for stale in (run_dir / "checkpoints").glob(".tmp-*"):  # a checkpoint whose writer was killed mid-way
+        shutil.rmtree(stale, ignore_errors=True)
     if which == "latest":
         found = list_checkpoints(run_dir)
         if not found:
@@ -92,7 +94,7 @@ def load(path: Path, model, optimizer, scheduler) -> dict:
         sched = json.loads((path / "scheduler.json").read_text())
         rng = torch.load(path / "rng.pt", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable piece means the checkpoint is unusable
-        older = [p for p in list_checkpoints(path.parent) if p.name < path.name]
+        older = [p for p in list_checkpoints(path.parent.parent) if p.name < path.name]
         hint = f"; resume from the previous one: train.resume_from_checkpoint={older[-1]}" if older else ""
         raise LoraDpoError(f"checkpoint '{path}' is incomplete or corrupt ({type(e).__name__}){hint}") from None
     set_peft_model_state_dict(model, weights)

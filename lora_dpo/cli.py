@@ -79,8 +79,8 @@ def _dispatch(args) -> int:
         return 0
     from lora_dpo.train import run
 
-    run(r)
-    return 0
+    result = run(r)
+    return {"SIGINT": 130, "SIGTERM": 143}.get(result.stopped, 0)
 
 
 if __name__ == "__main__":

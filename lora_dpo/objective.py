@@ -52,6 +52,13 @@ class MetricMeter:
             self.sums[k] = self.sums.get(k, 0.0) + float(v.sum())
         self.pairs += int(next(iter(metrics.values())).numel())
 
+    def merge(self, other: MetricMeter) -> None:
+        self.loss_sum += other.loss_sum
+        self.batches += other.batches
+        self.pairs += other.pairs
+        for k, v in other.sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
     def reduce(self, ctx, device: torch.device) -> None:
         """Sum the window over data-parallel processes (a no-op in a single process)."""
         keys = sorted(self.sums)

@@ -116,6 +116,8 @@ class TrainConfig:
     save_steps: int | None = _f(None, "Checkpoint every N steps (null = no intermediate checkpoints).", check=_POS)
     save_total_limit: int | None = _f(None, "Keep only the newest N checkpoints.", check=_POS)
     resume_from_checkpoint: str | None = _f(None, "A checkpoint directory, or 'latest' (newest in output.dir).")
+    max_nonfinite_steps: int = _f(5, "Steps with a NaN/Inf loss or gradient that are skipped (with a warning) "
+                                  "before the run stops.", check=_POS)
     report_to: list[Literal["tensorboard", "wandb"]] = _f([], "Extra trackers; metrics.jsonl is always written.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = cuda when available.")
 

@@ -46,11 +46,11 @@ _TRACKERS = {"tensorboard": _TensorBoard, "wandb": _Wandb}
 
 def check_available(names: list[str]) -> None:
     """Fail before anything is loaded or written when a requested tracker is not installed."""
+    import importlib.util
+
     for name in names:
         module = {"tensorboard": "tensorboard", "wandb": "wandb"}[name]
-        try:
-            __import__(module)
-        except ImportError:
+        if importlib.util.find_spec(module) is None:
             raise LoraDpoError(f"train.report_to: {name} is not installed; `pip install {module}` or remove it "
                                "from report_to") from None
 

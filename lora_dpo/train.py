@@ -11,7 +11,9 @@ import os
 import random
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ class RunResult:
     step0_loss: float | None
     history: list[dict] = field(default_factory=list)
     eval_metrics: dict = field(default_factory=dict)
+    stopped: str | None = None  # "SIGINT"/"SIGTERM" when a signal ended the run early (a checkpoint was written)
 
     @property
     def final_metrics(self) -> dict:
@@ -230,37 +233,62 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     policy.train()
     meter, tokens, t_window = MetricMeter(), 0, time.perf_counter()
     bar = _progress(steps, start, enabled=ctx.main)
-    for step in range(start + 1, steps + 1):
-        for _ in range(tcfg.gradient_accumulation_steps):
-            batch = batching.collate(ctx.shard(next(stream)), pad_id).to(device)
-            with _autocast(device, dtype):
-                loss, metrics = dpo_forward(policy, batch, dcfg)
-            (loss / tcfg.gradient_accumulation_steps).backward()
-            meter.add(loss.detach(), metrics)
-            tokens += batch.num_tokens()
-        ctx.average_grads(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm or float("inf"))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
+    nonfinite, last_ckpt = 0, None
+    with _StopSignal() as stop:
+        for step in range(start + 1, steps + 1):
+            step_meter, step_tokens = MetricMeter(), 0
+            try:
+                for _ in range(tcfg.gradient_accumulation_steps):
+                    batch = batching.collate(ctx.shard(next(stream)), pad_id).to(device)
+                    with _autocast(device, dtype):
+                        loss, metrics = dpo_forward(policy, batch, dcfg)
+                    (loss / tcfg.gradient_accumulation_steps).backward()
+                    step_meter.add(loss.detach(), metrics)
+                    step_tokens += batch.num_tokens()
+            except torch.cuda.OutOfMemoryError:
+                raise LoraDpoError(_oom_message(recipe, step)) from None
+            ctx.average_grads(params)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm or float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            bad = not (math.isfinite(step_meter.loss_sum) and math.isfinite(float(grad_norm)))
+            if ctx.sum([float(bad)], device)[0] > 0:  # every process skips the same steps
+                nonfinite += 1
+                say(f"warning: step {step}: non-finite loss or gradient (loss {step_meter.loss_sum:.4g}, grad norm "
+                    f"{float(grad_norm):.4g}); step skipped ({nonfinite}/{tcfg.max_nonfinite_steps})")
+                if nonfinite >= tcfg.max_nonfinite_steps:
+                    raise LoraDpoError(_nonfinite_message(step, nonfinite, last_ckpt, start))
+            else:
+                optimizer.step()
+                meter.merge(step_meter)
+                tokens += step_tokens
+            scheduler.step()  # the schedule follows the step count, skipped steps included
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
 
-        if step % tcfg.logging_steps == 0 or step == steps:
-            elapsed = time.perf_counter() - t_window
-            meter.reduce(ctx, device)
-            tokens = ctx.sum([tokens], device)[0]
-            row = {"step": step, **meter.result(), "learning_rate": lr, "grad_norm": float(grad_norm),
-                   "tokens_per_second": tokens / max(elapsed, 1e-9), "peak_memory_mb": peak_memory_mb(device)}
-            if eval_pairs and tcfg.eval_steps and step % tcfg.eval_steps == 0 and step != steps and ctx.main:
-                row.update(evaluate_pairs(policy, eval_pairs, dcfg, tcfg.per_device_eval_batch_size, pad_id, device))
-            history.append(row)
-            if ctx.main:
-                _log(out, row, trackers, bar)
-            meter, tokens, t_window = MetricMeter(), 0, time.perf_counter()
-        if tcfg.save_steps and step % tcfg.save_steps == 0 and step != steps and ctx.main:
-            path = checkpoints.save(out, step, policy, optimizer, scheduler, {"steps": steps}, tcfg.save_total_limit)
-            bar.write(f"checkpoint {path}")
+            if (step % tcfg.logging_steps == 0 or step == steps) and ctx.sum([meter.batches], device)[0] > 0:
+                elapsed = time.perf_counter() - t_window
+                meter.reduce(ctx, device)
+                tokens = ctx.sum([tokens], device)[0]
+                row = {"step": step, **meter.result(), "learning_rate": lr, "grad_norm": float(grad_norm),
+                       "tokens_per_second": tokens / max(elapsed, 1e-9), "peak_memory_mb": peak_memory_mb(device)}
+                if eval_pairs and tcfg.eval_steps and step % tcfg.eval_steps == 0 and step != steps and ctx.main:
+                    row.update(evaluate_pairs(policy, eval_pairs, dcfg, tcfg.per_device_eval_batch_size, pad_id,
+                                              device))
+                history.append(row)
+                if ctx.main:
+                    _log(out, row, trackers, bar)
+                meter, tokens, t_window = MetricMeter(), 0, time.perf_counter()
+            stopping = ctx.sum([float(stop.requested is not None)], device)[0] > 0 and step != steps
+            if ((tcfg.save_steps and step % tcfg.save_steps == 0 and step != steps) or stopping) and ctx.main:
+                last_ckpt = checkpoints.save(out, step, policy, optimizer, scheduler, {"steps": steps},
+                                             tcfg.save_total_limit)
+                bar.write(f"checkpoint {last_ckpt}")
+            if stopping:
+                bar.close()
+                say(f"stopped by {stop.requested} at step {step}/{steps}; checkpoint {last_ckpt}. Resume with: "
+                    f"lora-dpo RECIPE.yaml train.resume_from_checkpoint=latest")
+                ctx.barrier()
+                return RunResult(out, out / "adapter", steps, step0, history, {}, stopped=stop.requested)
     bar.close()
 
     eval_metrics = {}
@@ -281,6 +309,52 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
         say(f"adapter written to {adapter_dir}")
     ctx.barrier()
     return RunResult(out, adapter_dir, steps, step0, history, eval_metrics)
+
+
+# ---------------------------------------------------------------- stopping well
+
+class _StopSignal:
+    """SIGINT (Ctrl-C) and SIGTERM ask the loop to checkpoint and stop after the current step; a second Ctrl-C
+    stops at once."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: finishing this step, writing a checkpoint, then stopping "
+              "(Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> _StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _nonfinite_message(step: int, count: int, last_ckpt: Path | None, start: int) -> str:
+    where = f"the last good checkpoint {last_ckpt} is intact" if last_ckpt else (
+        "no checkpoint was written in this run" + (f" (it resumed from step {start})" if start else ""))
+    return (f"training stopped at step {step}: {count} steps had a non-finite (NaN/Inf) loss or gradient; likely "
+            "causes: train.learning_rate too high, fp16 overflow (use train.precision bf16 or fp32), or a data row "
+            f"that breaks the model; {where}")
+
+
+def _oom_message(recipe: Recipe, step: int) -> str:
+    t = recipe.train
+    hints = [f"train.per_device_train_batch_size={max(1, t.per_device_train_batch_size // 2)} with "
+             f"train.gradient_accumulation_steps={t.gradient_accumulation_steps * 2}"]
+    if not t.gradient_checkpointing:
+        hints.append("train.gradient_checkpointing=true")
+    hints.append(f"data.max_length={max(16, recipe.data.max_length // 2)}")
+    return f"out of GPU memory at step {step}; try " + ", or ".join(hints)
 
 
 # ---------------------------------------------------------------- logging plumbing
@@ -311,8 +385,15 @@ def _log(out: Path, row: dict, trackers: list, bar) -> None:
 
 
 def _read_metrics(out: Path) -> list[dict]:
+    """Rows of metrics.jsonl; a line cut short by a crash mid-write is dropped (the resumed run rewrites it)."""
     path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def _write_metrics(out: Path, rows: list[dict]) -> None:

@@ -1,0 +1,218 @@
+"""Reliability: exact resume after SIGKILL, graceful SIGTERM, the NaN/Inf guard, OOM advice, corrupt checkpoints,
+and loading that never runs code it was not asked to run."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lora_dpo import train
+from lora_dpo.errors import LoraDpoError
+from lora_dpo.recipe import recipe_from_dict
+
+TRAIN_MODULE = sys.modules["lora_dpo.train"]  # `lora_dpo.train` is the public function; this is its module
+PACKAGE = Path(__file__).resolve().parents[1] / "lora_dpo"
+
+
+def _prepare(recipe_dict, tmp_path, **train_kw):
+    recipe_dict["data"].pop("eval", None)
+    recipe_dict["lora"] = {"lora_dropout": 0.1}  # RNG state matters for exactness
+    recipe_dict["train"].update(max_steps=40, save_steps=3, logging_steps=1, **train_kw)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict))
+    return path
+
+
+def _start(path, out):
+    # same thread count as this process: bitwise equality needs the same float reduction order
+    return subprocess.Popen([sys.executable, "-m", "lora_dpo", str(path), f"output.dir={out}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_lines(out: Path, n: int, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError("the run did not reach the step in time")
+
+
+def _same_adapter(a: Path, b: Path) -> bool:
+    wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _rows(out: Path) -> list[dict]:
+    drop = ("tokens_per_second", "peak_memory_mb")
+    return [{k: v for k, v in json.loads(line).items() if k not in drop}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigkill_at_a_random_step_then_resume_is_exact(recipe_dict, tmp_path):
+    path = _prepare(recipe_dict, tmp_path)
+    full = train(recipe_from_dict({**recipe_dict, "output": {"dir": str(tmp_path / "full")}}))
+    kill_after = random.Random(os.getpid()).randint(4, 20)
+    crashed = tmp_path / "crashed"
+    proc = _start(path, crashed)
+    _wait_for_lines(crashed, kill_after, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (crashed / "adapter").exists()
+    res = subprocess.run([sys.executable, "-m", "lora_dpo", str(path), f"output.dir={crashed}",
+                          "train.resume_from_checkpoint=latest"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resumed from" in res.stdout
+    assert _same_adapter(full.adapter_dir, crashed / "adapter"), f"killed after {kill_after} steps"
+    assert _rows(crashed) == _rows(full.output_dir)
+
+
+def test_sigterm_checkpoints_and_says_how_to_resume(recipe_dict, tmp_path):
+    path = _prepare(recipe_dict, tmp_path)
+    out = tmp_path / "stopped"
+    proc = _start(path, out)
+    _wait_for_lines(out, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr and "SIGTERM: finishing this step" in stderr
+    assert "Resume with: lora-dpo RECIPE.yaml train.resume_from_checkpoint=latest" in stdout
+    stopped_at = len((out / "metrics.jsonl").read_text().splitlines())
+    assert (out / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
+    resumed = train(recipe_from_dict({**recipe_dict, "output": {"dir": str(out)},
+                                      "train": {**recipe_dict["train"], "resume_from_checkpoint": "latest"}}))
+    full = train(recipe_from_dict({**recipe_dict, "output": {"dir": str(tmp_path / "full")}}))
+    assert _same_adapter(full.adapter_dir, resumed.adapter_dir)
+
+
+def _inject(monkeypatch, bad_calls: set[int], exc: type[BaseException] | None = None):
+    real, calls = TRAIN_MODULE.dpo_forward, {"n": 0}
+
+    def fake(model, batch, cfg, reference_logps=None):
+        calls["n"] += 1
+        loss, metrics = real(model, batch, cfg, reference_logps)
+        if calls["n"] in bad_calls:
+            if exc is not None:
+                raise exc("CUDA out of memory. Tried to allocate 2.00 GiB")
+            loss = loss * float("nan")
+        return loss, metrics
+
+    monkeypatch.setattr(TRAIN_MODULE, "dpo_forward", fake)
+
+
+def test_nonfinite_steps_are_skipped_with_a_warning(recipe_dict, tmp_path, monkeypatch, capsys):
+    recipe_dict["data"].pop("eval")
+    recipe_dict["train"].update(max_steps=5, logging_steps=1)
+    _inject(monkeypatch, {3, 4})  # training steps 2 and 3 (call 1 is the step-0 check)
+    result = train(recipe_from_dict(recipe_dict))
+    printed = capsys.readouterr().out
+    assert "warning: step 2: non-finite loss or gradient" in printed and "step skipped (2/5)" in printed
+    assert [r["step"] for r in result.history] == [1, 4, 5]  # skipped steps are not logged as numbers
+    assert all(math.isfinite(r["loss"]) for r in result.history)
+    weights = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_too_many_nonfinite_steps_stop_the_run_and_keep_the_checkpoint(recipe_dict, monkeypatch):
+    recipe_dict["data"].pop("eval")
+    recipe_dict["train"].update(max_steps=8, save_steps=2, max_nonfinite_steps=2)
+    _inject(monkeypatch, {4, 5})  # steps 3 and 4
+    with pytest.raises(LoraDpoError, match=r"stopped at step 4: 2 steps .*learning_rate too high.*"
+                                           r"checkpoint .*step-00000002 is intact"):
+        train(recipe_from_dict(recipe_dict))
+    ckpt = Path(recipe_dict["output"]["dir"]) / "checkpoints" / "step-00000002"
+    assert all(torch.isfinite(w).all() for w in load_file(ckpt / "adapter" / "adapter_model.safetensors").values())
+
+
+def test_out_of_memory_names_what_to_change(recipe_dict, monkeypatch):
+    recipe_dict["data"].pop("eval")
+    _inject(monkeypatch, {2}, exc=torch.cuda.OutOfMemoryError)
+    with pytest.raises(LoraDpoError, match=r"out of GPU memory at step 1; try train.per_device_train_batch_size=2 "
+                                           r"with train.gradient_accumulation_steps=2.*gradient_checkpointing=true"):
+        train(recipe_from_dict(recipe_dict))
+
+
+def test_corrupt_checkpoint_is_detected_and_the_previous_one_offered(recipe_dict):
+    recipe_dict["data"].pop("eval")
+    recipe_dict["train"].update(max_steps=5, save_steps=2)
+    run = train(recipe_from_dict(recipe_dict))
+    bad = run.output_dir / "checkpoints" / "step-00000004" / "adapter" / "adapter_model.safetensors"
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated
+    recipe_dict["train"]["resume_from_checkpoint"] = "latest"
+    with pytest.raises(LoraDpoError, match=r"step-00000004' is incomplete or corrupt.*resume from the previous "
+                                           r"one: train.resume_from_checkpoint=.*step-00000002"):
+        train(recipe_from_dict(recipe_dict))
+
+
+# ---------------------------------------------------------------- loading safety, enforced on the source
+
+def _calls(name: str):
+    for file in PACKAGE.glob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Call):
+                func = node.func
+                full = ast.unparse(func)
+                if full == name or full.endswith("." + name):
+                    yield file.name, node
+
+
+def test_no_pickle_is_ever_unpickled():
+    loads = list(_calls("torch.load"))
+    assert loads, "the checkpoint code loads optimizer state with torch.load"
+    for file, node in loads:
+        kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+        assert kw.get("weights_only") == "True", f"{file}: torch.load without weights_only=True"
+    for file in PACKAGE.glob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                assert not any(n.split(".")[0] in ("pickle", "dill", "cloudpickle") for n in names), file.name
+            if isinstance(node, ast.Call):
+                called = ast.unparse(node.func)
+                # no code is run or imported by name from data: no eval/exec, no dynamic imports
+                assert called not in ("eval", "exec", "__import__", "importlib.import_module", "import_module",
+                                      "yaml.load", "yaml.unsafe_load"), f"{file.name}: {called}"
+                if called == "getattr":  # only fixed attribute names, never one that came from a recipe
+                    assert isinstance(node.args[1], ast.Constant), f"{file.name}: {ast.unparse(node)}"
+
+
+def test_yaml_only_through_safe_load():
+    assert list(_calls("yaml.safe_load"))
+    assert not [c for c in _calls("yaml.load")]
+
+
+def test_trust_remote_code_is_off_unless_asked(tiny_model_dir, monkeypatch, capsys):
+    import transformers
+
+    from lora_dpo import model as M
+    from lora_dpo.recipe import ModelConfig, QuantizationConfig
+
+    seen = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(load_in_4bit=False),
+                torch.float32, torch.device("cpu"))
+    assert seen == [False] and "trust_remote_code is on" not in capsys.readouterr().out
+    M.load_base(ModelConfig(name_or_path=str(tiny_model_dir), trust_remote_code=True),
+                QuantizationConfig(load_in_4bit=False), torch.float32, torch.device("cpu"))
+    assert seen[-1] is True and "trust_remote_code is on" in capsys.readouterr().out
