@@ -30,7 +30,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lora_dpo"
 def _prepare(recipe_dict, tmp_path, **train_kw):
     recipe_dict["data"].pop("eval", None)
     recipe_dict["lora"] = {"lora_dropout": 0.1}  # RNG state matters for exactness
-    recipe_dict["train"].update(max_steps=40, save_steps=3, logging_steps=1, **train_kw)
+    recipe_dict["train"].update(max_steps=20, save_steps=3, logging_steps=1, **train_kw)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe_dict))
     return path
@@ -67,7 +67,7 @@ def _rows(out: Path) -> list[dict]:
 def test_sigkill_at_a_random_step_then_resume_is_exact(recipe_dict, tmp_path):
     path = _prepare(recipe_dict, tmp_path)
     full = train(recipe_from_dict({**recipe_dict, "output": {"dir": str(tmp_path / "full")}}))
-    kill_after = random.Random(os.getpid()).randint(4, 20)
+    kill_after = random.Random(os.getpid()).randint(4, 12)
     crashed = tmp_path / "crashed"
     proc = _start(path, crashed)
     _wait_for_lines(crashed, kill_after, proc)
@@ -82,15 +82,16 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(recipe_dict, tmp_path):
     assert _rows(crashed) == _rows(full.output_dir)
 
 
-def test_sigterm_checkpoints_and_says_how_to_resume(recipe_dict, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_signal_checkpoints_and_says_how_to_resume(recipe_dict, tmp_path, sig, code):
     path = _prepare(recipe_dict, tmp_path)
     out = tmp_path / "stopped"
     proc = _start(path, out)
-    _wait_for_lines(out, 5, proc)
-    proc.send_signal(signal.SIGTERM)
+    _wait_for_lines(out, 4, proc)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 143, stderr[-2000:]
-    assert "Traceback" not in stderr and "SIGTERM: finishing this step" in stderr
+    assert proc.returncode == code, stderr[-2000:]
+    assert "Traceback" not in stderr and f"{sig.name}: finishing this step" in stderr
     assert "Resume with: lora-dpo RECIPE.yaml train.resume_from_checkpoint=latest" in stdout
     stopped_at = len((out / "metrics.jsonl").read_text().splitlines())
     assert (out / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
@@ -145,6 +146,14 @@ def test_out_of_memory_names_what_to_change(recipe_dict, monkeypatch):
     with pytest.raises(LoraDpoError, match=r"out of GPU memory at step 1; try train.per_device_train_batch_size=2 "
                                            r"with train.gradient_accumulation_steps=2.*gradient_checkpointing=true"):
         train(recipe_from_dict(recipe_dict))
+
+
+def test_save_total_limit_keeps_the_newest(recipe_dict):
+    recipe_dict["data"].pop("eval")
+    recipe_dict["train"].update(max_steps=9, save_steps=2, save_total_limit=2)
+    run = train(recipe_from_dict(recipe_dict))
+    names = sorted(p.name for p in (run.output_dir / "checkpoints").iterdir())
+    assert names == ["step-00000006", "step-00000008"]  # no temporary directory left behind either
 
 
 def test_corrupt_checkpoint_is_detected_and_the_previous_one_offered(recipe_dict):
