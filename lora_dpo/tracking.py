@@ -9,11 +9,8 @@ from lora_dpo.errors import LoraDpoError
 
 class _TensorBoard:
     def __init__(self, out: Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise LoraDpoError("train.report_to: tensorboard is not installed; `pip install tensorboard` or "
-                               "remove it from report_to") from None
+        from torch.utils.tensorboard import SummaryWriter  # availability checked by check_available
+
         self.writer = SummaryWriter(str(out / "tensorboard"))
 
     def log(self, row: dict) -> None:
@@ -27,11 +24,8 @@ class _TensorBoard:
 
 class _Wandb:
     def __init__(self, out: Path) -> None:
-        try:
-            import wandb
-        except ImportError:
-            raise LoraDpoError("train.report_to: wandb is not installed; `pip install wandb` or remove it from "
-                               "report_to") from None
+        import wandb  # availability checked by check_available
+
         self.run = wandb.init(project="lora-dpo", name=out.name, dir=str(out))
 
     def log(self, row: dict) -> None:
