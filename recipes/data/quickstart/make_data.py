@@ -26,6 +26,16 @@ level of the underlying *fact*, so no eval prompt (nor the fact behind it)
 appears in train. Everything is hand-written here and generated with a fixed
 seed: running the script twice yields byte-identical files.
 
+TRAINING NOTE
+-------------
+Because chosen and rejected share the answer text, plain DPO on this data
+(sigmoid loss alone) teaches the opener but wrecks what follows it: within
+~20-40 steps the 135M model answers "Ahoy!" and stops, repeats "Ahoy! Ahoy!",
+or babbles, since pushing the rejected answer down also pushes down the answer
+it shares with the chosen one. Adding the chosen-answer NLL (RPO,
+``dpo.rpo_alpha: 1.0``; TRL: ``loss_type=["sigmoid", "sft"]``) fixes it:
+beta 0.5, lr 5e-4, 40 steps of batch 4 give 100 % "Ahoy! <answer>" on eval.
+
 Usage::
 
     python make_data.py            # writes train.jsonl and eval.jsonl next to this file
