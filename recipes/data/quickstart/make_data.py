@@ -97,10 +97,6 @@ def capitals():
     return facts
 
 
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-                "ten", "eleven", "twelve"]
-
-
 def arithmetic(rng: random.Random):
     facts, seen = [], set()
     while len(facts) < 105:
