@@ -91,6 +91,7 @@ class Snapshot:
     metrics: dict | None  # None for the reference alone: no policy to compare it with
     answers: list[str]
     behaviour_rate: float | None
+    strict: dict | None = None  # the same metrics with TRL's accuracy convention (ties count as wrong)
 
     def summary(self) -> str:
         m = self.metrics
@@ -109,11 +110,12 @@ def snapshot(model, tokenizer, pairs: list, recipe, device, reference: bool = Fa
     correct ranking here (and as wrong in `eval/rewards/accuracies`, TRL's convention), so 'before' reads as chance.
     """
     ev = recipe.evaluation
-    metrics = None
+    metrics = strict = None
     if not reference:
-        metrics = evaluate_pairs(model, pairs, recipe.dpo, recipe.train.per_device_eval_batch_size,
-                                 tokenizer.pad_token_id, device, ties=True)
-        metrics["eval/rewards/accuracies"] += 0.5 * metrics.pop("eval/ties")
+        strict = evaluate_pairs(model, pairs, recipe.dpo, recipe.train.per_device_eval_batch_size,
+                                tokenizer.pad_token_id, device, ties=True)
+        ties = strict.pop("eval/ties")
+        metrics = {**strict, "eval/rewards/accuracies": strict["eval/rewards/accuracies"] + 0.5 * ties}
     n = max(ev.generations, ev.behaviour_prompts if ev.behaviour_regex else 0)
     chosen = pairs[:n]
     answers = generate(model, tokenizer, [p.prompt_ids for p in chosen], ev.max_new_tokens, reference=reference)
@@ -121,7 +123,7 @@ def snapshot(model, tokenizer, pairs: list, recipe, device, reference: bool = Fa
     if ev.behaviour_regex:
         pattern = re.compile(ev.behaviour_regex)
         rate = sum(bool(pattern.search(a)) for a in answers) / max(len(answers), 1)
-    return Snapshot(metrics, answers, rate)
+    return Snapshot(metrics, answers, rate, strict)
 
 
 def print_before_after(before: Snapshot, after: Snapshot, rows: list[dict], pairs: list, n: int) -> None:

@@ -295,10 +295,10 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     adapter_dir = out / "adapter"
     if ctx.main:
         if eval_pairs:
-            eval_metrics = evaluate_pairs(policy, eval_pairs, dcfg, tcfg.per_device_eval_batch_size, pad_id, device)
+            after = snapshot(policy, tokenizer, eval_pairs, recipe, device)  # one held-out pass serves both
+            eval_metrics = after.strict
             history[-1].update(eval_metrics)
             _write_metrics(out, history)
-            after = snapshot(policy, tokenizer, eval_pairs, recipe, device)
             before = before or snapshot(policy, tokenizer, eval_pairs, recipe, device, reference=True)
             print_before_after(before, after, eval_rows, eval_pairs, recipe.evaluation.generations)
             report = snapshots_json(recipe.data.eval, eval_pairs, eval_rows, before, after)
