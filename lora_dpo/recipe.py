@@ -45,7 +45,8 @@ class ModelConfig:
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) when name_or_path is a hub id.")
     tokenizer: str | None = _f(None, "Tokenizer source if it differs from the model's.")
     trust_remote_code: bool = _f(False, "Run model code shipped with a hub model. Off unless asked; announced when on.")
-    attn_implementation: Literal["sdpa", "eager"] = _f("sdpa", "Attention kernel.")
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = _f(
+        "sdpa", "Attention kernel. All three take the prefix-shared layout's 4-D mask (flex as a block mask).")
 
 
 @dataclass
@@ -66,14 +67,45 @@ class LoraConfig:
     use_rslora: bool = _f(False, "Rank-stabilised scaling lora_alpha / sqrt(r).")
 
 
+DataFormat = Literal["auto", "standard", "conversational", "implicit", "hh"]
+
+
+@dataclass
+class DataSource:
+    """One entry of a `data.train` / `data.eval` list (the key is then e.g. `data.train[0].path`)."""
+    path: str = _f(_REQUIRED, "a local .json/.jsonl/.parquet/.csv file, a save_to_disk directory, or a hub dataset id")
+    name: str | None = _f(None, "Hub dataset config name.")
+    split: str = _f("train", "Split of a hub dataset or of a saved DatasetDict.")
+    revision: str | None = _f(None, "Hub dataset revision (branch, tag or commit).")
+    format: DataFormat | None = _f(None, "Row format; null = data.format.")
+    columns: dict[str, str] | None = _f(None, "Column names of this source for prompt/chosen/rejected/system, "
+                                        "e.g. {prompt: question}.")
+    weight: float | None = _f(None, "Share of the mix (relative to the other weighted sources).", check=_POS)
+    count: int | None = _f(None, "Exactly this many rows, drawn with data.split_seed.", check=_POS)
+
+
 @dataclass
 class DataConfig:
-    train: str = _f(_REQUIRED, "Training pairs: a local .json/.jsonl file (prompt, chosen, rejected).")
-    eval: str | None = _f(None, "Held-out pairs, same format as train. Optional.")
+    train: str | list[DataSource] = _f(_REQUIRED, "Training pairs: a local .json/.jsonl/.parquet/.csv file, a "
+                                       "save_to_disk directory or a hub dataset id — or a list of source mappings "
+                                       "(path, name, split, revision, format, columns, weight | count).")
+    eval: str | list[DataSource] | None = _f(None, "Held-out pairs, same forms as train. Optional.")
+    eval_split: int | float | None = _f(None, "Hold out this many rows (an integer) or this fraction (0..1) of the "
+                                        "training sources as eval data (when data.eval is null).",
+                                        check=("> 0 rows or a fraction in (0, 1)",
+                                               lambda v: v > 0 if isinstance(v, int) else 0 < v < 1))
+    split_seed: int = _f(42, "Seed for eval_split and for drawing weighted/counted rows from sources.")
+    format: DataFormat = _f("auto", "standard (prompt/chosen/rejected strings), conversational (message lists), "
+                            "implicit (no prompt: chosen/rejected share it as a prefix), hh (Anthropic HH raw text), "
+                            "or auto (detected per source).")
     max_length: int = _f(512, "Max tokens of prompt + completion; completions are cut from the right.", check=_POS)
-    max_prompt_length: int = _f(256, "Max prompt tokens; prompts are cut from the left (the end is kept).",
-                                check=_POS)
+    max_prompt_length: int | None = _f(256, "Max prompt tokens; prompts are cut from the left (the end is kept). "
+                                       "null = never cut a prompt; pairs whose prompt alone fills max_length are "
+                                       "dropped.", check=_POS)
     system_prompt: str | None = _f(None, "System message prepended to conversational prompts that have none.")
+    chat_template: str | None = _f(None, "Chat template override: a path to a Jinja file, or the template itself.")
+    on_problem: Literal["warn", "error"] = _f("warn", "What a data problem (dropped rows, template problems) does: "
+                                              "warn and train, or stop before training.")
 
 
 @dataclass
@@ -110,6 +142,10 @@ class TrainConfig:
     adam_epsilon: float = _f(1e-8, "AdamW ε.", check=_POS)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = _f("auto", "auto = bf16 on a GPU that supports it, else fp32.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory, ~30% slower).")
+    layout: Literal["packed", "shared", "concatenated"] = _f(
+        "packed", "How pairs become rows. shared: one [prompt | chosen | rejected] row per pair, the prompt runs "
+        "once (4-D mask); packed: shared, and several pairs per row so padding costs nothing; concatenated: "
+        "TRL's layout (prompt + chosen and prompt + rejected rows). Same log-probs in all three (tested).")
     seed: int = _f(42, "Seed for LoRA init, data order and dropout.")
     logging_steps: int = _f(1, "Log metrics every N optimizer steps.", check=_POS)
     eval_steps: int | None = _f(None, "Evaluate on data.eval every N steps (null = only at the end).", check=_POS)
@@ -130,6 +166,11 @@ class EvaluationConfig:
     behaviour_regex: str | None = _f(None, "A regex searched in each greedy answer; the share of held-out prompts "
                                      "whose answer matches is the behaviour rate, printed before and after training.")
     behaviour_prompts: int = _f(64, "How many held-out prompts the behaviour rate is measured on.", check=_POS)
+    kl_samples: int = _f(16, "Held-out prompts with one completion sampled from the policy each, to estimate "
+                         "KL(policy ‖ reference) at the end of training and in `lora-dpo eval`; 0 = off.",
+                         check=_NONNEG)
+    reward_prompts: int = _f(64, "Held-out prompts whose policy and reference answers `lora-dpo eval "
+                             "--reward-model` scores for the win rate.", check=_POS)
 
 
 @dataclass
@@ -177,6 +218,10 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of {_describe(typing.get_args(tp)[1])}s"
+    if dataclasses.is_dataclass(tp):
+        return f"mappings ({', '.join(f.name for f in dataclasses.fields(tp))})"
     return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
         tp, str(tp))
 
@@ -185,17 +230,34 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; return it converted (int → float where a float is wanted)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
+        specific = None  # a list of mappings fails on its own key (data.train[1].weight), not on the union
         for option in typing.get_args(tp):
             try:
                 return _coerce(value, option, key)
-            except LoraDpoError:
-                continue
+            except LoraDpoError as e:
+                if (isinstance(value, list) and _is_mapping_list(option)) or (
+                        isinstance(value, dict) and typing.get_origin(option) is dict):
+                    specific = e
+        if specific is not None:
+            raise specific
     elif origin is Literal:
         if value in typing.get_args(tp):
             return value
     elif origin is list:
         if isinstance(value, list):
+            if _is_mapping_list(tp):
+                if not value:
+                    raise _err(key, "is an empty list; give at least one source")
+                return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
             return [_coerce(v, typing.get_args(tp)[0], key) for v in value]
+    elif origin is dict:
+        if isinstance(value, dict):
+            kt, vt = typing.get_args(tp)
+            return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    elif dataclasses.is_dataclass(tp):  # stored as a plain mapping (defaults filled in): YAML/JSON round-trip it
+        if isinstance(value, str) and value.strip():
+            value = {"path": value}  # a bare path in a list of sources
+        return dataclasses.asdict(_build_section(key, tp, value))
     elif tp is type(None):
         if value is None:
             return None
@@ -212,6 +274,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value.strip():
             return value
     raise _err(key, f"got {value!r}, expected {_describe(tp)}")
+
+
+def _is_mapping_list(tp: Any) -> bool:
+    return typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0])
 
 
 def _build_section(name: str, cls: type, raw: Any) -> Any:
@@ -243,9 +309,10 @@ def _cross_checks(r: Recipe) -> None:
     q = r.quantization
     if q.load_in_4bit and q.load_in_8bit:
         raise _err("quantization.load_in_8bit", "cannot be combined with load_in_4bit: true; set one of them false")
-    if r.data.max_prompt_length >= r.data.max_length:
+    if r.data.max_prompt_length is not None and r.data.max_prompt_length >= r.data.max_length:
         raise _err("data.max_prompt_length", f"must be smaller than data.max_length ({r.data.max_length}) so that "
                    "completions keep at least one token")
+    _check_data_sources(r.data)
     if r.dpo.label_smoothing and r.dpo.loss_type not in ("sigmoid", "robust"):
         raise _err("dpo.label_smoothing", f"is used by loss_type sigmoid or robust, not {r.dpo.loss_type}; remove it")
     if r.evaluation.behaviour_regex is not None:
@@ -255,6 +322,21 @@ def _cross_checks(r: Recipe) -> None:
             raise _err("evaluation.behaviour_regex", f"is not a valid regular expression ({e})") from None
     if r.train.report_to and len(set(r.train.report_to)) != len(r.train.report_to):
         raise _err("train.report_to", "lists a tracker twice")
+
+
+def _check_data_sources(d: DataConfig) -> None:
+    if d.eval_split is not None and d.eval is not None:
+        raise _err("data.eval_split", "cannot be combined with data.eval; remove one of them")
+    for split in ("train", "eval"):
+        sources = getattr(d, split)
+        for i, src in enumerate(sources if isinstance(sources, list) else []):
+            key = f"data.{split}[{i}]"
+            if src["weight"] is not None and src["count"] is not None:
+                raise _err(f"{key}.count", "cannot be combined with weight; keep one of them")
+            for role in src["columns"] or {}:
+                if role not in ("prompt", "chosen", "rejected", "system"):
+                    raise _err(f"{key}.columns.{role}", "unknown role; map prompt, chosen, rejected or system to "
+                               "your column names, e.g. {prompt: question}")
 
 
 def recipe_from_dict(raw: Any, source: str = "recipe") -> Recipe:
@@ -329,4 +411,11 @@ def describe_keys() -> str:
                 f.default if f.default is not dataclasses.MISSING else f.default_factory())
             check = f" [{f.metadata['check'][0]}]" if f.metadata.get("check") else ""
             lines.append(f"  {f.name}: {default!r}  — {_describe(hints[f.name])}{check}. {f.metadata['doc']}")
+        if cls is DataConfig:
+            lines.append("  [train/eval as a list] — each entry is a mapping with these keys:")
+            for f in dataclasses.fields(DataSource):
+                default = "(required)" if f.default is _REQUIRED else f.default
+                check = f" [{f.metadata['check'][0]}]" if f.metadata.get("check") else ""
+                lines.append(f"    {f.name}: {default!r}  — {_describe(typing.get_type_hints(DataSource)[f.name])}"
+                             f"{check}. {f.metadata['doc']}")
     return "\n".join(lines)
