@@ -1,18 +1,40 @@
-"""Pairs → a padded batch in the concatenated layout: rows [chosen_0 … chosen_{B-1}, rejected_0 … rejected_{B-1}].
+"""Pairs → a forward plan. Two layouts compute the same log-probs (tests/test_layouts.py):
 
-Each row is prompt + completion, right-padded. `completion_mask` marks the completion tokens, the only ones
-whose log-probs count.
+- **concatenated** (`Batch`, TRL's layout): rows [chosen_0 … chosen_{B-1}, rejected_0 … rejected_{B-1}], each
+  prompt + completion, right-padded; the prompt runs twice per pair.
+- **shared** (`SharedBatch`): one segment per pair, [prompt | chosen | rejected]. The rejected part's positions
+  restart where the prompt ends and a 4-D mask lets it see the prompt and itself, never the chosen part, so the
+  prompt runs once. With `pack`, several pairs share a row (block-diagonal mask), so padding costs almost nothing.
+
+Both expose the scored tokens as `Targets`: for each completion token, the row, the position whose hidden state
+predicts it, its own position, and the output slot (k for pair k's chosen, B + k for its rejected).
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from lora_dpo.data import Pair
+
+LAYOUTS = ("packed", "shared", "concatenated")
+PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1
+
+
+@dataclass
+class Targets:
+    rows: torch.Tensor   # (N,) long: row of each scored token
+    pred: torch.Tensor   # (N,) long: position whose hidden state predicts the token
+    label: torch.Tensor  # (N,) long: position of the token
+    seq: torch.Tensor    # (N,) long: output slot in [0, 2B), chosen slots first
+
+
+def _to(obj, device: torch.device):
+    return type(obj)(**{f.name: (v.to(device) if isinstance(v := getattr(obj, f.name), torch.Tensor) else v)
+                        for f in fields(obj)})
 
 
 @dataclass
@@ -30,8 +52,83 @@ class Batch:
         return int(self.attention_mask.sum())
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.completion_mask.to(device),
-                     self.indices)
+        return _to(self, device)
+
+    def model_inputs(self, attn_implementation: str, dtype: torch.dtype) -> dict:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+    def targets(self) -> Targets:
+        rows, t = self.completion_mask[:, 1:].nonzero(as_tuple=True)  # position t predicts token t + 1
+        return Targets(rows, t, t + 1, rows)
+
+    def token_counts(self) -> torch.Tensor:
+        """(2B,) scored tokens per sequence."""
+        return self.completion_mask[:, 1:].sum(-1)
+
+
+@dataclass
+class SharedBatch:
+    input_ids: torch.Tensor     # (R, T) long
+    position_ids: torch.Tensor  # (R, T) long; the rejected part restarts at the prompt length
+    slot: torch.Tensor          # (R, T) long: pair slot of each token in [0, B), PAD on padding
+    part: torch.Tensor          # (R, T) long: PROMPT, CHOSEN, REJECTED or PAD
+    rows: torch.Tensor          # Targets, see the module docstring
+    pred: torch.Tensor
+    label: torch.Tensor
+    seq: torch.Tensor
+    indices: list[int]
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.indices)
+
+    def num_tokens(self) -> int:
+        return int((self.slot != PAD).sum())
+
+    def to(self, device: torch.device) -> SharedBatch:
+        return _to(self, device)
+
+    def targets(self) -> Targets:
+        return Targets(self.rows, self.pred, self.label, self.seq)
+
+    def token_counts(self) -> torch.Tensor:
+        return torch.bincount(self.seq, minlength=2 * self.num_pairs)
+
+    def allowed(self) -> torch.Tensor:
+        """(R, T, T) bool: query i may attend to key j. Same pair, causal, and the chosen and rejected parts never
+        see each other. Padding attends to itself only, so no softmax row is empty."""
+        s, p = self.slot, self.part
+        T = s.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=s.device).tril()
+        same = (s[:, :, None] == s[:, None, :]) & (s[:, None, :] != PAD)
+        visible = (p[:, None, :] == PROMPT) | (p[:, :, None] == p[:, None, :])
+        eye = torch.eye(T, dtype=torch.bool, device=s.device)
+        return (same & visible & causal) | (eye & (s == PAD)[:, :, None])
+
+    def model_inputs(self, attn_implementation: str, dtype: torch.dtype) -> dict:
+        inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        if attn_implementation == "flex_attention":
+            inputs["attention_mask"] = self._block_mask()
+        elif attn_implementation == "eager":  # eager adds the mask to the scores
+            allowed = self.allowed()[:, None]  # (R, 1, T, T)
+            inputs["attention_mask"] = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)
+        else:  # sdpa takes a boolean mask, True = attend
+            inputs["attention_mask"] = self.allowed()[:, None]
+        return inputs
+
+    def _block_mask(self):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        s, p = self.slot, self.part
+
+        def mask_mod(b, h, q, kv):
+            same = (s[b, q] == s[b, kv]) & (s[b, kv] != PAD)
+            visible = (p[b, kv] == PROMPT) | (p[b, q] == p[b, kv])
+            return (same & visible & (kv <= q)) | ((q == kv) & (s[b, q] == PAD))
+
+        R, T = s.shape
+        return create_block_mask(mask_mod, B=R, H=None, Q_LEN=T, KV_LEN=T, device=str(s.device))
 
 
 def collate(pairs: list[Pair], pad_token_id: int) -> Batch:
@@ -46,6 +143,86 @@ def collate(pairs: list[Pair], pad_token_id: int) -> Batch:
         attn[i, : len(s)] = 1
         comp[i, n: len(s)] = True
     return Batch(ids, attn, comp, [p.index for p in pairs])
+
+
+def _pair_len(p: Pair) -> int:
+    return len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: pair indices grouped into rows of at most `capacity` tokens (a longer pair gets a row
+    of its own). Deterministic: ties keep the input order."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for k in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        r = next((r for r, free in enumerate(room) if free >= lengths[k]), None)
+        if r is None:
+            rows.append([k])
+            room.append(capacity - lengths[k])
+        else:
+            rows[r].append(k)
+            room[r] -= lengths[k]
+    return rows
+
+
+def collate_shared(pairs: list[Pair], pad_token_id: int, pack: bool = True) -> SharedBatch:
+    """One [prompt | chosen | rejected] segment per pair; with `pack`, pairs share rows up to the longest pair's
+    length, so padding stays below one pair per batch."""
+    B = len(pairs)
+    lengths = [_pair_len(p) for p in pairs]
+    groups = pack_rows(lengths, max(lengths)) if pack else [[k] for k in range(B)]
+    T = max(sum(lengths[k] for k in g) for g in groups)
+    R = len(groups)
+    ids = torch.full((R, T), pad_token_id, dtype=torch.long)
+    pos = torch.zeros((R, T), dtype=torch.long)
+    slot = torch.full((R, T), PAD, dtype=torch.long)
+    part = torch.full((R, T), PAD, dtype=torch.long)
+    rows, pred, label, seq = [], [], [], []
+    for r, group in enumerate(groups):
+        o = 0
+        for k in sorted(group):
+            p = pairs[k]
+            P, C, Rj = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+            n = P + C + Rj
+            ids[r, o: o + n] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids)
+            pos[r, o: o + n] = torch.cat([torch.arange(P + C), torch.arange(P, P + Rj)])
+            slot[r, o: o + n] = k
+            part[r, o: o + n] = torch.tensor([PROMPT] * P + [CHOSEN] * C + [REJECTED] * Rj)
+            # each completion token is predicted by the token before it in its own sequence; the first one of
+            # either completion by the last prompt token (none when the prompt is empty, as in TRL's layout)
+            for start, length, out in ((o + P, C, k), (o + P + C, Rj, B + k)):
+                for i in range(length):
+                    before = start + i - 1 if i else o + P - 1
+                    if i == 0 and P == 0:
+                        continue
+                    rows.append(r)
+                    pred.append(before)
+                    label.append(start + i)
+                    seq.append(out)
+            o += n
+    t = lambda xs: torch.tensor(xs, dtype=torch.long)
+    return SharedBatch(ids, pos, slot, part, t(rows), t(pred), t(label), t(seq), [p.index for p in pairs])
+
+
+def build(pairs: list[Pair], pad_token_id: int, layout: str = "packed") -> Batch | SharedBatch:
+    """The batch for `layout` (one of LAYOUTS)."""
+    if layout == "concatenated":
+        return collate(pairs, pad_token_id)
+    return collate_shared(pairs, pad_token_id, pack=layout == "packed")
+
+
+def resolve_layout(layout: str, config, pairs: list[Pair]) -> tuple[str, str | None]:
+    """The layout to use with this model, and a note when it differs from the one asked for.
+
+    A custom 4-D mask replaces the model's own masks, sliding windows included, so a model whose sliding window is
+    shorter than the longest [prompt | chosen | rejected] segment gets the concatenated layout instead."""
+    window = getattr(config, "sliding_window", None)
+    active = window and getattr(config, "use_sliding_window", True) is not False
+    longest = max((_pair_len(p) for p in pairs), default=0)
+    if layout != "concatenated" and active and longest > window:
+        return "concatenated", (f"train.layout: {layout} → concatenated: the model attends through a {window}-token "
+                                f"sliding window and the longest pair spans {longest} tokens")
+    return layout, None
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

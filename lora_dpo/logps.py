@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from lora_dpo.batching import Batch
+from lora_dpo.batching import Batch, SharedBatch, Targets
 
 DEFAULT_CHUNK = 1024
 
@@ -28,17 +28,15 @@ def _token_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_head, softcap: f
     return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def completion_logps(lm, hidden: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor,
+def completion_logps(lm, hidden: torch.Tensor, input_ids: torch.Tensor, targets: Targets, n_seq: int,
                      chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of log p(token) over each row's completion tokens.
+    """Sum of log p(token) over each sequence's completion tokens.
 
-    hidden (R, T, H) last hidden states; input_ids (R, T); completion_mask (R, T) bool.
-    Returns (logps (R,) fp32, n_tokens (R,) long). Position t predicts token t+1, so the mask is shifted.
+    hidden (R, T, H) last hidden states; input_ids (R, T); `targets` names the N scored tokens (see batching).
+    Returns (logps (n_seq,) fp32, n_tokens (n_seq,) long).
     """
-    target_mask = completion_mask[:, 1:]                                    # (R, T-1)
-    h = hidden[:, :-1][target_mask]                                         # (N, H)
-    labels = input_ids[:, 1:][target_mask]                                  # (N,)
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(target_mask)[target_mask]
+    h = hidden[targets.rows, targets.pred]                                  # (N, H)
+    labels = input_ids[targets.rows, targets.label]                         # (N,)
     head = lm.get_output_embeddings()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     pieces = []
@@ -49,15 +47,19 @@ def completion_logps(lm, hidden: torch.Tensor, input_ids: torch.Tensor, completi
         else:
             pieces.append(_token_logps(hc, lc, head, softcap))
     token_logps = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
-    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=h.device).index_add(0, rows, token_logps)
-    return sums, target_mask.sum(-1)
+    sums = torch.zeros(n_seq, dtype=torch.float32, device=h.device).index_add(0, targets.seq, token_logps)
+    return sums, torch.bincount(targets.seq, minlength=n_seq)
 
 
-def batch_logps(model, batch: Batch, chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the decoder on the batch → (logps (2B,), n_tokens (2B,)) in the layout of `batch` (chosen rows first)."""
+def batch_logps(model, batch: Batch | SharedBatch,
+                chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the decoder once on the batch → (logps (2B,), n_tokens (2B,)), chosen sequences first, any layout."""
     lm = causal_lm(model)
-    out = lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    return completion_logps(lm, out.last_hidden_state, batch.input_ids, batch.completion_mask, chunk_size)
+    dtype = lm.get_input_embeddings().weight.dtype
+    inputs = batch.model_inputs(lm.config._attn_implementation, dtype)
+    out = lm.get_decoder()(**inputs, use_cache=False)
+    return completion_logps(lm, out.last_hidden_state, batch.input_ids, batch.targets(), 2 * batch.num_pairs,
+                            chunk_size)
 
 
 def plain_batch_logps(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
