@@ -24,6 +24,9 @@ def train(recipe: Recipe) -> RunResult:
     return _run(recipe)
 
 
-def evaluate(run_dir, data: str | None = None, generations: int | None = None) -> dict:
-    """Held-out metrics and reference-vs-policy answers of a finished run; → dict (also written to eval.json)."""
-    return _evaluate(run_dir, data=data, generations=generations)
+def evaluate(run_dir, data: str | None = None, generations: int | None = None, reward_model: str | None = None,
+             reward_prompts: int | None = None) -> dict:
+    """Held-out metrics, a KL estimate and reference-vs-policy answers of a finished run, with `reward_model` (a
+    sequence-classification model) its win rate; → dict (also written to eval.json; report.html is refreshed)."""
+    return _evaluate(run_dir, data=data, generations=generations, reward_model=reward_model,
+                     reward_prompts=reward_prompts)

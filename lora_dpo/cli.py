@@ -2,7 +2,7 @@
 
     lora-dpo RECIPE.yaml [section.key=value ...]          train (same as `lora-dpo train …`)
     lora-dpo validate RECIPE.yaml [section.key=value ...] check a recipe; loads no model
-    lora-dpo eval RUN_DIR                                  held-out metrics and generations of a finished run
+    lora-dpo eval RUN_DIR [--reward-model M]               held-out metrics, KL, generations (+ win rate)
     lora-dpo keys                                          every recipe key with its type, default and meaning
 
 User errors print one line on stderr and exit with code 2.
@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--data", help="a .jsonl file of pairs instead of the run's data.eval")
     e.add_argument("--generations", type=int, help="prompts to show side by side (default: the recipe's)")
+    e.add_argument("--reward-model", metavar="PATH_OR_ID",
+                   help="a sequence-classification reward model that scores policy vs reference answers (win rate)")
+    e.add_argument("--reward-prompts", type=int, help="held-out prompts scored by --reward-model "
+                   "(default: the recipe's evaluation.reward_prompts)")
     sub.add_parser("keys", help="print every recipe key")
     return p
 
@@ -70,7 +74,8 @@ def _dispatch(args) -> int:
     if args.command == "eval":
         from lora_dpo.evaluate import evaluate
 
-        evaluate(args.run_dir, data=args.data, generations=args.generations)
+        evaluate(args.run_dir, data=args.data, generations=args.generations, reward_model=args.reward_model,
+                 reward_prompts=args.reward_prompts)
         return 0
     r = recipe_lib.load_recipe(args.recipe, args.overrides)
     if args.command == "validate":

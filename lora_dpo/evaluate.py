@@ -1,9 +1,10 @@
-"""Held-out metrics of a finished run and greedy generations of policy and reference side by side."""
+"""Held-out metrics of a finished run, greedy generations of policy and reference side by side, a KL estimate,
+and (optionally) a reward model's policy-vs-reference win rate."""
 
 from __future__ import annotations
 
-import contextlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,21 +14,28 @@ import torch
 from lora_dpo import batching
 from lora_dpo import data as data_lib
 from lora_dpo import model as model_lib
+from lora_dpo import reward_model as rm_lib
 from lora_dpo.errors import LoraDpoError
+from lora_dpo.generation import generate, kl_estimate
+from lora_dpo.logps import causal_lm
+from lora_dpo.losses import REFERENCE_FREE
 from lora_dpo.objective import MetricMeter, dpo_forward
 from lora_dpo.recipe import DpoConfig, load_recipe
+
+__all__ = ["evaluate", "evaluate_pairs", "generate", "load_run", "snapshot", "snapshots_json"]
 
 
 @torch.no_grad()
 def evaluate_pairs(model, pairs: list[data_lib.Pair], cfg: DpoConfig, batch_size: int, pad_id: int,
-                   device: torch.device, ties: bool = False) -> dict:
+                   device: torch.device, ties: bool = False, layout: str = "packed") -> dict:
     """Held-out metrics under the `eval/` names (adapter on vs off, no dropout); `ties` adds the share of pairs
     whose margin is exactly 0."""
     was_training = model.training
     model.eval()
     meter = MetricMeter()
+    layout, _ = batching.resolve_layout(layout, causal_lm(model).config, pairs)
     for chunk in batching.eval_batches(pairs, batch_size):
-        loss, metrics = dpo_forward(model, batching.collate(chunk, pad_id).to(device), cfg)
+        loss, metrics = dpo_forward(model, batching.build(chunk, pad_id, layout).to(device), cfg)
         if ties:
             metrics["ties"] = (metrics["rewards/margins"] == 0).float()
         meter.add(loss * len(chunk), metrics)
@@ -53,38 +61,6 @@ def load_run(run_dir: str | Path):
     return recipe, model, tokenizer, device
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 32, reference: bool = False,
-             batch_size: int = 16) -> list[str]:
-    """Greedy answers for tokenised prompts, batched with left padding; `reference` switches the adapter off."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    answers = []
-    ctx = model_lib.reference_mode if reference else _no_grad
-    with ctx(model):
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i: i + batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for j, p in enumerate(chunk):
-                ids[j, width - len(p):] = torch.tensor(p)
-                mask[j, width - len(p):] = 1
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-            answers += [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
-    model.train(was_training)
-    return answers
-
-
-@contextlib.contextmanager
-def _no_grad(model):
-    with torch.no_grad():
-        yield model
-
-
 @dataclass
 class Snapshot:
     """Held-out numbers and greedy answers of one model state (the reference before training, the policy after)."""
@@ -92,6 +68,8 @@ class Snapshot:
     answers: list[str]
     behaviour_rate: float | None
     strict: dict | None = None  # the same metrics with TRL's accuracy convention (ties count as wrong)
+    logps: dict | None = None  # mean chosen/rejected log-probs of policy and reference on the held-out pairs
+    kl: dict | None = None  # generation.kl_estimate of the policy against the reference
 
     def summary(self) -> str:
         m = self.metrics
@@ -99,31 +77,47 @@ class Snapshot:
                                       f"margin {m['eval/rewards/margins']:+.3f}", f"loss {m['eval/loss']:.4f}"]
         if self.behaviour_rate is not None:
             parts.append(f"behaviour rate {self.behaviour_rate:.0%}")
+        if self.kl and self.kl["kl"] is not None:
+            parts.append(f"KL {self.kl['kl']:.3f} nats/answer")
         return ", ".join(parts)
 
 
-def snapshot(model, tokenizer, pairs: list, recipe, device, reference: bool = False) -> Snapshot:
-    """Held-out metrics (policy vs reference) and greedy answers on the first held-out prompts (of the reference
-    alone, without metrics, when `reference`).
+def _logps(strict: dict, cfg: DpoConfig) -> dict:
+    """Policy log-probs are measured; the reference's follow from the rewards, β·(π − ref) (means are linear)."""
+    out = {"policy": {"chosen": strict["eval/logps/chosen"], "rejected": strict["eval/logps/rejected"]}}
+    if cfg.loss_type not in REFERENCE_FREE:
+        out["reference"] = {k: strict[f"eval/logps/{k}"] - strict[f"eval/rewards/{k}"] / cfg.beta
+                            for k in ("chosen", "rejected")}
+    return out
+
+
+def snapshot(model, tokenizer, pairs: list, recipe, device, reference: bool = False, prompts: int = 0) -> Snapshot:
+    """Held-out metrics (policy vs reference), a KL estimate and greedy answers on the first held-out prompts (of
+    the reference alone, without metrics, when `reference`); `prompts` asks for at least that many answers.
 
     Before training the policy IS the reference, so every reward is 0 and every pair a tie; ties count as half a
     correct ranking here (and as wrong in `eval/rewards/accuracies`, TRL's convention), so 'before' reads as chance.
     """
     ev = recipe.evaluation
-    metrics = strict = None
+    metrics = strict = logps = kl = None
     if not reference:
         strict = evaluate_pairs(model, pairs, recipe.dpo, recipe.train.per_device_eval_batch_size,
                                 tokenizer.pad_token_id, device, ties=True)
         ties = strict.pop("eval/ties")
         metrics = {**strict, "eval/rewards/accuracies": strict["eval/rewards/accuracies"] + 0.5 * ties}
-    n = max(ev.generations, ev.behaviour_prompts if ev.behaviour_regex else 0)
+        logps = _logps(strict, recipe.dpo)
+        # every margin exactly 0 = the adapter changes nothing (a fresh one, before training): KL is 0, not sampled
+        if ev.kl_samples and ties < 1:
+            kl = kl_estimate(model, tokenizer, [p.prompt_ids for p in pairs[: ev.kl_samples]], ev.max_new_tokens,
+                             seed=recipe.train.seed, batch_size=recipe.train.per_device_eval_batch_size)
+    n = max(ev.generations, ev.behaviour_prompts if ev.behaviour_regex else 0, prompts)
     chosen = pairs[:n]
     answers = generate(model, tokenizer, [p.prompt_ids for p in chosen], ev.max_new_tokens, reference=reference)
     rate = None
     if ev.behaviour_regex:
         pattern = re.compile(ev.behaviour_regex)
         rate = sum(bool(pattern.search(a)) for a in answers) / max(len(answers), 1)
-    return Snapshot(metrics, answers, rate, strict)
+    return Snapshot(metrics, answers, rate, strict, logps, kl)
 
 
 def print_before_after(before: Snapshot, after: Snapshot, rows: list[dict], pairs: list, n: int) -> None:
@@ -137,25 +131,61 @@ def print_before_after(before: Snapshot, after: Snapshot, rows: list[dict], pair
         print(f"\n  prompt:    {prompt}\n  reference: {ref}\n  policy:    {pol}")
 
 
-def evaluate(run_dir: str | Path, data: str | None = None, generations: int | None = None) -> dict:
-    """Held-out metrics of a finished run, and reference vs policy answers side by side; writes eval.json."""
+def evaluate(run_dir: str | Path, data: str | None = None, generations: int | None = None,
+             reward_model: str | None = None, reward_prompts: int | None = None) -> dict:
+    """Held-out metrics of a finished run, a KL estimate, reference vs policy answers side by side and, with
+    `reward_model`, its policy-vs-reference win rate on them; writes eval.json and refreshes report.html."""
+    from lora_dpo.report import write_report
+
     run_dir = Path(run_dir)
     recipe, model, tokenizer, device = load_run(run_dir)
     if generations is not None:
         recipe.evaluation.generations = generations
+    if reward_prompts is not None:
+        if reward_prompts <= 0:
+            raise LoraDpoError(f"--reward-prompts must be > 0, got {reward_prompts}")
+        recipe.evaluation.reward_prompts = reward_prompts
     path = data or recipe.data.eval
     if not path:
         raise LoraDpoError(f"run '{run_dir}' has no data.eval; pass --data FILE.jsonl")
+    rm = rm_lib.load(reward_model, device) if reward_model else None  # fail on a bad name before any generation
     rows = data_lib.read_rows(path, "--data" if data else "data.eval")
     pairs, report = data_lib.tokenize_rows(rows, tokenizer, recipe.data, source=path)
     for line in report.lines():
         print(line)
-    before = snapshot(model, tokenizer, pairs, recipe, device, reference=True)
-    after = snapshot(model, tokenizer, pairs, recipe, device)
+    if not pairs:
+        raise LoraDpoError(f"every row of '{path}' was dropped; fix the data or pass another --data file")
+    n_rm = recipe.evaluation.reward_prompts if rm else 0
+    before = snapshot(model, tokenizer, pairs, recipe, device, reference=True, prompts=n_rm)
+    after = snapshot(model, tokenizer, pairs, recipe, device, prompts=n_rm)
     print_before_after(before, after, rows, pairs, recipe.evaluation.generations)
     result = snapshots_json(path, pairs, rows, before, after)
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    if rm:
+        result["reward_model"] = score_generations(rm, reward_model, result["generations"][:n_rm])
+        w = result["reward_model"]
+        print(f"\nreward model {reward_model}: policy wins {w['wins']}, ties {w['ties']}, loses {w['losses']} of "
+              f"{w['prompts']} prompts (win rate {w['win_rate']:.2f}, tie rate {w['tie_rate']:.2f})")
+    write_json(run_dir / "eval.json", result)
+    print(f"written: {run_dir / 'eval.json'}, {write_report(run_dir)}")
     return result
+
+
+def score_generations(rm, name: str, generations: list[dict]) -> dict:
+    """Scores each generation's policy and reference answer (stored in the rows) → the win-rate summary."""
+    model, tokenizer = rm
+    prompts = [g["prompt"] for g in generations]
+    policy = rm_lib.score(model, tokenizer, prompts, [g["policy"] for g in generations])
+    reference = rm_lib.score(model, tokenizer, prompts, [g["reference"] for g in generations])
+    for g, p, r in zip(generations, policy, reference):
+        g["score_policy"], g["score_reference"] = p, r
+    return {"model": name, **rm_lib.win_rate(policy, reference)}
+
+
+def write_json(path: Path, obj) -> None:
+    """Written beside, then renamed: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
 
 
 def snapshots_json(path: str, pairs: list, rows: list[dict], before: Snapshot, after: Snapshot) -> dict:
@@ -163,5 +193,6 @@ def snapshots_json(path: str, pairs: list, rows: list[dict], before: Snapshot, a
     return {"data": path, "pairs": len(pairs), "before": {"behaviour_rate": before.behaviour_rate,
                                                            **(before.metrics or {})},
             "after": {"behaviour_rate": after.behaviour_rate, **after.metrics},
+            "logps": after.logps, "kl": after.kl,
             "generations": [{"prompt": p, "reference": r, "policy": q}
                             for p, r, q in zip(prompts, before.answers, after.answers)]}

@@ -171,6 +171,11 @@ class EvaluationConfig:
                          check=_NONNEG)
     reward_prompts: int = _f(64, "Held-out prompts whose policy and reference answers `lora-dpo eval "
                              "--reward-model` scores for the win rate.", check=_POS)
+    kl_samples: int = _f(16, "Held-out prompts with one completion sampled from the policy each, to estimate "
+                         "KL(policy ‖ reference) at the end of training and in `lora-dpo eval`; 0 = off.",
+                         check=_NONNEG)
+    reward_prompts: int = _f(64, "Held-out prompts whose policy and reference answers `lora-dpo eval "
+                             "--reward-model` scores for the win rate.", check=_POS)
 
 
 @dataclass

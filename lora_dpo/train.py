@@ -28,6 +28,7 @@ from lora_dpo.errors import LoraDpoError
 from lora_dpo.evaluate import evaluate_pairs, print_before_after, snapshot, snapshots_json
 from lora_dpo.objective import MetricMeter, dpo_forward
 from lora_dpo.recipe import DpoConfig, Recipe, TrainConfig
+from lora_dpo.report import write_report
 
 RUN_FILES = ("recipe.yaml", "metrics.jsonl", "adapter", "checkpoints", "data_report.json")
 
@@ -287,6 +288,8 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
                 bar.close()
                 say(f"stopped by {stop.requested} at step {step}/{steps}; checkpoint {last_ckpt}. Resume with: "
                     f"lora-dpo RECIPE.yaml train.resume_from_checkpoint=latest")
+                if ctx.main:
+                    write_report(out)  # the curves so far
                 ctx.barrier()
                 return RunResult(out, out / "adapter", steps, step0, history, {}, stopped=stop.requested)
     bar.close()
@@ -307,6 +310,7 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
             tracker.close()
         checkpoints.atomic_dir(adapter_dir, lambda tmp: (policy.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
         say(f"adapter written to {adapter_dir}")
+        say(f"report written to {write_report(out)}")
     ctx.barrier()
     return RunResult(out, adapter_dir, steps, step0, history, eval_metrics)
 

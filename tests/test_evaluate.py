@@ -1,20 +1,45 @@
-"""`lora-dpo eval RUN_DIR`: held-out metrics of a finished run, reference vs policy answers, eval.json."""
+"""`lora-dpo eval RUN_DIR`: held-out metrics, KL estimate, reference vs policy answers, reward-model win rate,
+eval.json and a refreshed report.html."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
+import pytest
+import torch
+from conftest import arithmetic_rows, write_jsonl
+
 from lora_dpo import evaluate, train
-from lora_dpo.recipe import recipe_from_dict
+from lora_dpo import model as model_lib
+from lora_dpo.cli import main
+from lora_dpo.generation import kl_estimate
+from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig, recipe_from_dict
+from lora_dpo.reward_model import win_rate
 
 
-def test_eval_of_a_finished_run(recipe_dict, tmp_path):
-    recipe_dict["train"].update(max_steps=3, learning_rate=5e-3)
-    recipe_dict["evaluation"] = {"generations": 2, "max_new_tokens": 4, "behaviour_regex": r"\d"}
-    run = train(recipe_from_dict(recipe_dict))
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evalrun")
+    rows = arithmetic_rows(40)
+    train_file, eval_file = write_jsonl(tmp / "train.jsonl", rows[:32]), write_jsonl(tmp / "eval.jsonl", rows[32:])
+    recipe = recipe_from_dict({
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"train": str(train_file), "eval": str(eval_file), "max_length": 64, "max_prompt_length": 32},
+        "train": {"max_steps": 3, "learning_rate": 5e-3, "per_device_train_batch_size": 4},
+        "evaluation": {"generations": 2, "max_new_tokens": 4, "behaviour_regex": r"\d", "kl_samples": 8},
+        "output": {"dir": str(tmp / "run")}})
+    return train(recipe)
+
+
+def test_eval_of_a_finished_run(finished_run, tmp_path):
+    run = finished_run
+    assert (run.output_dir / "report.html").is_file()  # every training run writes its report
+    trained = json.loads((run.output_dir / "eval.json").read_text())
     (run.output_dir / "eval.json").unlink()
+    (run.output_dir / "report.html").unlink()
     result = evaluate(run.output_dir)
     saved = json.loads((run.output_dir / "eval.json").read_text())
     assert saved["pairs"] == 8 and len(saved["generations"]) == 8  # every behaviour prompt (≤ 8 here)
@@ -23,6 +48,102 @@ def test_eval_of_a_finished_run(recipe_dict, tmp_path):
     assert saved["before"]["behaviour_rate"] is not None
     # the eval numbers agree with the ones the training run logged at its end
     assert abs(saved["after"]["eval/rewards/margins"] - run.eval_metrics["eval/rewards/margins"]) < 1e-5
+    # chosen/rejected log-probs of both models; the reference's are the before-training numbers of the run
+    logps = saved["logps"]
+    assert logps["policy"]["chosen"] == saved["after"]["eval/logps/chosen"]
+    assert abs(logps["reference"]["chosen"] - trained["before"]["eval/logps/chosen"]) < 1e-3
+    assert abs(logps["reference"]["rejected"] - trained["before"]["eval/logps/rejected"]) < 1e-3
+    # the KL estimate is seeded: the same number at the end of training and in `lora-dpo eval`
+    kl = saved["kl"]
+    assert kl["samples"] == 8 and kl["seed"] == 42 and "log π_θ(y|x) − log π_ref(y|x)" in kl["estimator"]
+    assert math.isfinite(kl["kl"]) and kl["kl"] != 0 and abs(kl["kl"] - trained["kl"]["kl"]) < 1e-4
+    assert (run.output_dir / "report.html").is_file()  # refreshed by eval
+    assert "KL(policy ‖ reference)" in (run.output_dir / "report.html").read_text()
     res = subprocess.run([sys.executable, "-m", "lora_dpo", "eval", str(tmp_path / "nope")], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and "not a finished run directory" in res.stderr
+
+
+def test_kl_estimate_matches_the_exact_kl_of_one_token(tiny_model_dir, tokenizer):
+    """With one new token the KL of the next-token distributions is exact; the sampled estimate must agree within
+    its standard error, and sampling must leave the global RNG as it was."""
+    base = model_lib.load_base(ModelConfig(str(tiny_model_dir)), QuantizationConfig(load_in_4bit=False),
+                               torch.float32, torch.device("cpu"))
+    model = model_lib.attach_lora(base, LoraConfig(r=8), seed=0, gradient_checkpointing=False)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)  # move the policy away from the reference
+    model.get_base_model().lm_head.weight.data.mul_(8)  # a random init is near uniform; sharpen it
+    prompts = [tokenizer(f"What is {a} plus {a + 1}?")["input_ids"] for a in range(4)]
+    with torch.no_grad():
+        exact = []
+        for ids in prompts:
+            x = torch.tensor([ids])
+            logp = torch.log_softmax(model(input_ids=x).logits[0, -1].float(), -1)
+            with model_lib.reference_mode(model):
+                logq = torch.log_softmax(model(input_ids=x).logits[0, -1].float(), -1)
+            exact.append(float((logp.exp() * (logp - logq)).sum()))
+    exact_kl = sum(exact) / len(exact)
+    state = torch.get_rng_state()
+    est = kl_estimate(model, tokenizer, prompts * 100, max_new_tokens=1, seed=3, batch_size=100)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert est["samples"] == 400 and est["tokens"] == 400 and est["std_error"] > 0
+    assert exact_kl > 0.05  # a KL worth measuring
+    assert abs(est["kl"] - exact_kl) < 4 * est["std_error"], (est, exact_kl)
+    again = kl_estimate(model, tokenizer, prompts * 100, max_new_tokens=1, seed=3, batch_size=50)
+    assert again["kl"] == pytest.approx(est["kl"], abs=1e-5)  # seeded: batch size does not change the samples
+    other = kl_estimate(model, tokenizer, prompts * 100, max_new_tokens=1, seed=4, batch_size=100)
+    assert other["kl"] != est["kl"]
+
+
+def test_win_rate_counts_ties_apart():
+    w = win_rate([1.0, 2.0, 3.0, 0.5], [0.0, 2.0, 4.0, 0.25])
+    assert (w["wins"], w["ties"], w["losses"], w["prompts"]) == (2, 1, 1, 4)
+    assert w["win_rate"] == 0.5 and w["tie_rate"] == 0.25 and w["loss_rate"] == 0.25
+    assert w["mean_score_policy"] == pytest.approx(6.5 / 4) and w["mean_score_reference"] == pytest.approx(6.25 / 4)
+
+
+def test_reward_model_win_rate(finished_run, tokenizer, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, num_labels=1,
+                      pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    rm_dir = tmp_path / "rm"
+    LlamaForSequenceClassification(cfg).save_pretrained(rm_dir)
+    tokenizer.save_pretrained(rm_dir)
+    result = evaluate(finished_run.output_dir, reward_model=str(rm_dir), reward_prompts=6)
+    rm = result["reward_model"]
+    gens = result["generations"]
+    scored = [g for g in gens if "score_policy" in g]
+    assert rm["model"] == str(rm_dir) and rm["prompts"] == len(scored) == 6
+    # the win rate follows from the per-answer scores stored beside the answers
+    wins = sum(g["score_policy"] > g["score_reference"] for g in scored)
+    ties = sum(g["score_policy"] == g["score_reference"] for g in scored)
+    assert (rm["wins"], rm["ties"], rm["losses"]) == (wins, ties, 6 - wins - ties)
+    assert rm["win_rate"] == wins / 6 and rm["tie_rate"] == ties / 6
+    # ... and the scores are the reward model's own output on prompt + answer through its chat template
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    for g in scored[:2]:
+        for who in ("policy", "reference"):
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": g["prompt"]},
+                                                 {"role": "assistant", "content": g[who]}], return_dict=True,
+                                                tokenize=True)["input_ids"]
+            with torch.no_grad():
+                expected = float(model(input_ids=torch.tensor([ids])).logits[0, 0])
+            assert g[f"score_{who}"] == pytest.approx(expected, abs=1e-5)
+    assert len({g["score_policy"] for g in scored}) > 1  # not a constant
+    saved = json.loads((finished_run.output_dir / "eval.json").read_text())
+    assert saved["reward_model"] == rm
+    assert "policy wins" in capsys.readouterr().out
+    assert "Reward model" in (finished_run.output_dir / "report.html").read_text()
+
+
+def test_reward_model_must_be_a_sequence_classifier(finished_run, tiny_model_dir, tmp_path, capsys):
+    assert main(["eval", str(finished_run.output_dir), "--reward-model", str(tiny_model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "not a sequence-classification model" in err and "LlamaForCausalLM" in err
+    assert main(["eval", str(finished_run.output_dir), "--reward-model", str(tmp_path / "missing" / "x")]) == 2
+    assert "is not a model directory or a hub id" in capsys.readouterr().err
