@@ -2,8 +2,11 @@
 
     lora-dpo RECIPE.yaml [section.key=value ...]          train (same as `lora-dpo train …`)
     lora-dpo validate RECIPE.yaml [section.key=value ...] check a recipe; loads no model
+    lora-dpo inspect RECIPE.yaml [key=value ...] [-n N] [--split eval]  N pairs as the model sees them + the data report
     lora-dpo eval RUN_DIR [--reward-model M]               held-out metrics, KL, generations (+ win rate)
+    lora-dpo export RUN_DIR --format adapter|merged|gguf  adapter / merged model / GGUF, with parity.json
     lora-dpo keys                                          every recipe key with its type, default and meaning
+    lora-dpo estimate RECIPE.yaml [key=value ...] [--gpu-memory 16GiB] [--json]  will it fit? (reads the config only)
 
 User errors print one line on stderr and exit with code 2.
 """
@@ -16,7 +19,7 @@ import sys
 
 from lora_dpo.errors import LoraDpoError
 
-COMMANDS = ("train", "validate", "eval", "keys")
+COMMANDS = ("train", "validate", "eval", "export", "keys", "inspect", "estimate")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,8 +38,36 @@ def _parser() -> argparse.ArgumentParser:
                    help="a sequence-classification reward model that scores policy vs reference answers (win rate)")
     e.add_argument("--reward-prompts", type=int, help="held-out prompts scored by --reward-model "
                    "(default: the recipe's evaluation.reward_prompts)")
+    x = sub.add_parser("export", help="write the adapter, a merged model or a GGUF file, with a parity report")
+    x.add_argument("run_dir")
+    x.add_argument("--format", default="adapter", choices=("adapter", "merged", "gguf"))
+    x.add_argument("--base", default="dequantized", choices=("dequantized", "original"),
+                   help="merge into the NF4 round trip of the base (computes the trained policy) or the original "
+                   "weights")
+    x.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="merged weights' dtype")
+    x.add_argument("--gguf-type", default="bf16", choices=("bf16", "f16", "q8_0"))
+    x.add_argument("--out", help="export directory (default: RUN_DIR/export/FORMAT[-BASE])")
+    x.add_argument("--data", help="a .jsonl file of pairs for the parity check instead of the run's data.eval")
+    x.add_argument("--force", action="store_true", help="replace an existing export")
     sub.add_parser("keys", help="print every recipe key")
+    i = sub.add_parser("inspect", help="show pairs exactly as the model will see them, and the data report")
+    i.add_argument("recipe")
+    i.add_argument("overrides", nargs="*", help="section.key=value, typed like the schema")
+    i.add_argument("-n", "--rows", type=_count, default=3, help="pairs to render (default 3)")
+    i.add_argument("--split", choices=("train", "eval"), default="train")
+    m = sub.add_parser("estimate", help="predict peak GPU memory and the largest batch / max_length that fit")
+    m.add_argument("recipe")
+    m.add_argument("overrides", nargs="*", help="section.key=value, typed like the schema")
+    m.add_argument("--gpu-memory", help="e.g. 16GiB, 24GB, 80G (default: the visible GPU's memory, else 16GiB)")
+    m.add_argument("--layout", choices=("concatenated", "shared", "packed"), help="default: the recipe's")
+    m.add_argument("--json", action="store_true", help="machine-readable output")
     return p
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of rows >= 0, got {text!r}")
+    return int(text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,10 +108,26 @@ def _dispatch(args) -> int:
         evaluate(args.run_dir, data=args.data, generations=args.generations, reward_model=args.reward_model,
                  reward_prompts=args.reward_prompts)
         return 0
+    if args.command == "export":
+        from lora_dpo.export import export
+
+        export(args.run_dir, format=args.format, base=args.base, dtype=args.dtype, out=args.out, force=args.force,
+               gguf_type=args.gguf_type, data=args.data)
+        return 0
     r = recipe_lib.load_recipe(args.recipe, args.overrides)
     if args.command == "validate":
         print(f"{args.recipe}: valid ({r.dpo.loss_type}, β={r.dpo.beta}, LoRA r={r.lora.r}, "
               f"model {r.model.name_or_path})")
+        return 0
+    if args.command == "estimate":
+        from lora_dpo.estimate import run as estimate
+
+        print(estimate(r, gpu_memory=args.gpu_memory, layout=args.layout, as_json=args.json))
+        return 0
+    if args.command == "inspect":
+        from lora_dpo.data_inspect import inspect
+
+        inspect(r, rows=args.rows, split=args.split)
         return 0
     from lora_dpo.train import run
 

@@ -1,4 +1,8 @@
-"""Rows → (prompt, chosen, rejected) → token ids, with a report of everything that was cut or dropped.
+"""Rows → (prompt, chosen, rejected) → token ids, with a report of everything that was cut, dropped or suspicious.
+
+    read_data(cfg)                  sources read (data_sources), normalised (data_formats), mixed, eval split held out
+    load(cfg, tokenizer, split, rows)   tokenise one split → (pairs, DataReport); every row dropped → an error
+    prepare(cfg, tokenizer, ...)    both splits, the report printed, data.on_problem applied
 
 Tokenisation follows the convention TRL's DPOTrainer uses, so that log-probs are comparable: the prompt and
 prompt+completion are tokenised whole (standard text gets EOS appended; conversations go through the chat
@@ -9,108 +13,100 @@ across the prompt/completion boundary intact.
 from __future__ import annotations
 
 import json
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_dpo import data_formats, data_report, data_sources
+from lora_dpo.data_formats import DROP
+from lora_dpo.data_report import DOUBLE_BOS, DOUBLE_EOS, NOT_PREFIX, DataReport
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.recipe import DataConfig
 
-COLUMNS = ("prompt", "chosen", "rejected")
+COLUMNS = data_formats.ROLES
 
 
 @dataclass
 class Pair:
-    """One tokenised preference pair. `index` is the row number in the source file (0-based)."""
+    """One tokenised preference pair. `index` is the row's position in the split's row list."""
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
     index: int
 
 
-@dataclass
-class DataReport:
-    source: str
-    rows: int = 0
-    kept: int = 0
-    prompt_truncated: int = 0
-    completion_truncated: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    examples: dict[str, list[int]] = field(default_factory=dict)
-    boundary_mismatch: int = 0
+class Rows(list):
+    """Canonical rows of one split; `origins[i]` names where row i came from ("row 3" or "b.jsonl:3")."""
 
-    def drop(self, reason: str, index: int) -> None:
-        self.dropped[reason] += 1
-        self.examples.setdefault(reason, [])
-        if len(self.examples[reason]) < 5:
-            self.examples[reason].append(index)
-
-    def lines(self) -> list[str]:
-        out = [f"{self.source}: {self.rows} rows read, {self.kept} pairs kept, "
-               f"{sum(self.dropped.values())} dropped; prompts cut from the left: {self.prompt_truncated}, "
-               f"completions cut from the right: {self.completion_truncated}"]
-        for reason, n in sorted(self.dropped.items()):
-            out.append(f"  dropped {n} × {reason} (rows {', '.join(map(str, self.examples[reason]))}"
-                       f"{', …' if n > len(self.examples[reason]) else ''})")
-        if self.boundary_mismatch:
-            out.append(f"  {self.boundary_mismatch} rows: the tokenised prompt is not a prefix of prompt+completion "
-                       "(tokens merge across the boundary or the template renders the prompt differently); the "
-                       "completion starts where they differ")
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "rows": self.rows, "kept": self.kept,
-                "prompt_truncated": self.prompt_truncated, "completion_truncated": self.completion_truncated,
-                "dropped": dict(self.dropped), "examples": self.examples,
-                "boundary_mismatch": self.boundary_mismatch}
+    def __init__(self, rows=(), origins=None, sources=None, label: str = ""):
+        super().__init__(rows)
+        self.origins = list(origins) if origins is not None else list(range(len(self)))
+        self.sources = sources or []
+        self.label = label
 
 
-def read_rows(path: str, key: str) -> list[dict]:
-    """Rows of a local .json (a list of objects) or .jsonl file. Errors name the file and line."""
-    p = Path(path)
+# ---------------------------------------------------------------- reading
+
+def read_rows(spec: str | list | None, key: str, cfg: DataConfig | None = None) -> Rows:
+    """Read, normalise and mix the sources of one recipe value (a path/id string or a list of source mappings)."""
+    cfg = cfg or DataConfig(train="-")
+    specs = data_sources.source_specs(spec, key)
+    parts = []
+    for skey, s in specs:
+        raw = data_sources.read_source(s, skey)
+        fmt = s["format"] or cfg.format
+        rows, used = data_formats.normalise(raw, fmt, s["columns"], skey, data_sources.label(s))
+        parts.append((s, rows, used))
+    chosen = data_sources.take([len(p[1]) for p in parts], specs, cfg.split_seed)
+    many = len(parts) > 1
+    out = Rows(label=" + ".join(data_sources.label(s) for s, _, _ in parts))
+    for (s, rows, used), idx in zip(parts, chosen):
+        out.extend(rows[i] for i in idx)
+        out.origins.extend(f"{data_sources.label(s)}:{i}" if many else i for i in idx)
+        detected = (s["format"] or cfg.format) == "auto"
+        out.sources.append({"label": data_sources.label(s), "format": used + (" (detected)" if detected else ""),
+                            "read": len(rows), "taken": len(idx)})
+    return out
+
+
+def read_data(cfg: DataConfig) -> tuple[Rows, Rows | None]:
+    """Training rows and eval rows (data.eval, or data.eval_split held out of the training sources, or None)."""
+    chat_template(cfg)  # a missing template file fails here, before any model or tokenizer is loaded
+    train = read_rows(cfg.train, "data.train", cfg)
+    if cfg.eval is not None:
+        return train, read_rows(cfg.eval, "data.eval", cfg)
+    if cfg.eval_split is None:
+        return train, None
+    held = data_sources.split_off(len(train), cfg.eval_split, cfg.split_seed)
+    parts = []
+    for keep in (False, True):
+        idx = [i for i in range(len(train)) if (i in held) == keep]
+        part = Rows([train[i] for i in idx], [train.origins[i] for i in idx], train.sources,
+                    f"{train.label} ({'held-out' if keep else 'minus held-out'} {len(idx)} rows, "
+                    f"split_seed {cfg.split_seed})")
+        parts.append(part)
+    return parts[0], parts[1]
+
+
+def chat_template(cfg: DataConfig) -> str | None:
+    """data.chat_template: a template string (it holds '{{' or '{%') or the path of a Jinja file."""
+    t = cfg.chat_template
+    if t is None or "{{" in t or "{%" in t:
+        return t
+    p = Path(t).expanduser()
     if not p.is_file():
-        raise LoraDpoError(f"{key}: file '{path}' not found; give a local .jsonl/.json file")
-    if p.suffix not in (".jsonl", ".json"):
-        raise LoraDpoError(f"{key}: '{path}' has an unsupported extension '{p.suffix}'; use .jsonl or .json")
+        raise LoraDpoError(f"data.chat_template: file '{t}' not found; give a Jinja file, or the template itself "
+                           "(text with {% … %} / {{ … }})")
     try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = p.read_bytes()[: e.start].count(b"\n") + 1
-        raise LoraDpoError(f"{key}: '{path}' line {line} is not UTF-8 text; re-encode the file as UTF-8") from None
-    if p.suffix == ".json" and not text.lstrip().startswith("{"):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise LoraDpoError(f"{key}: '{path}' is not valid JSON (line {e.lineno}: {e.msg})") from None
-        if not isinstance(rows, list):
-            raise LoraDpoError(f"{key}: '{path}' must hold a JSON list of rows")
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise LoraDpoError(f"{key}: '{path}' line {n} is not valid JSON ({e.msg}); fix or remove that "
-                                   "line") from None
-    if not rows:
-        raise LoraDpoError(f"{key}: '{path}' holds no rows; it needs objects with {', '.join(COLUMNS)}")
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise LoraDpoError(f"{key}: '{path}' row {i} is a {type(row).__name__}, not an object with "
-                               f"{', '.join(COLUMNS)}")
-        missing = [c for c in COLUMNS if c not in row]
-        if missing:
-            raise LoraDpoError(f"{key}: '{path}' row {i} has no '{missing[0]}' column (it has "
-                               f"{', '.join(map(repr, row)) or 'none'}); every row needs {', '.join(COLUMNS)}")
-    return rows
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LoraDpoError(f"data.chat_template: '{t}' is not UTF-8 text; save it as UTF-8") from None
 
 
-def _is_messages(x: Any) -> bool:
-    return isinstance(x, list) and len(x) > 0 and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in x)
+# ---------------------------------------------------------------- tokenising
+
+class TemplateFailure(Exception):
+    """The chat template could not render a row (a broken template, or none at all)."""
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -123,14 +119,21 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _template(tokenizer, messages: list[dict], *, generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
-                                        return_dict=True)
+    if not tokenizer.chat_template:
+        raise TemplateFailure("the tokenizer has no chat template")
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
+                                            return_dict=True)
+    except Exception as e:  # noqa: BLE001 - jinja syntax/runtime errors of a user template
+        raise TemplateFailure(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     return list(out["input_ids"])
 
 
 def tokenize_row(row: dict, tokenizer, system_prompt: str | None = None,
                  ) -> tuple[list[int], list[int], list[int], bool]:
     """→ (prompt_ids, chosen_ids, rejected_ids, boundary_ok). Raises ValueError(reason) for an unusable row."""
+    if row.get(DROP):
+        raise ValueError(row[DROP])
     prompt, chosen, rejected = (row[c] for c in COLUMNS)
     if all(isinstance(x, str) for x in (prompt, chosen, rejected)):
         if not prompt.strip() or not chosen.strip() or not rejected.strip():
@@ -141,13 +144,14 @@ def tokenize_row(row: dict, tokenizer, system_prompt: str | None = None,
         p = tokenizer(prompt)["input_ids"]
         pc = tokenizer(prompt + chosen + ("" if chosen.endswith(eos) else eos))["input_ids"]
         pr = tokenizer(prompt + rejected + ("" if rejected.endswith(eos) else eos))["input_ids"]
-    elif _is_messages(prompt) and _is_messages(chosen) and _is_messages(rejected):
+    elif data_formats.is_messages(prompt) and data_formats.is_messages(chosen) and data_formats.is_messages(rejected):
         if any(not m["content"].strip() for m in prompt + chosen + rejected):
             raise ValueError("empty field")
         if chosen == rejected:
             raise ValueError("chosen == rejected")
-        if system_prompt and prompt[0]["role"] != "system":
-            prompt = [{"role": "system", "content": system_prompt}] + prompt
+        system = row.get("system") or system_prompt
+        if system and prompt[0]["role"] != "system":
+            prompt = [{"role": "system", "content": system}] + prompt
         p = _template(tokenizer, prompt, generation_prompt=True)
         pc = _template(tokenizer, prompt + chosen, generation_prompt=False)
         pr = _template(tokenizer, prompt + rejected, generation_prompt=False)
@@ -157,21 +161,53 @@ def tokenize_row(row: dict, tokenizer, system_prompt: str | None = None,
     return p[:n], pc[n:], pr[n:], n == len(p)
 
 
-def tokenize_rows(rows: list[dict], tokenizer, cfg: DataConfig, source: str) -> tuple[list[Pair], DataReport]:
-    """Tokenise, truncate (prompt from the left, completions from the right), drop what cannot train; report it."""
-    report = DataReport(source=source, rows=len(rows))
+def _doubled(ids: list[int], token: int | None) -> bool:
+    return token is not None and any(a == b == token for a, b in zip(ids, ids[1:]))
+
+
+def tokenize_rows(rows: list[dict], tokenizer, cfg: DataConfig, source: Any, split: str = "train",
+                  ) -> tuple[list[Pair], DataReport]:
+    """Tokenise, truncate (prompt from the left, completions from the right), drop what cannot train, note template
+    problems; report all of it."""
+    origins = getattr(rows, "origins", range(len(rows)))
+    report = DataReport(source=source if isinstance(source, str) else json.dumps(source), split=split,
+                        rows=len(rows), sources=list(getattr(rows, "sources", [])))
     pairs: list[Pair] = []
-    for i, row in enumerate(rows):
+    seen: set[str] = set()
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    text_rows = 0
+    for i, (row, where) in enumerate(zip(rows, origins)):
         try:
             p, c, r, boundary_ok = tokenize_row(row, tokenizer, cfg.system_prompt)
         except ValueError as e:
-            report.drop(str(e), i)
+            report.drop(str(e), where)
+            continue
+        except TemplateFailure as e:
+            fix = ("set data.chat_template (a Jinja file or the template)" if not tokenizer.chat_template
+                   else "fix data.chat_template" if cfg.chat_template else "set data.chat_template to a working one")
+            raise LoraDpoError(f"data.{split}: the chat template cannot render row {where} ({e}); {fix}") from None
+        key = json.dumps([row[k] for k in COLUMNS] + [row.get("system")], sort_keys=True, ensure_ascii=False)
+        if key in seen:
+            report.drop("duplicate", where)
+            continue
+        seen.add(key)
+        text_rows += isinstance(row["prompt"], str)
+        if not p:
+            report.drop("empty prompt after tokenisation (the first completion token could not be scored)", where)
             continue
         if not c or not r:
-            report.drop("empty completion after tokenisation", i)
+            report.drop("empty completion after tokenisation", where)
             continue
-        report.boundary_mismatch += not boundary_ok
-        if len(p) > cfg.max_prompt_length:
+        if not boundary_ok:
+            report.problem(NOT_PREFIX, where)
+        if _doubled((p + c)[:2], bos) or (bos is not None and bos != eos and _doubled(p, bos)):
+            report.problem(DOUBLE_BOS, where)
+        if _doubled(c, eos) or _doubled(r, eos):
+            report.problem(DOUBLE_EOS, where)
+        if cfg.max_prompt_length is None and len(p) >= cfg.max_length:
+            report.drop("prompt alone beyond max_length", where)
+            continue
+        if cfg.max_prompt_length is not None and len(p) > cfg.max_prompt_length:
             p = p[-cfg.max_prompt_length:]
             report.prompt_truncated += 1
         room = cfg.max_length - len(p)
@@ -179,20 +215,77 @@ def tokenize_rows(rows: list[dict], tokenizer, cfg: DataConfig, source: str) -> 
             c, r = c[:room], r[:room]
             report.completion_truncated += 1
         if c == r:
-            report.drop("chosen == rejected after truncation", i)
+            report.drop("chosen == rejected after truncation", where)
             continue
         pairs.append(Pair(p, c, r, i))
-    report.kept = len(pairs)
+        report.keep(len(p), len(c), len(r))
+    if cfg.system_prompt and text_rows:
+        report.notes.append(f"data.system_prompt is not applied to the {text_rows} text (non-conversation) rows; "
+                            "it goes into conversations only")
     return pairs, report
+
+
+def apply_chat_template(cfg: DataConfig, tokenizer) -> None:
+    """data.chat_template replaces the tokenizer's template (and is saved with the adapter's tokenizer)."""
+    template = chat_template(cfg)
+    if template is not None:
+        tokenizer.chat_template = template
 
 
 def load(cfg: DataConfig, tokenizer, split: str = "train", rows: list[dict] | None = None,
          ) -> tuple[list[Pair], DataReport]:
     """Read (unless `rows` are given) and tokenise `data.train` or `data.eval`. Every row dropped → an error."""
-    path = cfg.train if split == "train" else cfg.eval
-    key = f"data.{split}"
-    pairs, report = tokenize_rows(read_rows(path, key) if rows is None else rows, tokenizer, cfg, source=path)
+    apply_chat_template(cfg, tokenizer)
+    if rows is None:
+        rows = read_rows(cfg.train if split == "train" else cfg.eval, f"data.{split}", cfg)
+    source = getattr(rows, "label", "") or (cfg.train if split == "train" else cfg.eval)
+    pairs, report = tokenize_rows(rows, tokenizer, cfg, source=source, split=split)
     if not pairs:
-        reasons = ", ".join(f"{n} × {r}" for r, n in report.dropped.items())
-        raise LoraDpoError(f"{key}: every row of '{path}' was dropped ({reasons}); fix the data")
+        reasons = ", ".join(f"{n} × {r} ({data_report._rows(report.examples[r], n)})"
+                            for r, n in report.dropped.items())
+        raise LoraDpoError(f"data.{split}: every row of '{report.source}' was dropped ({reasons}); fix the data")
     return pairs, report
+
+
+@dataclass
+class Prepared:
+    train_pairs: list[Pair]
+    eval_pairs: list[Pair] | None
+    reports: list[DataReport]
+
+    def text(self) -> str:
+        return data_report.as_text(self.reports)
+
+    def save(self, out_dir: Path) -> None:
+        data_report.save(out_dir, self.reports)
+
+
+def prepare(cfg: DataConfig, tokenizer, train_rows: Rows, eval_rows: Rows | None, say=print,
+            check: bool = True) -> Prepared:
+    """Tokenise both splits, print the data report, and stop if data.on_problem=error and a problem was found."""
+    train_pairs, train_report = load(cfg, tokenizer, "train", train_rows)
+    reports, eval_pairs = [train_report], None
+    if eval_rows:
+        eval_pairs, eval_report = load(cfg, tokenizer, "eval", eval_rows)
+        train_keys = {_pair_key(p) for p in train_pairs}
+        leaked = sum(_pair_key(p) in train_keys for p in eval_pairs)
+        if leaked:
+            eval_report.notes.append(f"{leaked} eval pairs are also training pairs (identical token ids)")
+        reports.append(eval_report)
+    for line in data_report.as_text(reports).splitlines():
+        say(line)
+    if check:
+        data_report.check(reports, cfg.on_problem)
+    return Prepared(train_pairs, eval_pairs, reports)
+
+
+def _pair_key(p: Pair) -> tuple:
+    return tuple(p.prompt_ids), tuple(p.chosen_ids), tuple(p.rejected_ids)
+
+
+def source_label(cfg: DataConfig, split: str) -> str:
+    value = cfg.train if split == "train" else cfg.eval
+    if value is None and split == "eval" and cfg.eval_split is not None:
+        return f"data.eval_split={cfg.eval_split} of data.train"
+    return value if isinstance(value, str) or value is None else " + ".join(
+        data_sources.label({**s}) for s in value)

@@ -1,18 +1,28 @@
-"""Data: standard and conversational rows → token ids; completion-only labels; EOS; truncation; drop counts."""
+"""Data: every format → the same token ids; completion-only labels; EOS; truncation; drops and template problems
+counted with row numbers; data.on_problem; the report printed, saved in the run directory, and `inspect`."""
 
 from __future__ import annotations
+
+import json
+import os
+import sys
 
 import pytest
 from conftest import write_jsonl
 
-from lora_dpo import data
+from lora_dpo import data, data_report
 from lora_dpo.batching import collate
+from lora_dpo.cli import main
 from lora_dpo.errors import LoraDpoError
-from lora_dpo.recipe import DataConfig
+from lora_dpo.recipe import DataConfig, recipe_from_dict
 
 
 def cfg(**kw) -> DataConfig:
     return DataConfig(train="x.jsonl", **kw)
+
+
+def ids(pairs):
+    return [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]
 
 
 def test_standard_row_tokens(tokenizer):
@@ -44,6 +54,124 @@ def test_conversational_row_uses_chat_template(tokenizer):
     assert "Be brief." in tokenizer.decode(ps) and "Be brief." not in tokenizer.decode(p)
 
 
+# ---------------------------------------------------------------- the same pairs in every format
+
+def user(t):
+    return {"role": "user", "content": t}
+
+
+def assistant(t):
+    return {"role": "assistant", "content": t}
+
+
+TURNS = [  # (earlier turns, last question, chosen answer, rejected answer)
+    ([], "What is the capital of France?", "Paris.", "Rome, I think."),
+    ([user("Hi!"), assistant("Hello! How can I help?")], "Name a primary colour.", "Red.", "Pink."),
+    ([], "Say yes or no.", "Yes", "No, never, not at all."),
+]
+
+
+def test_same_conversations_in_every_format_give_identical_token_ids(tmp_path, tokenizer):
+    """Conversational, implicit (full conversations), Anthropic HH raw text and renamed columns, read from
+    .jsonl / .json / .parquet / a save_to_disk directory: the same pairs → the same token ids."""
+    import datasets
+
+    def hh(msgs):
+        return "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in msgs)
+
+    conv = [{"prompt": h + [user(q)], "chosen": [assistant(a)], "rejected": [assistant(b)]} for h, q, a, b in TURNS]
+    implicit = [{"chosen": h + [user(q), assistant(a)], "rejected": h + [user(q), assistant(b)]}
+                for h, q, a, b in TURNS]
+    hh_rows = [{"chosen": hh(h + [user(q), assistant(a)]), "rejected": hh(h + [user(q), assistant(b)])}
+               for h, q, a, b in TURNS]
+    renamed = [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"], "id": i}
+               for i, r in enumerate(conv)]
+    write_jsonl(tmp_path / "conv.jsonl", conv)
+    (tmp_path / "implicit.json").write_text(json.dumps(implicit))
+    datasets.Dataset.from_list(hh_rows).to_parquet(tmp_path / "hh.parquet")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(renamed)}).save_to_disk(tmp_path / "saved")
+    sources = {
+        "conversational": str(tmp_path / "conv.jsonl"),
+        "implicit": str(tmp_path / "implicit.json"),
+        "hh": str(tmp_path / "hh.parquet"),
+        "columns": [{"path": str(tmp_path / "saved"), "columns": {"prompt": "question", "chosen": "good",
+                                                                   "rejected": "bad"}}],
+    }
+    expected = None
+    for name, train in sources.items():
+        dcfg = recipe_from_dict({"model": {"name_or_path": "m"}, "output": {"dir": "o"},
+                                 "data": {"train": train}}).data
+        rows, _ = data.read_data(dcfg)
+        pairs, report = data.load(dcfg, tokenizer, "train", rows)
+        assert report.kept == len(TURNS) and not report.dropped and not report.problems, name
+        detected = report.sources[0]["format"]
+        assert detected == ("conversational (detected)" if name == "columns" else f"{name} (detected)")
+        if expected is None:
+            expected = ids(pairs)
+            # sanity: the prompt holds the earlier turns, the completion only the last answer
+            assert "Hello! How can I help?" in tokenizer.decode(expected[1][0])
+            assert tokenizer.decode(expected[1][1]).startswith("Red.")
+        assert ids(pairs) == expected, name
+    # the declared format gives the same as the detected one, and an unrelated format drops every row
+    dcfg = DataConfig(train=sources["hh"], format="hh")
+    assert ids(data.load(dcfg, tokenizer, "train", data.read_data(dcfg)[0])[0]) == expected
+    with pytest.raises(LoraDpoError, match=r"every row .* dropped \(3 × wrong type \(format standard"):
+        dcfg = DataConfig(train=sources["conversational"], format="standard")
+        data.load(dcfg, tokenizer, "train", data.read_data(dcfg)[0])
+
+
+def test_same_texts_in_every_format_give_identical_token_ids(tmp_path, tokenizer):
+    """Standard text, implicit text (the shared prefix is the prompt, cut at a word boundary), renamed columns in a
+    .csv file: the same pairs → the same token ids."""
+    texts = [("Q: What is 2+2? A:", " 4", " 5"), ("The answer is", " four", " five"),
+             ("Translate 'chat':", " cat", " dog, obviously")]
+    standard = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in texts]
+    implicit = [{"chosen": p + c, "rejected": p + r} for p, c, r in texts]
+    (tmp_path / "t.csv").write_text("q,good,bad\n" + "".join(
+        f'"{p}","{c}","{r}"\n' for p, c, r in texts), encoding="utf-8")
+    expected = ids(data.load(DataConfig(train=str(write_jsonl(tmp_path / "s.jsonl", standard))), tokenizer)[0])
+    got_implicit, rep = data.load(DataConfig(train=str(write_jsonl(tmp_path / "i.jsonl", implicit))), tokenizer)
+    assert rep.sources[0]["format"] == "implicit (detected)"
+    dcfg = recipe_from_dict({"model": {"name_or_path": "m"}, "output": {"dir": "o"}, "data": {"train": [
+        {"path": str(tmp_path / "t.csv"), "columns": {"prompt": "q", "chosen": "good", "rejected": "bad"}}]}}).data
+    got_csv = data.load(dcfg, tokenizer)[0]
+    assert ids(got_implicit) == expected and ids(got_csv) == expected
+    assert tokenizer.decode(expected[1][1]) == " four" + tokenizer.eos_token  # a whole word, not "our"
+
+
+def test_system_prompt_column_and_option(tmp_path, tokenizer):
+    base = {"prompt": [user("Hi")], "chosen": [assistant("Hello.")], "rejected": [assistant("Go away.")]}
+    with_column = data.load(cfg(), tokenizer, rows=data.Rows([{**base, "system": "Be kind."}]))[0]
+    with_option = data.load(cfg(system_prompt="Be kind."), tokenizer, rows=data.Rows([base]))[0]
+    in_messages = data.load(cfg(), tokenizer, rows=data.Rows([{
+        **base, "prompt": [{"role": "system", "content": "Be kind."}, user("Hi")]}]))[0]
+    assert ids(with_column) == ids(with_option) == ids(in_messages)
+    assert "Be kind." in tokenizer.decode(with_option[0].prompt_ids)
+    # on text rows the option cannot apply: the report says so instead of ignoring it silently
+    _, rep = data.load(cfg(system_prompt="Be kind."), tokenizer, rows=data.Rows([
+        {"prompt": "Hi", "chosen": " a", "rejected": " b"}]))
+    assert any("not applied to the 1 text" in n for n in rep.notes)
+
+
+def test_chat_template_override_file_and_string(tmp_path, tokenizer):
+    import copy
+
+    template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    (tmp_path / "t.jinja").write_text(template)
+    row = {"prompt": [user("Capital of France?")], "chosen": [assistant("Paris.")],
+           "rejected": [assistant("Rome.")]}
+    from_file = data.load(cfg(chat_template=str(tmp_path / "t.jinja")), copy.deepcopy(tokenizer),
+                          rows=data.Rows([row]))[0]
+    from_string = data.load(cfg(chat_template=template), copy.deepcopy(tokenizer), rows=data.Rows([row]))[0]
+    assert ids(from_file) == ids(from_string)
+    assert tokenizer.decode(from_file[0].prompt_ids) == "<user>Capital of France?<|im_end|><assistant>"
+    assert tokenizer.decode(from_file[0].chosen_ids) == "Paris.<|im_end|>"
+    assert ids(from_file) != ids(data.load(cfg(), copy.deepcopy(tokenizer), rows=data.Rows([row]))[0])
+
+
+# ---------------------------------------------------------------- masks, truncation, drops, problems
+
 def test_only_completion_tokens_are_masked_in(tokenizer):
     rows = [{"prompt": "Hello there", "chosen": " yes", "rejected": " no thanks, really"},
             {"prompt": "A much longer prompt than the other", "chosen": " ok", "rejected": " fine"}]
@@ -71,6 +199,9 @@ def test_truncation_cuts_prompt_left_completion_right_and_counts(tokenizer):
     assert pairs[0].rejected_ids[-1] == tokenizer.eos_token_id  # short completion untouched
     assert (rep.prompt_truncated, rep.completion_truncated, rep.kept) == (1, 1, 2)
     assert "prompts cut from the left: 1" in rep.lines()[0]
+    # max_prompt_length null: prompts are never cut; one that fills max_length on its own is dropped
+    pairs, rep = data.tokenize_rows(rows, tokenizer, cfg(max_length=32, max_prompt_length=None), "t")
+    assert [p.index for p in pairs] == [1] and rep.dropped == {"prompt alone beyond max_length": 1}
 
 
 def test_dropped_rows_are_counted_with_reasons(tokenizer):
@@ -78,14 +209,64 @@ def test_dropped_rows_are_counted_with_reasons(tokenizer):
             {"prompt": "p", "chosen": " same", "rejected": " same"},
             {"prompt": "", "chosen": " a", "rejected": " b"},
             {"prompt": "p", "chosen": 3, "rejected": " b"},
-            {"prompt": "p", "chosen": " a", "rejected": "  "}]
+            {"prompt": "p", "chosen": " a", "rejected": "  "},
+            {"prompt": "p", "chosen": " a", "rejected": " b"},  # duplicate of row 0
+            {"prompt": "a", "chosen": "bc", "rejected": "bd"}]  # "abc" is one token: no prompt token is left
     pairs, rep = data.tokenize_rows(rows, tokenizer, cfg(), "t")
     assert [p.index for p in pairs] == [0]
     assert rep.dropped["chosen == rejected"] == 1 and rep.examples["chosen == rejected"] == [1]
-    assert rep.dropped["empty field"] == 2
+    assert rep.dropped["empty field"] == 2 and rep.examples["empty field"] == [2, 4]
+    assert rep.dropped["duplicate"] == 1 and rep.examples["duplicate"] == [5]
     assert sum(v for k, v in rep.dropped.items() if k.startswith("wrong type")) == 1
+    assert [k for k in rep.dropped if k.startswith("empty prompt after tokenisation")] and \
+        rep.examples[next(k for k in rep.dropped if k.startswith("empty prompt"))] == [6]
     text = "\n".join(rep.lines())
-    assert "5 rows read, 1 pairs kept, 4 dropped" in text and "rows 2, 4" in text
+    assert "7 rows read, 1 pairs kept, 6 dropped" in text and "rows 2, 4" in text
+
+
+def test_template_problems_are_found_with_row_numbers(tokenizer):
+    import copy
+
+    ok = {"prompt": [user("Hi")], "chosen": [assistant("Hello.")], "rejected": [assistant("Bye.")]}
+    eos_in_text = {**ok, "chosen": [assistant("Hello." + tokenizer.eos_token)]}  # template adds another EOS
+    merging = {"prompt": "Reply with one word: ", "chosen": "yes", "rejected": "no"}  # space merges into " yes"
+    rows = data.Rows([ok, eos_in_text, merging, {**ok, "rejected": [assistant("Later.")]}])
+    pairs, rep = data.load(cfg(), copy.deepcopy(tokenizer), rows=rows)
+    assert rep.kept == 4  # kept, but reported
+    assert rep.problems[data_report.DOUBLE_EOS] == 1 and rep.problem_examples[data_report.DOUBLE_EOS] == [1]
+    assert rep.problems[data_report.NOT_PREFIX] == 1 and rep.problem_examples[data_report.NOT_PREFIX] == [2]
+    assert not rep.problems[data_report.DOUBLE_BOS]
+    # a template that writes BOS itself, on a tokenizer whose BOS opens every turn: doubled BOS in every row
+    doubled = "{{ bos_token }}" + tokenizer.chat_template
+    _, rep2 = data.load(cfg(chat_template=doubled), copy.deepcopy(tokenizer), rows=data.Rows([ok]))
+    assert rep2.problems[data_report.DOUBLE_BOS] == 1
+    text = "\n".join(rep.lines())
+    assert "1 × doubled EOS in a completion (row 1)" in text and "not a prefix of prompt+completion (row 2)" in text
+
+
+def test_on_problem_error_stops_and_warn_trains(tokenizer, capsys):
+    rows = data.Rows([{"prompt": "p", "chosen": " a", "rejected": " b"}] * 3 +
+                     [{"prompt": "q", "chosen": " a", "rejected": " b"}])
+    prepared = data.prepare(cfg(on_problem="warn"), tokenizer, rows, None)
+    assert len(prepared.train_pairs) == 2
+    assert "dropped 2 × duplicate (rows 1, 2)" in capsys.readouterr().out
+    with pytest.raises(LoraDpoError, match=r"data.train: 2 data problems .*2 × duplicate \(rows 1, 2\).*"
+                                           r"data.on_problem=warn"):
+        data.prepare(cfg(on_problem="error"), tokenizer, rows, None)
+    assert "dropped 2 × duplicate" in capsys.readouterr().out  # the report is printed before the stop
+
+
+def test_report_lengths_and_percentiles(tokenizer):
+    rows = data.Rows([{"prompt": "x " * n, "chosen": " y" * (n % 7 + 1), "rejected": " z"} for n in range(1, 41)])
+    pairs, rep = data.load(cfg(), tokenizer, rows=rows)
+    assert rep.lengths["prompt"] == [len(p.prompt_ids) for p in pairs]
+    assert rep.lengths["chosen"] == [len(p.chosen_ids) for p in pairs]
+    s = sorted(rep.lengths["prompt"])
+    # nearest rank: p50 of 40 values is the 20th smallest, p90 the 36th, p99 the 40th
+    assert data_report.percentiles(rep.lengths["prompt"]) == [s[0], s[19], s[35], s[39], s[39]]
+    assert rep.to_dict()["percentiles"]["prompt"]["p90"] == s[35]
+    js = data_report.as_json([rep])
+    assert js["lengths"] == rep.lengths and js["train"]["kept"] == 40 and js["eval"] is None
 
 
 def test_file_errors_name_file_and_line(tmp_path, tokenizer):
@@ -94,11 +275,11 @@ def test_file_errors_name_file_and_line(tmp_path, tokenizer):
     with pytest.raises(LoraDpoError, match=r"bad\.jsonl' line 2"):
         data.read_rows(str(bad), "data.train")
     cols = write_jsonl(tmp_path / "cols.jsonl", [{"question": "a", "chosen": "b", "rejected": "c"}])
-    with pytest.raises(LoraDpoError, match="row 0 has no 'prompt' column"):
-        data.read_rows(str(cols), "data.train")
+    with pytest.raises(LoraDpoError, match=r"row 0 has no 'prompt' column .*columns: \{prompt: YOUR_COLUMN\}"):
+        data.read_rows(str(cols), "data.train", cfg(format="standard"))
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(b'{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}\n')
-    with pytest.raises(LoraDpoError, match="not UTF-8"):
+    with pytest.raises(LoraDpoError, match="line 1 is not UTF-8"):
         data.read_rows(str(latin), "data.train")
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(LoraDpoError, match="no rows"):
@@ -109,14 +290,71 @@ def test_file_errors_name_file_and_line(tmp_path, tokenizer):
 
 def test_every_row_dropped_is_an_error(tmp_path, tokenizer):
     f = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "p", "chosen": "x", "rejected": "x"}] * 3)
-    with pytest.raises(LoraDpoError, match=r"every row .* dropped \(3 × chosen == rejected\)"):
+    with pytest.raises(LoraDpoError, match=r"every row .* dropped \(3 × chosen == rejected \(rows 0, 1, 2\)\)"):
         data.load(DataConfig(train=str(f)), tokenizer)
 
 
-def test_json_list_file(tmp_path, tokenizer):
-    import json
+# ---------------------------------------------------------------- the report in a run, and `inspect`
 
-    f = tmp_path / "t.json"
-    f.write_text(json.dumps([{"prompt": "p", "chosen": " a", "rejected": " b"}]))
-    pairs, rep = data.load(DataConfig(train=str(f)), tokenizer)
-    assert rep.kept == 1 and len(pairs) == 1
+def test_report_printed_and_saved_in_the_run_dir(recipe_dict, tmp_path, capsys):
+    from lora_dpo.train import run
+
+    recipe_dict["train"]["max_steps"] = 1
+    recipe_dict["data"]["eval"] = None
+    recipe_dict["data"]["eval_split"] = 8
+    result = run(recipe_from_dict(recipe_dict))
+    printed = capsys.readouterr().out
+    saved = json.loads((result.output_dir / "data_report.json").read_text())
+    text = (result.output_dir / "data_report.txt").read_text()
+    assert text and all(line in printed for line in text.splitlines())
+    assert "data.train:" in text and "data.eval:" in text and "held-out 8 rows" in text
+    assert saved["train"]["kept"] == 24 and saved["eval"]["kept"] == 8
+    assert len(saved["lengths"]["prompt"]) == 24 and all(n > 0 for n in saved["lengths"]["chosen"])
+
+
+def _tree(root):
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            out[p] = (os.path.getsize(p), os.stat(p).st_mtime_ns)
+    return out
+
+
+def test_inspect_renders_pairs_without_loading_weights_or_writing(recipe_dict, tmp_path, capsys, monkeypatch,
+                                                                  tokenizer):
+    import yaml
+
+    model_mod = sys.modules["lora_dpo.model"]
+    monkeypatch.setattr(model_mod, "load_base", lambda *a, **k: pytest.fail("inspect loaded model weights"))
+    recipe_dict["data"]["train"] = str(write_jsonl(tmp_path / "t.jsonl", [
+        {"prompt": "What is 2+2?", "chosen": " 4.", "rejected": " 5."},
+        {"prompt": "What is 2+2?", "chosen": " 4.", "rejected": " 5."}]))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe_dict))
+    before = _tree(tmp_path)
+    assert main(["inspect", str(tmp_path / "r.yaml"), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    n_p, n_c = len(tokenizer("What is 2+2?")["input_ids"]), len(tokenizer(" 4.")["input_ids"]) + 1  # + EOS
+    assert f"row 0: prompt {n_p} tokens ┃ chosen {n_c}, rejected {n_c}" in out
+    assert "What is 2+2?┃ 4.<|im_end|>" in out and "[same prompt]┃ 5.<|im_end|>" in out
+    assert "dropped 1 × duplicate (row 1)" in out and "tokens per pair" in out
+    assert _tree(tmp_path) == before and not (tmp_path / "run").exists()
+    # data.on_problem=error: the same view, then exit code 2 naming the problem
+    assert main(["inspect", str(tmp_path / "r.yaml"), "data.on_problem=error"]) == 2
+    captured = capsys.readouterr()
+    assert "┃" in captured.out and "1 × duplicate (row 1)" in captured.err and _tree(tmp_path) == before
+
+
+def test_inspect_gguf_model_reads_the_tokenizer_only(tmp_path, monkeypatch, capsys, tokenizer):
+    """A .gguf model without a cached conversion: the tokenizer comes from the file's metadata, nothing is cached."""
+    from lora_dpo.data_inspect import load_tokenizer_only
+    from lora_dpo.model import demo_gguf_path
+    from lora_dpo.recipe import ModelConfig
+
+    monkeypatch.setenv("LORA_DPO_CACHE", str(tmp_path / "cache"))
+    model_mod = sys.modules["lora_dpo.model"]
+    monkeypatch.setattr(model_mod, "gguf_to_hf_dir", lambda *a, **k: pytest.fail("converted the GGUF weights"))
+    tok = load_tokenizer_only(ModelConfig(name_or_path=str(demo_gguf_path())))
+    assert tok("What is 2+2?")["input_ids"] == tokenizer("What is 2+2?")["input_ids"]
+    assert tok.chat_template == tokenizer.chat_template and tok.pad_token is not None
+    assert not (tmp_path / "cache").exists()
