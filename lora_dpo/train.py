@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import resource
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -30,7 +30,7 @@ from lora_dpo.objective import MetricMeter, dpo_forward
 from lora_dpo.recipe import DpoConfig, Recipe, TrainConfig
 from lora_dpo.report import write_report
 
-RUN_FILES = ("recipe.yaml", "metrics.jsonl", "adapter", "checkpoints", "data_report.json")
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "adapter", "checkpoints", "data_report.json", "data_report.txt")
 
 
 @dataclass
@@ -61,8 +61,11 @@ def _prepare_output_dir(recipe: Recipe) -> Path:
     if out.exists() and not out.is_dir():
         raise LoraDpoError(f"output.dir '{out}' is a file; choose a directory path")
     parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
-    if not os.access(parent, os.W_OK):
-        raise LoraDpoError(f"output.dir '{out}': '{parent}' is not writable; choose a directory you can write to")
+    try:  # a real probe: os.access says yes to root even where nothing can be written (read-only mount, /proc)
+        shutil.rmtree(tempfile.mkdtemp(dir=parent, prefix=".lora-dpo-write-test-"))
+    except OSError:
+        raise LoraDpoError(f"output.dir '{out}': '{parent}' is not writable; choose a directory you can write "
+                           "to") from None
     return out
 
 
@@ -177,18 +180,10 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     torch.manual_seed(tcfg.seed)
 
     # data first: it fails fast and cheaply on bad files, before any model is loaded
-    train_rows = data.read_rows(recipe.data.train, "data.train")
-    eval_rows = data.read_rows(recipe.data.eval, "data.eval") if recipe.data.eval else None
+    train_rows, eval_rows = data.read_data(recipe.data)
     tokenizer = model_lib.load_tokenizer(recipe.model)
-    train_pairs, train_report = data.load(recipe.data, tokenizer, "train", train_rows)
-    reports = [train_report]
-    eval_pairs = None
-    if eval_rows:
-        eval_pairs, eval_report = data.load(recipe.data, tokenizer, "eval", eval_rows)
-        reports.append(eval_report)
-    for rep in reports:
-        for line in rep.lines():
-            say(line)
+    prepared = data.prepare(recipe.data, tokenizer, train_rows, eval_rows, say)  # prints the report; on_problem
+    train_pairs, eval_pairs = prepared.train_pairs, prepared.eval_pairs
 
     q = recipe.quantization
     kind = f"4-bit {q.bnb_4bit_quant_type}" if q.load_in_4bit else "8-bit" if q.load_in_8bit else str(dtype)[6:]
@@ -216,7 +211,7 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
             _clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(recipe.to_yaml())
-        (out / "data_report.json").write_text(json.dumps([r.to_dict() for r in reports], indent=1))
+        prepared.save(out)  # data_report.json, data_report.txt
         _write_metrics(out, history)
     trackers = tracking.open_trackers(tcfg.report_to, out) if ctx.main else []
 
@@ -304,7 +299,7 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
             _write_metrics(out, history)
             before = before or snapshot(policy, tokenizer, eval_pairs, recipe, device, reference=True)
             print_before_after(before, after, eval_rows, eval_pairs, recipe.evaluation.generations)
-            report = snapshots_json(recipe.data.eval, eval_pairs, eval_rows, before, after)
+            report = snapshots_json(data.source_label(recipe.data, "eval"), eval_pairs, eval_rows, before, after)
             (out / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
         for tracker in trackers:
             tracker.close()
