@@ -118,6 +118,13 @@ class DpoConfig:
     simpo_gamma: float = _f(0.5, "SimPO target margin γ (loss_type: simpo).", check=_NONNEG)
     rpo_alpha: float | None = _f(None, "Weight of an NLL term on the chosen completion (RPO). null = off.",
                                  check=_NONNEG)
+    reference: Literal["live", "precompute"] = _f(
+        "live", "live: the reference forward (adapters off, no grad) runs beside the policy's every step. "
+        "precompute: one no-grad pass before training stores the reference log-probs on disk (keyed by base "
+        "model, quantization, tokenizer/template, data and truncation) and training runs no reference forward; "
+        "a β sweep or a resumed run reuses them.")
+    reference_cache_dir: str | None = _f(None, "Where precomputed reference log-probs live "
+                                         "(default: $LORA_DPO_CACHE/refcache, else ~/.cache/lora-dpo/refcache).")
 
 
 @dataclass
@@ -171,17 +178,15 @@ class EvaluationConfig:
                          check=_NONNEG)
     reward_prompts: int = _f(64, "Held-out prompts whose policy and reference answers `lora-dpo eval "
                              "--reward-model` scores for the win rate.", check=_POS)
-    kl_samples: int = _f(16, "Held-out prompts with one completion sampled from the policy each, to estimate "
-                         "KL(policy ‖ reference) at the end of training and in `lora-dpo eval`; 0 = off.",
-                         check=_NONNEG)
-    reward_prompts: int = _f(64, "Held-out prompts whose policy and reference answers `lora-dpo eval "
-                             "--reward-model` scores for the win rate.", check=_POS)
 
 
 @dataclass
 class OutputConfig:
     dir: str = _f(_REQUIRED, "Run directory (recipe.yaml, metrics.jsonl, adapter/, checkpoints/).")
     overwrite: bool = _f(False, "Allow writing into a directory that already holds a finished run.")
+    export: list[Literal["adapter", "merged", "gguf"]] = _f(
+        [], "Exports written after training into output.dir/export/ (as `lora-dpo export` with its defaults: "
+        "merged into the NF4 round trip of the base, bf16), each with a parity.json.")
 
 
 @dataclass

@@ -21,16 +21,18 @@ from pathlib import Path
 
 import torch
 
-from lora_dpo import batching, checkpoints, data, distributed, losses, tracking
+from lora_dpo import batching, checkpoints, data, distributed, losses, refcache, tracking
 from lora_dpo import model as model_lib
 from lora_dpo.batching import Batch
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.evaluate import evaluate_pairs, print_before_after, snapshot, snapshots_json
+from lora_dpo.logps import causal_lm
 from lora_dpo.objective import MetricMeter, dpo_forward
 from lora_dpo.recipe import DpoConfig, Recipe, TrainConfig
 from lora_dpo.report import write_report
 
-RUN_FILES = ("recipe.yaml", "metrics.jsonl", "adapter", "checkpoints", "data_report.json", "data_report.txt")
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "adapter", "checkpoints", "data_report.json", "data_report.txt",
+             "export")
 
 
 @dataclass
@@ -121,7 +123,7 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def step0_check(model, batch: Batch, cfg: DpoConfig, say=print) -> float | None:
+def step0_check(model, batch: Batch, cfg: DpoConfig, say=print, reference_logps: tuple | None = None) -> float | None:
     """With a fresh adapter (B = 0) policy == reference, so the loss is the loss at zero margin (ln 2 for DPO)."""
     if cfg.loss_type in losses.REFERENCE_FREE:
         say(f"step-0 check: not applicable to the reference-free loss '{cfg.loss_type}'")
@@ -129,7 +131,7 @@ def step0_check(model, batch: Batch, cfg: DpoConfig, say=print) -> float | None:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        loss, metrics = dpo_forward(model, batch, cfg)
+        loss, metrics = dpo_forward(model, batch, cfg, reference_logps)
     model.train(was_training)
     z = torch.zeros(1)
     expected = float(losses.preference_loss(z, z, z, z, z + 1, z + 1, loss_type=cfg.loss_type, beta=cfg.beta,
@@ -138,7 +140,7 @@ def step0_check(model, batch: Batch, cfg: DpoConfig, say=print) -> float | None:
     # the RPO term adds the chosen NLL, which is not zero at step 0
     if cfg.rpo_alpha:
         expected += float((cfg.rpo_alpha * -metrics["logps/chosen"]
-                           / batch.completion_mask.chunk(2)[0][:, 1:].sum(-1).clamp(min=1)).mean())
+                           / batch.token_counts().chunk(2)[0].clamp(min=1)).mean())
     name = "ln 2" if abs(expected - math.log(2)) < 1e-6 else f"{expected:.6f}"
     if cfg.rpo_alpha and cfg.loss_type in ("sigmoid", "robust"):
         name = f"ln 2 + RPO NLL {expected - math.log(2):.6f}"
@@ -193,6 +195,15 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
                                    recipe.lora, seed=tcfg.seed, gradient_checkpointing=tcfg.gradient_checkpointing)
     params = [p for p in policy.parameters() if p.requires_grad]
     say(f"LoRA r={recipe.lora.r}: {sum(p.numel() for p in params):,} trainable parameters")
+    layout, note = batching.resolve_layout(tcfg.layout, causal_lm(policy).config, train_pairs)
+    if note:
+        say(note)
+    refs = None  # precomputed reference log-probs: training then runs no reference forward
+    if dcfg.reference == "precompute" and dcfg.loss_type not in losses.REFERENCE_FREE:
+        refs, _ = refcache.load_or_compute(recipe, policy, tokenizer, train_pairs, layout=layout, device=device,
+                                           dtype=dtype, autocast_factory=lambda: _autocast(device, dtype),
+                                           ctx=ctx, say=say)
+    ref_of = (lambda chunk: refs.lookup(chunk, device)) if refs else (lambda chunk: None)
 
     global_batch = tcfg.per_device_train_batch_size * ctx.world  # pairs per micro-batch, all processes together
     steps = total_steps(tcfg, len(train_pairs), ctx.world)
@@ -220,7 +231,7 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     step0 = None
     if start == 0:
         first = ctx.shard(next(batching.micro_batches(train_pairs, global_batch, tcfg.seed)))
-        step0 = step0_check(policy, batching.collate(first, pad_id).to(device), dcfg, say)
+        step0 = step0_check(policy, batching.build(first, pad_id, layout).to(device), dcfg, say, ref_of(first))
     before = None
     if eval_pairs and start == 0 and ctx.main:
         before = snapshot(policy, tokenizer, eval_pairs, recipe, device)  # policy == reference here
@@ -235,9 +246,10 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
             step_meter, step_tokens = MetricMeter(), 0
             try:
                 for _ in range(tcfg.gradient_accumulation_steps):
-                    batch = batching.collate(ctx.shard(next(stream)), pad_id).to(device)
+                    chunk = ctx.shard(next(stream))
+                    batch = batching.build(chunk, pad_id, layout).to(device)
                     with _autocast(device, dtype):
-                        loss, metrics = dpo_forward(policy, batch, dcfg)
+                        loss, metrics = dpo_forward(policy, batch, dcfg, ref_of(chunk))
                     (loss / tcfg.gradient_accumulation_steps).backward()
                     step_meter.add(loss.detach(), metrics)
                     step_tokens += batch.num_tokens()
@@ -306,6 +318,11 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
         checkpoints.atomic_dir(adapter_dir, lambda tmp: (policy.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
         say(f"adapter written to {adapter_dir}")
         say(f"report written to {write_report(out)}")
+        if recipe.output.export:
+            from lora_dpo.export import export
+
+            for fmt in recipe.output.export:  # from the files just written, as `lora-dpo export` reads them
+                export(out, format=fmt, force=True)  # an older export here belonged to the run replaced above
     ctx.barrier()
     return RunResult(out, adapter_dir, steps, step0, history, eval_metrics)
 

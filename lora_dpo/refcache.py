@@ -1,0 +1,183 @@
+"""Reference log-probs computed once, stored on disk, and reused (`dpo.reference: precompute`).
+
+The reference is the base with its adapters off, so its log-probs depend only on the base weights, how they are
+quantized and computed, and the token ids of each pair. One no-grad pass (eval mode, eval batch size, no
+checkpointing) computes them before training; training then runs no reference forward at all.
+
+The cache key covers everything the values depend on:
+- the base model: its source, revision (the hub snapshot's commit where one is cached) and a content hash of its
+  weight and config files (sampled: size + first, middle and last MiB of each file, so multi-GB bases hash in
+  milliseconds; a weight file edited in place elsewhere than those bytes would be missed);
+- quantization settings and the compute dtype / device type;
+- the tokenizer, chat template and truncation settings, both as named settings and through the data fingerprint:
+  a hash of every pair's prompt / chosen / rejected token ids in order, which changes whenever the data, the
+  tokenizer, the template or the truncation changes anything the model would see.
+A β sweep, another loss type or a resumed run hits; any change to a key misses, says which key changed, and
+recomputes. Files: `<dir>/<key>.safetensors` (tensors `chosen`, `rejected`) + `<key>.json` (the key's parts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_dpo import batching
+from lora_dpo import model as model_lib
+from lora_dpo.data import Pair
+from lora_dpo.logps import batch_logps
+from lora_dpo.recipe import Recipe
+
+_MIB = 1 << 20
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".json", ".model")
+
+
+def cache_root(recipe: Recipe) -> Path:
+    return Path(recipe.dpo.reference_cache_dir or model_lib.cache_dir() / "refcache").expanduser()
+
+
+def _sampled_hash(path: Path, h) -> None:
+    size = path.stat().st_size
+    h.update(f"{path.name}|{size}".encode())
+    with path.open("rb") as f:
+        for offset in sorted({0, max(0, size // 2 - _MIB // 2), max(0, size - _MIB)}):
+            f.seek(offset)
+            h.update(f.read(_MIB))
+
+
+def model_fingerprint(recipe: Recipe) -> dict:
+    """Source, revision and a sampled content hash of the base model's files."""
+    src = model_lib.resolve_source(recipe.model)
+    revision, files = src.revision, []
+    if src.kind == "gguf":
+        files = [Path(src.path)]
+    elif src.kind == "dir":
+        files = sorted(p for p in Path(src.path).iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+    else:
+        try:  # a cached hub snapshot: its folder name is the commit, its files are hashable like a directory
+            from huggingface_hub import snapshot_download
+
+            snap = Path(snapshot_download(src.path, revision=src.revision, local_files_only=True))
+            revision = snap.name
+            files = sorted(p for p in snap.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+        except Exception:  # noqa: BLE001 — not cached locally: the id and revision are all there is
+            pass
+    h = hashlib.sha256()
+    for f in files:
+        _sampled_hash(f, h)
+    return {"source": f"{src.kind}:{src.path}", "revision": revision, "content": h.hexdigest()[:20]}
+
+
+def data_fingerprint(pairs: list[Pair]) -> str:
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+    return h.hexdigest()[:20]
+
+
+def cache_key(recipe: Recipe, pairs: list[Pair], dtype: torch.dtype, device: torch.device, tokenizer) -> dict:
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return {
+        "model": model_fingerprint(recipe),
+        "quantization": dataclasses.asdict(recipe.quantization),
+        "compute": {"dtype": str(dtype).removeprefix("torch."), "device": device.type},
+        "tokenizer": {"vocab": len(tokenizer),
+                      "chat_template": hashlib.sha256(template.encode()).hexdigest()[:16],
+                      "system_prompt": recipe.data.system_prompt},
+        "truncation": {"max_length": recipe.data.max_length, "max_prompt_length": recipe.data.max_prompt_length},
+        "data": {"pairs": len(pairs), "tokens": data_fingerprint(pairs)},
+    }
+
+
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _what_changed(root: Path, key: dict) -> str:
+    """The key parts that differ from the closest entry already in the cache, or '' when it is empty."""
+    best = None
+    for meta in root.glob("*.json") if root.is_dir() else []:
+        try:
+            other = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        diff = [k for k in key if key[k] != other.get(k)]
+        best = diff if best is None or len(diff) < len(best) else best
+    return ", ".join(best) if best else ""
+
+
+class ReferenceCache:
+    """Reference (chosen, rejected) log-probs of every training pair, looked up by the pair objects."""
+
+    def __init__(self, pairs: list[Pair], chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+        self.position = {id(p): i for i, p in enumerate(pairs)}
+        self.chosen, self.rejected = chosen, rejected
+
+    def lookup(self, pairs: list[Pair], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.tensor([self.position[id(p)] for p in pairs])
+        return self.chosen[idx].to(device), self.rejected[idx].to(device)
+
+
+@torch.no_grad()
+def compute(model, pairs: list[Pair], pad_id: int, batch_size: int, layout: str, device: torch.device,
+            autocast, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen (N,), rejected (N,)) reference log-probs, fp32 on CPU: adapters off, eval mode, no grad."""
+    was_training = model.training
+    model.eval()
+    chosen, rejected = torch.empty(len(pairs)), torch.empty(len(pairs))
+    with model_lib.reference_mode(model):
+        for s in range(0, len(pairs), batch_size):
+            chunk = pairs[s: s + batch_size]
+            with autocast:
+                logps, _ = batch_logps(model, batching.build(chunk, pad_id, layout).to(device))
+            c, r = logps.float().cpu().chunk(2)
+            chosen[s: s + len(chunk)], rejected[s: s + len(chunk)] = c, r
+            if progress:
+                progress(len(chunk))
+    model.train(was_training)
+    return chosen, rejected
+
+
+def load_or_compute(recipe: Recipe, model, tokenizer, pairs: list[Pair], *, layout: str, device: torch.device,
+                    dtype: torch.dtype, autocast_factory, ctx, say=print) -> tuple[ReferenceCache, bool]:
+    """The cache for `pairs`: read from disk on a hit; on a miss computed (sharded over data-parallel processes)
+    and written atomically by the main process. Returns (cache, hit)."""
+    root = cache_root(recipe)
+    key = cache_key(recipe, pairs, dtype, device, tokenizer)
+    digest = _digest(key)
+    path = root / f"{digest}.safetensors"
+    if path.is_file():
+        try:
+            t = load_file(path)
+            if t["chosen"].shape == (len(pairs),) and t["rejected"].shape == (len(pairs),):
+                say(f"reference log-probs: cache hit ({len(pairs)} pairs, {path}); no reference forward in training")
+                return ReferenceCache(pairs, t["chosen"], t["rejected"]), True
+            say(f"reference log-probs: cache file {path} has the wrong shape; recomputing")
+        except Exception as e:  # noqa: BLE001 — a damaged cache file is recomputed, never trusted
+            say(f"reference log-probs: cache file {path} is unreadable ({type(e).__name__}); recomputing")
+    changed = _what_changed(root, key)
+    say(f"reference log-probs: cache miss{f' ({changed} changed)' if changed else ''}; computing {len(pairs)} "
+        f"pairs once (adapters off, no grad)")
+    mine = list(range(ctx.rank, len(pairs), ctx.world))
+    bs = recipe.train.per_device_eval_batch_size
+    chosen, rejected = compute(model, [pairs[i] for i in mine], tokenizer.pad_token_id, bs, layout, device,
+                               autocast_factory())
+    if ctx.enabled:  # every process computed a disjoint shard: a sum gathers them all
+        full = torch.zeros(2, len(pairs), dtype=torch.float64)
+        full[0, mine], full[1, mine] = chosen.double(), rejected.double()
+        full = torch.tensor(ctx.sum(full.flatten().tolist(), device), dtype=torch.float64).view(2, -1)
+        chosen, rejected = full[0].float(), full[1].float()
+    if ctx.main:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".{digest}.{os.getpid()}.tmp"
+        save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp))
+        (root / f"{digest}.json").write_text(json.dumps(key, indent=1))
+        os.replace(tmp, path)
+        say(f"reference log-probs: cached in {path}")
+    ctx.barrier()
+    return ReferenceCache(pairs, chosen, rejected), False
