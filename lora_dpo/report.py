@@ -24,7 +24,9 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.text { white-space: pre-wrap; max-width: 30em; }
 pre { background: #f6f6f8; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 .note { color: #6e6e73; font-style: italic; } .sub { color: #6e6e73; }
-figure { display: inline-block; margin: 0.4em; } figure img { max-width: 100%; border: 1px solid #eee; }
+figure { display: inline-block; margin: 0.4em; width: calc(50% - 1em); vertical-align: top; }
+figure.wide { width: calc(100% - 1em); } figure img { width: 100%; border: 1px solid #eee; }
+@media (max-width: 50em) { figure { width: calc(100% - 1em); } }
 """
 
 # eval.json metric keys shown in the before/after table, with their labels
@@ -139,7 +141,7 @@ def _plots_section(rows: list[dict], data_report) -> str:
     if not figures:
         out += _note("No metrics logged yet (metrics.jsonl is missing or empty).")
     if hist:
-        out += f'<figure><img alt="{_e(hist[0])}" src="data:image/png;base64,{hist[1]}"></figure>'
+        out += f'<figure class="wide"><img alt="{_e(hist[0])}" src="data:image/png;base64,{hist[1]}"></figure>'
     else:
         out += _note("No token-length distribution: the data report has no per-pair lengths.")
     return out
