@@ -1,0 +1,346 @@
+"""lora-dpo vs TRL's DPOTrainer: same model, data, settings, seed and initial adapter, alternated in one run.
+
+    python3 benchmarks/vs_trl.py                       # CPU: the demo model (SmolLM2-135M-Instruct, 4-bit NF4)
+    python3 benchmarks/vs_trl.py --steps 8 --repeats 2 --batch 4
+    python3 benchmarks/vs_trl.py --model llama3-8b-random --batch 4 --long-prompt 1536 --completion 512   # GPU
+
+Each measurement runs in a fresh worker process (so peak memory belongs to one trainer), in the order
+TRL, lora-dpo, TRL, lora-dpo, … per dataset. A worker loads the 4-bit base, attaches LoRA (the same initial adapter
+on both sides: lora-dpo's seeded init, saved once and loaded into TRL's adapter), trains `--steps` optimizer steps
+on the same pairs in the same order, and reports:
+- pairs/s and tokens/s over steps 2..N (step 1 is warm-up), tokens = prompt + chosen + rejected of the pairs seen;
+- peak memory during those steps: CUDA max allocated on a GPU; on CPU the peak RSS sampled every 5 ms;
+- the loss of every step (both sides must agree: same maths, different work).
+Prints a markdown table of medians and ratios (lora-dpo / TRL). Nothing here is asserted by the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+WORDS = ("the a of to and in is it that for on with as was he be at by this had not are but from or have an they "
+         "which one you were her all she there would their we him been has when who will more no if out so said "
+         "what up its about into than them can only other new some could time these two may then do first any my "
+         "now such like our over man me even most made after also did many before must through back years where "
+         "much your way well down should because each just those people how too little state good very make world "
+         "still own see men work long get here between both life being under never day same another know while "
+         "last might us great old year off come since against go came right used take three").split()
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def synthetic_rows(n: int, prompt_words: int, completion_words: int, seed: int) -> list[dict]:
+    """Pairs of random English words; lengths vary ±50 % so padding matters."""
+    r = random.Random(seed)
+
+    def text(k: int) -> str:
+        return " ".join(r.choice(WORDS) for _ in range(max(1, int(k * r.uniform(0.5, 1.5)))))
+
+    return [{"prompt": text(prompt_words) + "?", "chosen": " " + text(completion_words) + ".",
+             "rejected": " " + text(completion_words) + "."} for _ in range(n)]
+
+
+# ---------------------------------------------------------------- measurement inside a worker
+
+
+class Probe:
+    """Step end times and the peak memory between the first and the last step."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.times, self.losses, self.peak = device, [], [], 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def step(self, loss: float) -> None:
+        self.times.append(time.perf_counter())
+        self.losses.append(float(loss))
+        if len(self.times) == 1:  # warm-up done: measure memory from here
+            if self.device == "cpu":  # hand freed heap (e.g. the weights before quantization) back to the OS
+                import ctypes
+
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            if self.device == "cuda":
+                import torch
+
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                self._thread = threading.Thread(target=self._sample, daemon=True)
+                self._thread.start()
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.is_set():
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+            time.sleep(0.005)
+
+    def result(self, pairs_per_step: int, tokens_per_step: list[int]) -> dict:
+        self._stop.set()
+        if self.device == "cuda":
+            import torch
+
+            self.peak = torch.cuda.max_memory_allocated()
+        elapsed = self.times[-1] - self.times[0]
+        steps = len(self.times) - 1
+        return {"pairs_per_s": pairs_per_step * steps / elapsed, "tokens_per_s": sum(tokens_per_step[1:]) / elapsed,
+                "peak_bytes": self.peak, "losses": self.losses, "seconds_per_step": elapsed / steps}
+
+
+def _pair_tokens(tokenizer, rows: list[dict]) -> list[int]:
+    from lora_dpo.data import tokenize_rows
+    from lora_dpo.recipe import DataConfig
+
+    pairs, _ = tokenize_rows(rows, tokenizer, DataConfig(train="x.jsonl", max_length=8192, max_prompt_length=4096),
+                             source="bench")
+    return [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+
+
+def _recipe_dict(a, data_file: str, out: str) -> dict:
+    return {"model": {"name_or_path": a.model_dir},
+            "data": {"train": data_file, "max_length": 8192, "max_prompt_length": 4096},
+            "lora": LORA, "dpo": {"beta": 0.1, "reference": "live"},
+            "train": {"max_steps": a.steps, "learning_rate": 1e-4, "per_device_train_batch_size": a.batch,
+                      "gradient_checkpointing": a.checkpointing, "seed": 42, "layout": a.layout},
+            "evaluation": {"generations": 0}, "output": {"dir": out, "overwrite": True}}
+
+
+def worker_ours(a, rows, order) -> dict:
+    import torch
+
+    from lora_dpo.recipe import recipe_from_dict
+    from lora_dpo.train import run
+
+    train_mod = sys.modules["lora_dpo.train"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    probe = Probe(device)
+    real_log = train_mod._log
+    train_mod._log = lambda out, row, trackers, bar: (probe.step(row["loss"]), real_log(out, row, trackers, bar))
+    with tempfile.TemporaryDirectory() as tmp:
+        data_file = Path(tmp) / "train.jsonl"
+        data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        run(recipe_from_dict(_recipe_dict(a, str(data_file), str(Path(tmp) / "run"))))
+        from lora_dpo.model import load_tokenizer
+        from lora_dpo.recipe import ModelConfig
+
+        tok = _pair_tokens(load_tokenizer(ModelConfig(name_or_path=a.model_dir)), [rows[i] for i in order])
+    per_step = [sum(tok[s * a.batch:(s + 1) * a.batch]) for s in range(a.steps)]
+    return probe.result(a.batch, per_step)
+
+
+def worker_trl(a, rows, order) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from lora_dpo.model import _keep_cpu_4bit_differentiable
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    probe = Probe("cuda" if cuda else "cpu")
+
+    class Timer(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                probe.step(logs["loss"])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = DPOConfig(output_dir=tmp, per_device_train_batch_size=a.batch, max_steps=a.steps, learning_rate=1e-4,
+                         lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0, beta=0.1, max_length=None,
+                         use_cpu=not cuda, bf16=cuda, fp16=False, report_to="none", logging_steps=1,
+                         save_strategy="no", seed=42, gradient_checkpointing=a.checkpointing,
+                         train_sampling_strategy="sequential", dataset_num_proc=None, disable_tqdm=True,
+                         model_init_kwargs={"dtype": dtype, "attn_implementation": "sdpa"})
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=dtype)
+        trainer = DPOTrainer(a.model_dir, args=args, train_dataset=Dataset.from_list([rows[i] for i in order]),
+                             processing_class=AutoTokenizer.from_pretrained(a.model_dir), quantization_config=bnb,
+                             peft_config=LoraConfig(task_type="CAUSAL_LM", bias="none", **LORA), callbacks=[Timer()])
+        _keep_cpu_4bit_differentiable(trainer.model)  # the same bitsandbytes CPU workaround lora-dpo applies
+        init = load_file(a.init_adapter)
+        for name, p in trainer.model.named_parameters():  # lora-dpo's initial adapter, in fp32 like lora-dpo's
+            if "lora_" in name:
+                p.data = init[name].to(p.device, torch.float32)
+        trainer.train()
+        tok = _pair_tokens(trainer.processing_class, [rows[i] for i in order])
+    per_step = [sum(tok[s * a.batch:(s + 1) * a.batch]) for s in range(a.steps)]
+    return probe.result(a.batch, per_step)
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def prepare(a) -> None:
+    """Resolve the model to a local directory and save lora-dpo's seeded initial adapter for TRL to load."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_dpo import model as M
+    from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig
+
+    if a.model == "demo":
+        a.model_dir = str(M.gguf_to_hf_dir(M.demo_gguf_path()))
+    elif a.model == "llama3-8b-random":
+        a.model_dir = str(random_llama3_8b(Path(M.cache_dir()) / "bench-llama3-8b-random"))
+    else:
+        a.model_dir = a.model
+    device, dtype = M.device_and_dtype("auto", "auto")
+    base = M.load_base(ModelConfig(name_or_path=a.model_dir), QuantizationConfig(), dtype, device)
+    peft = M.attach_lora(base, LoraConfig(**LORA), seed=42, gradient_checkpointing=False)
+    state = {n: p.detach().float().cpu().contiguous() for n, p in peft.named_parameters() if "lora_" in n}
+    a.init_adapter = str(Path(a.workdir) / "init_adapter.safetensors")
+    a.n_params = count_params(a.model_dir)
+    save_file(state, a.init_adapter)
+    del base, peft
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def count_params(model_dir: str) -> int:
+    """Parameters of the unquantized architecture (built on the meta device: no memory, no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+                   .parameters())
+
+
+def mfu(n_params: int, tokens_per_s: float) -> str:
+    """Model FLOPs utilisation: 6 × parameters × unique tokens / time / the card's peak dense bf16 FLOP/s."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "n/a (CPU)"
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return f"{6 * n_params * tokens_per_s / peak:.1%}" if peak else f"n/a ({name})"
+
+
+def random_llama3_8b(path: Path) -> Path:
+    """A randomly initialised model with Llama-3-8B's architecture (speed and memory only), saved once in bf16."""
+    if (path / "config.json").is_file():
+        return path
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_dpo.model import demo_gguf_path, gguf_to_hf_dir
+
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+                      tie_word_embeddings=False)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(path)
+    from transformers import AutoTokenizer  # any tokenizer whose ids fit the vocabulary; the demo's is offline
+
+    AutoTokenizer.from_pretrained(gguf_to_hf_dir(demo_gguf_path())).save_pretrained(path)
+    return path
+
+
+def run_worker(a, which: str, dataset: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", which, "--dataset", dataset, "--model-dir", a.model_dir,
+           "--init-adapter", a.init_adapter, "--steps", str(a.steps), "--batch", str(a.batch),
+           "--layout", a.layout, "--short-prompt", str(a.short_prompt), "--long-prompt", str(a.long_prompt),
+           "--completion", str(a.completion)] + (["--checkpointing"] if a.checkpointing else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"{which} worker failed on {dataset}:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][7:])
+
+
+def dataset_rows(a, name: str) -> tuple[list[dict], list[int]]:
+    from lora_dpo.batching import epoch_order
+
+    prompt = a.long_prompt if name == "long" else a.short_prompt
+    rows = synthetic_rows(max(64, a.batch * a.steps), prompt, a.completion, seed=1 if name == "long" else 0)
+    return rows, epoch_order(len(rows), 42, 0)[: a.batch * a.steps]  # lora-dpo's first-epoch order, for both
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} CPU threads {torch.get_num_threads()}, " \
+           f"{platform.python_version()}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="demo", help="demo | llama3-8b-random | a local HF directory")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--short-prompt", type=int, default=24, help="words per prompt, short dataset")
+    p.add_argument("--long-prompt", type=int, default=160, help="words per prompt, long dataset")
+    p.add_argument("--completion", type=int, default=48, help="words per completion")
+    p.add_argument("--layout", default="packed", choices=["packed", "shared", "concatenated"])
+    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--datasets", default="short,long")
+    p.add_argument("--json", help="also write the raw results here")
+    p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--dataset", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--init-adapter", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if a.worker:
+        rows, order = dataset_rows(a, a.dataset)
+        result = (worker_ours if a.worker == "ours" else worker_trl)(a, rows, order)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        a.workdir = tmp
+        prepare(a)
+        results: dict = {}
+        for ds in a.datasets.split(","):
+            for _ in range(a.repeats):
+                for which in ("trl", "ours"):
+                    r = run_worker(a, which, ds)
+                    results.setdefault(ds, {}).setdefault(which, []).append(r)
+                    print(f"[{ds}] {which}: {r['pairs_per_s']:.3f} pairs/s, {r['tokens_per_s']:.0f} tok/s, "
+                          f"peak {r['peak_bytes'] / 2**30:.2f} GiB, losses {[round(x, 4) for x in r['losses']]}",
+                          flush=True)
+    report(a, results)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+def report(a, results: dict) -> None:
+    med = lambda rs, k: statistics.median(r[k] for r in rs)
+    print(f"\nmachine: {machine()}\nmodel: {a.model} ({a.n_params / 1e6:.0f}M parameters), "
+          f"batch {a.batch} pairs, {a.steps} steps (timed: 2..{a.steps}), "
+          f"layout {a.layout}, gradient checkpointing {'on' if a.checkpointing else 'off'}, {a.repeats} repeats\n")
+    print("| data | TRL pairs/s | lora-dpo pairs/s | speed-up | TRL peak | lora-dpo peak | memory ratio | "
+          "max |Δ loss| steps 1-3 | MFU TRL / lora-dpo |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for ds, r in results.items():
+        t, o = r["trl"], r["ours"]
+        dl = max(abs(x - y) for x, y in zip(t[0]["losses"][:3], o[0]["losses"][:3]))
+        print(f"| {ds} | {med(t, 'pairs_per_s'):.3f} | {med(o, 'pairs_per_s'):.3f} | "
+              f"{med(o, 'pairs_per_s') / med(t, 'pairs_per_s'):.2f}× | {med(t, 'peak_bytes') / 2**30:.2f} GiB | "
+              f"{med(o, 'peak_bytes') / 2**30:.2f} GiB | {med(o, 'peak_bytes') / med(t, 'peak_bytes'):.2f} | "
+              f"{dl:.2e} | {mfu(a.n_params, med(t, 'tokens_per_s'))} / {mfu(a.n_params, med(o, 'tokens_per_s'))} |")
+
+
+if __name__ == "__main__":
+    main()
