@@ -1,0 +1,277 @@
+"""Memory planner: parameter, LoRA and 4-bit byte counts against real tiny models; the activation formula against
+what autograd really saves; monotonicity; the largest-fit search at its boundary; the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lora_dpo import estimate as est_lib
+from lora_dpo.cli import main
+from lora_dpo.errors import LoraDpoError
+from lora_dpo.estimate import Arch, estimate_for, layer_activation_bytes, parse_size, weight_bytes
+from lora_dpo.recipe import recipe_from_dict
+
+SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_config(model_type: str, **overrides):
+    from transformers import AutoConfig
+
+    kw = dict(SMALL, **overrides)
+    if model_type in ("qwen3", "gemma", "gemma2", "gemma3_text"):
+        kw.setdefault("head_dim", 24)  # ≠ hidden / heads, so a wrong head_dim rule shows
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def real_numel(config) -> int:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())  # a tied lm_head is one parameter, counted once
+
+
+@pytest.mark.parametrize("model_type,overrides", [
+    ("llama", {}),
+    ("llama", {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True, "num_key_value_heads": 4}),
+    ("mistral", {}), ("qwen2", {"tie_word_embeddings": False}), ("qwen3", {"attention_bias": True}),
+    ("gemma", {}), ("gemma2", {}), ("gemma3_text", {}), ("smollm3", {}), ("granite", {"mlp_bias": True}),
+])
+def test_parameter_count_equals_a_real_model(model_type, overrides):
+    config = tiny_config(model_type, **overrides)
+    assert Arch.from_config(config).num_params() == real_numel(config)
+
+
+def test_unmodelled_family_is_a_clear_error():
+    from transformers import GPT2Config
+
+    with pytest.raises(LoraDpoError, match="'gpt2' is not one of them"):
+        Arch.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2))
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"], ["o_proj", "down_proj", "up_proj"]])
+def test_lora_count_equals_peft(targets):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama", head_dim=24)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config),
+                           LoraConfig(r=8, target_modules=targets, task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert Arch.from_config(config).lora_params(8, targets) == trainable
+    with pytest.raises(LoraDpoError, match="qkv_proj"):
+        Arch.from_config(config).lora_params(8, ["qkv_proj"])
+
+
+def _footprint(model) -> int:
+    """Bytes held by parameters, buffers and bitsandbytes' quantization state, each storage once."""
+    import bitsandbytes as bnb
+
+    seen = {}
+    tensors = list(model.parameters()) + list(model.buffers())
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            qs = m.weight.quant_state
+            tensors += [qs.absmax, qs.code, qs.offset]
+            if qs.nested:
+                tensors += [qs.state2.absmax, qs.state2.code]
+    for t in tensors:
+        if torch.is_tensor(t):
+            seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # rotary inv_freq: not weights
+    return sum(seen.values()) - buffers
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_4bit_weight_bytes_match_bitsandbytes(tmp_path, double_quant):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    # a small vocabulary, so the quantized layers dominate the footprint and an error in their bytes shows
+    config = tiny_config("llama", vocab_size=128, hidden_size=128, intermediate_size=384)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, quantization_config=q,
+                                                 device_map={"": "cpu"})
+    measured = _footprint(model)
+    predicted = weight_bytes(Arch.from_config(config), "nf4", 4, double_quant)
+    assert abs(predicted - measured) / measured < 0.02, (predicted, measured)
+    assert weight_bytes(Arch.from_config(config), "bfloat16", 4) > 2 * measured  # 4 bit is really smaller
+
+
+# ---------------------------------------------------------------- activations: formula vs autograd's saved tensors
+
+def _saved_bytes(model, input_ids, attention_mask) -> int:
+    """Bytes of the tensors autograd saves in the decoder forward, each storage once, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen.setdefault(ptr, t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.get_base_model().model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("model_type,targets,padded,quantized", [
+    ("llama", "all-linear", False, True),
+    ("llama", "all-linear", True, True),
+    ("llama", ["q_proj", "v_proj"], True, True),
+    ("llama", ["k_proj", "o_proj", "gate_proj"], True, False),
+    ("qwen3", "all-linear", True, False),
+])
+def test_activation_formula_equals_what_autograd_saves(tmp_path, model_type, targets, padded, quantized):
+    """fp32 on CPU runs the same Python modules as bf16 on a GPU; the formula must predict the saved bytes."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lora_dpo.model import _keep_cpu_4bit_differentiable
+
+    config = tiny_config(model_type, hidden_size=96, intermediate_size=352, num_hidden_layers=3, head_dim=24)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    kw = {}
+    if quantized:
+        kw = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+                  device_map={"": "cpu"})
+    base = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, **kw)
+    _keep_cpu_4bit_differentiable(base)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(base, LoraConfig(r=8, target_modules=targets, task_type="CAUSAL_LM"))
+    rows, T = 3, 37
+    ids = torch.randint(0, config.vocab_size, (rows, T), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(rows, T, dtype=torch.long)
+    if padded:
+        mask[1, 20:] = 0
+    measured = _saved_bytes(model, ids, mask)
+    arch = Arch.from_config(config)
+    predicted = arch.layers * layer_activation_bytes(arch, rows, T, arch.lora_targets(targets), 8, 4, masked=padded)
+    # the formula leaves out RoPE's cos/sin (2·T·head_dim·4 bytes, shared by all layers)
+    assert abs(predicted - measured) / measured < 0.01, (predicted, measured)
+
+
+# ---------------------------------------------------------------- the planner
+
+DEMO_LIKE = Arch("llama", 49152, 576, 1536, 30, 9, 3, 64, True)
+
+
+def recipe(**train):
+    raw = {"model": {"name_or_path": "org/model"}, "data": {"train": "t.jsonl", "max_length": 512},
+           "train": {"per_device_train_batch_size": 4, **train}, "output": {"dir": "runs/x"}}
+    return recipe_from_dict(raw)
+
+
+def plan(gpu=16 << 30, layout="concatenated", **train):
+    return estimate_for(recipe(**train), gpu, layout=layout, reference="live", arch=DEMO_LIKE)
+
+
+def test_parts_add_up_and_lora_count_is_the_demo_runs():
+    e = plan()
+    assert e.lora_params == 4_884_480  # what a real training run of the demo model prints
+    assert e.total == e.weights + e.adapters + e.activations + e.logps + est_lib.OVERHEAD_BYTES
+    assert e.allocated == e.total - e.overhead
+    assert e.rows == 8 and e.seq_len == 512
+    d = json.loads(est_lib.format_json(e))
+    assert d["total"] == e.total and d["fits"] is True
+
+
+def test_monotone_in_batch_length_and_checkpointing():
+    base = plan()
+    assert plan(per_device_train_batch_size=8).total > base.total
+    assert estimate_for(recipe(), 16 << 30, layout="concatenated", arch=DEMO_LIKE).total == base.total
+    longer = estimate_for(recipe_from_dict({**recipe().to_dict(), "data": {"train": "t", "max_length": 1024}}),
+                          16 << 30, layout="concatenated", reference="live", arch=DEMO_LIKE)
+    assert longer.total > base.total
+    ckpt = plan(gradient_checkpointing=True)
+    assert ckpt.activations < base.activations and ckpt.weights == base.weights
+    assert ckpt.max_batch_size > base.max_batch_size
+    assert plan(optim="paged_adamw_8bit").adapters < base.adapters
+    precomputed = estimate_for(recipe(), 16 << 30, layout="concatenated", reference="precompute", arch=DEMO_LIKE)
+    assert precomputed.total <= base.total
+    shared = plan(layout="shared")
+    assert shared.rows == 4 and shared.seq_len == 512 + 512 - 256  # prompt + chosen + rejected
+
+
+@pytest.mark.parametrize("which", ["batch", "length"])
+def test_largest_fit_is_exact_at_the_boundary(which):
+    r = recipe()
+    if which == "batch":
+        at = lambda n: estimate_for(recipe(per_device_train_batch_size=n), 1 << 40, layout="concatenated",  # noqa: E731
+                                    reference="live", arch=DEMO_LIKE)
+        field, n = "max_batch_size", 7
+    else:
+        raw = r.to_dict()
+        at = lambda n: estimate_for(recipe_from_dict({**raw, "data": {**raw["data"], "max_length": n}}),  # noqa: E731
+                                    1 << 40, layout="concatenated", reference="live", arch=DEMO_LIKE)
+        field, n = "max_max_length", 700
+    budget = at(n).total
+    assert at(n + 1).total > budget
+    assert getattr(plan(gpu=budget), field) == n          # exactly enough memory: n fits
+    assert getattr(plan(gpu=budget - 1), field) == n - 1  # one byte less: it does not
+
+
+def test_advice_when_it_does_not_fit():
+    e = plan(gpu=3 << 30, per_device_train_batch_size=64, gradient_accumulation_steps=2)
+    assert not e.fits and 1 <= e.max_batch_size < 64
+    text = "\n".join(e.advice)
+    assert "gradient_checkpointing=true" in text and "paged_adamw_8bit" in text
+    steps = -(-128 // e.max_batch_size)
+    assert f"per_device_train_batch_size={e.max_batch_size} with train.gradient_accumulation_steps={steps}" in text
+    assert plan(gpu=est_lib.OVERHEAD_BYTES).max_batch_size == 0
+
+
+@pytest.mark.parametrize("text,expected", [("16GiB", 16 << 30), ("24GB", 24 * 10**9), ("80G", 80 << 30),
+                                           ("40000MiB", 40000 << 20), ("1.5 GiB", 3 << 29)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["16 gigs", "", "-4GiB", "GiB"])
+def test_parse_size_rejects(bad):
+    with pytest.raises(LoraDpoError, match="--gpu-memory"):
+        parse_size(bad)
+
+
+def test_demo_model_config_read_from_the_gguf_file():
+    r = recipe_from_dict({"model": {"name_or_path": "demo:smollm2-135m-instruct"}, "data": {"train": "t"},
+                          "output": {"dir": "x"}})
+    e = estimate_for(r, 16 << 30)
+    assert e.model_type == "llama" and e.lora_params == 4_884_480
+    assert 134e6 < e.params < 135e6
+
+
+# ---------------------------------------------------------------- CLI
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    tiny_config("llama", vocab_size=1000, hidden_size=256, intermediate_size=512).save_pretrained(tmp_path / "m")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"model: {{name_or_path: {tmp_path / 'm'}}}\ndata: {{train: t.jsonl, max_length: 256, "
+                    "max_prompt_length: 64}\noutput: {dir: runs/x}\n")
+    return path
+
+
+def test_cli_prints_the_table(recipe_file, capsys):
+    assert main(["estimate", str(recipe_file), "train.per_device_train_batch_size=2", "--gpu-memory", "8GiB"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("weights", "adapters + grads + optimizer", "activations", "log-prob path", "overhead", "total",
+                   "largest per_device_train_batch_size at max_length 256:", "2 pairs × max_length 256"):
+        assert needle in out
+    assert main(["estimate", str(recipe_file), "--json", "--gpu-memory", "8GiB", "--layout", "concatenated"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["gpu_memory"] == 8 << 30 and d["layout"] == "concatenated" and d["max_batch_size"] > 0
+
+
+@pytest.mark.parametrize("args,needle", [(["--gpu-memory", "lots"], "--gpu-memory 'lots'"),
+                                         ([], "not found")])
+def test_cli_errors_are_one_line_exit_2(recipe_file, tmp_path, capsys, args, needle):
+    path = str(recipe_file) if args else str(tmp_path / "missing.yaml")
+    assert main(["estimate", path, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
