@@ -64,7 +64,7 @@ def read_rows(spec: str | list | None, key: str, cfg: DataConfig | None = None) 
         out.extend(rows[i] for i in idx)
         out.origins.extend(f"{data_sources.label(s)}:{i}" if many else i for i in idx)
         detected = (s["format"] or cfg.format) == "auto"
-        out.sources.append({"label": data_sources.label(s), "format": used + (" (detected)" if detected else ""),
+        out.sources.append({"label": data_sources.label(s), "format": used, "detected": detected,
                             "read": len(rows), "taken": len(idx)})
     return out
 

@@ -79,9 +79,9 @@ class DataReport:
                f"completions cut from the right: {self.completion_truncated}"]
         if len(self.sources) > 1 or any(s["taken"] != s["read"] for s in self.sources):
             for s in self.sources:
-                out.append(f"  source {s['label']} ({s['format']}): {s['read']} rows read, {s['taken']} taken")
+                out.append(f"  source {s['label']} ({_fmt(s)}): {s['read']} rows read, {s['taken']} taken")
         elif self.sources:
-            out[0] += f"; format {self.sources[0]['format']}"
+            out[0] += f"; format {_fmt(self.sources[0])}"
         for reason, n in sorted(self.dropped.items()):
             out.append(f"  dropped {n} × {reason} ({_rows(self.examples[reason], n)})")
         for kind, n in sorted(self.problems.items()):
@@ -102,6 +102,10 @@ class DataReport:
                 "template_problem_examples": self.problem_examples, "notes": self.notes,
                 "percentiles": {k: dict(zip(("min", "p50", "p90", "p99", "max"), percentiles(v)))
                                 for k, v in self.lengths.items() if v}}
+
+
+def _fmt(source: dict) -> str:
+    return source["format"] + (", detected" if source.get("detected") else "")
 
 
 def _rows(examples: list, n: int) -> str:

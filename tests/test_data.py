@@ -104,8 +104,8 @@ def test_same_conversations_in_every_format_give_identical_token_ids(tmp_path, t
         rows, _ = data.read_data(dcfg)
         pairs, report = data.load(dcfg, tokenizer, "train", rows)
         assert report.kept == len(TURNS) and not report.dropped and not report.problems, name
-        detected = report.sources[0]["format"]
-        assert detected == ("conversational (detected)" if name == "columns" else f"{name} (detected)")
+        assert report.sources[0]["detected"]
+        assert report.sources[0]["format"] == ("conversational" if name == "columns" else name)
         if expected is None:
             expected = ids(pairs)
             # sanity: the prompt holds the earlier turns, the completion only the last answer
@@ -131,7 +131,7 @@ def test_same_texts_in_every_format_give_identical_token_ids(tmp_path, tokenizer
         f'"{p}","{c}","{r}"\n' for p, c, r in texts), encoding="utf-8")
     expected = ids(data.load(DataConfig(train=str(write_jsonl(tmp_path / "s.jsonl", standard))), tokenizer)[0])
     got_implicit, rep = data.load(DataConfig(train=str(write_jsonl(tmp_path / "i.jsonl", implicit))), tokenizer)
-    assert rep.sources[0]["format"] == "implicit (detected)"
+    assert rep.sources[0]["format"] == "implicit"
     dcfg = recipe_from_dict({"model": {"name_or_path": "m"}, "output": {"dir": "o"}, "data": {"train": [
         {"path": str(tmp_path / "t.csv"), "columns": {"prompt": "q", "chosen": "good", "rejected": "bad"}}]}}).data
     got_csv = data.load(dcfg, tokenizer)[0]
