@@ -11,11 +11,12 @@ package, import from the modules (`from lora_dpo.train import run`), never `from
 
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.evaluate import evaluate as _evaluate
+from lora_dpo.export import export as _export
 from lora_dpo.recipe import Recipe, load_recipe
 from lora_dpo.train import RunResult
 from lora_dpo.train import run as _run
 
-__all__ = ["LoraDpoError", "Recipe", "RunResult", "evaluate", "load_recipe", "train"]
+__all__ = ["LoraDpoError", "Recipe", "RunResult", "evaluate", "export", "load_recipe", "train"]
 __version__ = "0.1.0"
 
 
@@ -30,3 +31,11 @@ def evaluate(run_dir, data: str | None = None, generations: int | None = None, r
     sequence-classification model) its win rate; → dict (also written to eval.json; report.html is refreshed)."""
     return _evaluate(run_dir, data=data, generations=generations, reward_model=reward_model,
                      reward_prompts=reward_prompts)
+
+
+def export(run_dir, format: str = "adapter", base: str = "dequantized", dtype: str = "bf16", out=None,
+           force: bool = False, gguf_type: str = "bf16", data: str | None = None):
+    """Write the run's adapter, a merged model or a GGUF file (format "adapter" | "merged" | "gguf"), with a
+    parity.json against the trained policy; → the export directory (pathlib.Path)."""
+    return _export(run_dir, format=format, base=base, dtype=dtype, out=out, force=force, gguf_type=gguf_type,
+                   data=data)
