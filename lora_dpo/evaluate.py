@@ -145,16 +145,19 @@ def evaluate(run_dir: str | Path, data: str | None = None, generations: int | No
         if reward_prompts <= 0:
             raise LoraDpoError(f"--reward-prompts must be > 0, got {reward_prompts}")
         recipe.evaluation.reward_prompts = reward_prompts
-    path = data or recipe.data.eval
-    if not path:
-        raise LoraDpoError(f"run '{run_dir}' has no data.eval; pass --data FILE.jsonl")
+    if data is None and recipe.data.eval is None and recipe.data.eval_split is None:
+        raise LoraDpoError(f"run '{run_dir}' has no data.eval or data.eval_split; pass --data FILE.jsonl")
     rm = rm_lib.load(reward_model, device) if reward_model else None  # fail on a bad name before any generation
-    rows = data_lib.read_rows(path, "--data" if data else "data.eval")
-    pairs, report = data_lib.tokenize_rows(rows, tokenizer, recipe.data, source=path)
+    if data is not None:
+        rows, path = data_lib.read_rows(data, "--data", recipe.data), data
+    elif recipe.data.eval is not None:
+        rows, path = data_lib.read_rows(recipe.data.eval, "data.eval", recipe.data), data_lib.source_label(
+            recipe.data, "eval")
+    else:  # the same rows the run held out of its training sources (same split_seed)
+        rows, path = data_lib.read_data(recipe.data)[1], data_lib.source_label(recipe.data, "eval")
+    pairs, report = data_lib.load(recipe.data, tokenizer, "eval", rows)  # also applies data.chat_template
     for line in report.lines():
         print(line)
-    if not pairs:
-        raise LoraDpoError(f"every row of '{path}' was dropped; fix the data or pass another --data file")
     n_rm = recipe.evaluation.reward_prompts if rm else 0
     before = snapshot(model, tokenizer, pairs, recipe, device, reference=True, prompts=n_rm)
     after = snapshot(model, tokenizer, pairs, recipe, device, prompts=n_rm)

@@ -147,3 +147,19 @@ def test_reward_model_must_be_a_sequence_classifier(finished_run, tiny_model_dir
     assert "not a sequence-classification model" in err and "LlamaForCausalLM" in err
     assert main(["eval", str(finished_run.output_dir), "--reward-model", str(tmp_path / "missing" / "x")]) == 2
     assert "is not a model directory or a hub id" in capsys.readouterr().err
+
+
+def test_eval_of_a_run_with_an_eval_split(tiny_model_dir, tmp_path):
+    train_file = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(40))
+    run = train(recipe_from_dict({
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"train": str(train_file), "eval_split": 6, "max_length": 64, "max_prompt_length": 32},
+        "train": {"max_steps": 1, "per_device_train_batch_size": 4},
+        "evaluation": {"generations": 6, "max_new_tokens": 2, "kl_samples": 0},
+        "output": {"dir": str(tmp_path / "run")}}))
+    trained = json.loads((run.output_dir / "eval.json").read_text())
+    result = evaluate(run.output_dir)
+    assert result["pairs"] == trained["pairs"] == 6 and "eval_split=6" in result["data"]
+    # the same held-out rows as the run used (same split_seed)
+    assert [g["prompt"] for g in result["generations"]] == [g["prompt"] for g in trained["generations"]]
+    assert result["kl"] is None
