@@ -8,37 +8,39 @@ weights      Parameters counted from the config: embeddings V·H, per layer q/k/
              gate/up/down, biases where the family has them, RMSNorms (2 or 4 per layer, per-head q/k norms for
              qwen3/gemma3), final norm, lm_head V·H unless tied. Decoder Linear layers in 4 bit (bitsandbytes NF4/FP4,
              blocksize 64): n/2 packed bytes + one absmax per 64 values (fp32, or with double quantization uint8 plus
-             an fp32 absmax per 256 blocks and the constants), per layer the 16-entry code; 8 bit: n + 4·out.
+             an fp32 absmax per 256 blocks, an offset and a 256-entry code), the 16-entry code; 8 bit: n + 4·out.
              Everything else (embeddings, norms, lm_head, biases) in the training dtype.
 adapters     LoRA A (r × in) and B (out × r) on every targeted Linear ('all-linear' = every decoder Linear, not the
              lm_head), kept in fp32 by peft: 4 B/param, fp32 gradients 4 B, AdamW state 8 B (adamw_torch), or 8-bit
              state (bitsandbytes: 2 × 1 B + fp32 absmax per 256; tensors under 4096 values keep fp32 state).
 activations  What autograd saves in the policy forward, per token per layer (the base is frozen, so a Linear saves
-             its input only when LoRA targets it; counted once per distinct input):
-               RMSNorm: fp32 copy of its input + 1/rms (4·H + 4), each norm;
-               attention input b·H (if q/k/v targeted); SDPA saves q, k, v and its output b·(2·A + 2·K) and a fp32
-               logsumexp 4·heads — its output is o_proj's input; with a padding or 4-D mask (assumed whenever a
-               mask exists: the concatenated layout pads, the prefix-shared one always has a 4-D mask) transformers
-               repeats k/v to A = heads·d and every layer saves its own float copy of the mask, rows·T²·b per layer;
-               eager attention instead saves the fp32 softmax (+ its 16-bit cast) rows·heads·T²·(4 [+ b]);
-               flex_attention (block mask) saves q, k, v, output and logsumexp with no T² term;
+             its input only when LoRA targets it; each distinct input once; A = heads·d, K = kv_heads·d):
+               each RMSNorm: an fp32 copy of its input + 1/rms, 4·H + 4 (the first layer's input norm saves nothing,
+               the embeddings being frozen, and the final norm saves as much: layers × one layer in all);
+               attention input b·H (if q/k/v targeted); SDPA: q, k, v, output (= o_proj's input) b·(2·A + 2·K) and
+               an fp32 logsumexp 4·heads. With a mask (assumed: the concatenated layout pads, the shared/packed
+               ones always pass a 4-D mask) transformers repeats k/v to A, and each layer's SDPA saves its own
+               float copy of the boolean mask, rows·T²·b; eager attention saves q, k, v and the fp32 softmax
+               (+ its 16-bit cast) rows·heads·T²·(4 [+ b]); flex_attention (block mask) has no T² term;
                MLP input b·H (if gate/up targeted), gate, up and act(gate) 3·b·I, their product b·I (if down
-               targeted); LoRA A output b·r per targeted Linear; qwen3/gemma3 q/k norms 4·(A + K) + 4·(heads + kv).
-             With gradient checkpointing only each layer's input b·H per token is kept, plus one layer recomputed
-             in backward. A transient of one layer's activations (reference forward / activation gradients) is
-             added on top of the saved graph. tests/test_estimate.py checks the saved bytes exactly against
-             autograd's saved tensors in fp32 on CPU (same Python code; the CUDA SDPA kernels save the same tensors).
-             The first layer's input norm saves nothing (the embeddings are frozen) and the final norm saves as
-             much, so the decoder saves layers × (one layer) in all.
+               targeted); LoRA A's output b·r per targeted Linear; qwen3/gemma3 q/k norms 4·(A + K + heads + kv).
+             tests/test_estimate.py checks this against the tensors autograd really saves (fp32, CPU, 4-bit and
+             16-bit bases, with and without padding): equal to 0.3 % (RoPE's shared cos/sin are left out). On a GPU
+             the same Python modules run; that the CUDA SDPA kernels save the same tensors is an assumption.
+             With gradient checkpointing each layer keeps only its input, b·H per token, plus the final norm.
+             On top of the saved graph: one layer's activations as a transient (its gradients in backward, or the
+             no-grad reference forward), two with checkpointing (the recomputed layer), and the largest quantized
+             Linear dequantized to 16 bit (bitsandbytes' matmul).
 log-prob     The completion hidden states gathered for the LM head (N·H·b, N = completion tokens) and one chunk of
              logits (lora_dpo.logps: chunk = min(1024, N) tokens) at its backward peak: 16-bit logits + fp32
              logits, softmax and gradient, chunk·V·(b + 12).
-overhead     A stated constant, OVERHEAD_BYTES, for the CUDA context, cuBLAS workspaces and allocator fragmentation
-             (not in max_memory_allocated). `Estimate.total` = allocated + overhead must fit in --gpu-memory.
-Shapes       Worst case: every row at max_length. Concatenated layout: 2·B rows of T = max_length (prompt +
-             completion), N = 2·B·(max_length − P); prefix-shared: B rows of P + 2·(max_length − P) (prompt, chosen,
-             rejected), same N; P = data.max_prompt_length. The reference forward is counted when
-             dpo.reference is live and the loss needs one. Evaluation (no grad) is assumed to peak lower.
+overhead     A stated constant, OVERHEAD_BYTES = 1 GiB, for the CUDA context, cuBLAS workspaces and allocator
+             fragmentation (not in max_memory_allocated). `Estimate.total` = allocated + overhead must fit.
+shapes       Worst case: every row at max_length. Concatenated layout: 2·B rows of T = max_length (prompt +
+             completion); prefix-shared (`shared`, and `packed`, whose rows hold one full-length pair each at the
+             worst case): B rows of P + 2·(max_length − P); N = 2·B·(max_length − P), P = data.max_prompt_length.
+             The reference forward is counted when dpo.reference is live and the loss needs one. Evaluation and
+             the reference precompute pass run without grad and are assumed to peak lower.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class Arch:
     norms: int = 2
     qk_norm: bool = False
     bias: dict = field(default_factory=dict)  # Linear name → has a bias
+    max_positions: int = 1 << 22               # the model's context: the longest max_length worth considering
 
     @classmethod
     def from_config(cls, config) -> Arch:
@@ -97,7 +100,8 @@ class Arch:
         bias = {n: attn_bias or (rule == "qkv" and n != "o_proj") for n in ATTN} | {n: mlp_bias for n in MLP}
         return cls(mt, config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
                    heads, getattr(config, "num_key_value_heads", None) or heads, head_dim,
-                   bool(getattr(config, "tie_word_embeddings", False)), norms, qk_norm, bias)
+                   bool(getattr(config, "tie_word_embeddings", False)), norms, qk_norm, bias,
+                   getattr(config, "max_position_embeddings", None) or 1 << 22)
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """Per decoder layer: Linear name → (in_features, out_features)."""
@@ -263,19 +267,11 @@ def load_config(recipe: Recipe):
                            "model directory or .gguf file (this machine may be offline)") from None
 
 
-def _dtype_bytes(precision: str) -> tuple[str, int]:
-    name = {"auto": "bf16", "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[precision]
-    return name, 4 if name == "fp32" else 2
-
-
 def gpu_memory_default() -> tuple[int, str]:
-    try:
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_properties(0).total_memory, "visible GPU"
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory, "visible GPU"
     return DEFAULT_GPU_BYTES, "default"
 
 
@@ -297,7 +293,8 @@ def parse_size(text: str) -> int:
 def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str, reference: str,
            checkpointing: bool) -> dict:
     q, lora, t = recipe.quantization, recipe.lora, recipe.train
-    dtype, b = _dtype_bytes(t.precision)
+    dtype = "bf16" if t.precision == "auto" else t.precision
+    b = 4 if dtype == "fp32" else 2
     base = q.bnb_4bit_quant_type if q.load_in_4bit else "int8" if q.load_in_8bit else dtype
     rows, T, N = shapes(layout, batch, max_length, recipe.data.max_prompt_length)
     targets = arch.lora_targets(lora.target_modules)
@@ -309,6 +306,8 @@ def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str,
     saved = arch.layers * residual + rows * T * (4 * arch.hidden + 4) if checkpointing else arch.layers * layer
     saved += rows * T * T if attn != "flex_attention" else 0  # the boolean mask, built once (padding / 4-D)
     transient = layer * (2 if checkpointing else 1)  # recomputed layer (checkpointing) + its gradients
+    if base != dtype:  # a quantized Linear is dequantized to 16 bit for its matmul, forward and backward
+        transient += max(i * o for i, o in arch.linears().values()) * b
     chunk = min(LOGPS_CHUNK, N)
     logps = N * arch.hidden * b + chunk * arch.vocab * (b + 12)
     needs_reference = reference == "live" and recipe.dpo.loss_type != "simpo"
@@ -317,10 +316,6 @@ def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str,
     return dict(dtype=dtype, base=base, rows=rows, seq_len=T, weights=weight_bytes(arch, base, b,
                 q.bnb_4bit_use_double_quant), adapters=adapter_bytes(arch, lora.r, lora.target_modules, t.optim),
                 activations=saved + transient, logps=logps)
-
-
-def _allocated(parts: dict) -> int:
-    return parts["weights"] + parts["adapters"] + parts["activations"] + parts["logps"]
 
 
 def _largest(fits, lo: int, cap: int) -> int:
@@ -368,10 +363,10 @@ def estimate_for(recipe: Recipe, gpu_memory_bytes: int | None = None, layout: st
 
     def fits(batch: int, length: int, checkpointing: bool = t.gradient_checkpointing) -> bool:
         p = _parts(arch, recipe, batch, length, layout, reference, checkpointing)
-        return _allocated(p) + OVERHEAD_BYTES <= gpu_memory_bytes
+        return p["weights"] + p["adapters"] + p["activations"] + p["logps"] + OVERHEAD_BYTES <= gpu_memory_bytes
 
     est.max_batch_size = _largest(lambda n: fits(n, d.max_length), 1, 1 << 16)
-    longest = _largest(lambda n: fits(t.per_device_train_batch_size, n), 2, 1 << 22)
+    longest = _largest(lambda n: fits(t.per_device_train_batch_size, n), 2, max(2, arch.max_positions))
     est.max_max_length = longest if longest >= 2 else 0
     est.advice = _advice(est, recipe, arch, layout, reference, fits)
     return est
