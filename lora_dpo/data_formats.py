@@ -46,9 +46,10 @@ def normalise(rows: list[dict], fmt: str, columns: dict | None, key: str, name: 
     """Rename, detect (fmt 'auto': from the first row) and canonicalise every row → (rows, format used)."""
     columns = columns or {}
     rename = {columns.get(role, role): role for role in (*ROLES, "system")}
-    renamed = [{rename.get(k, k): v for k, v in row.items()} for row in rows]
+    shadowed = {role for role, col in columns.items() if col != role}  # a 'prompt' column when prompt: question
+    renamed = [{rename.get(k, k): v for k, v in row.items() if k in rename or k not in shadowed} for row in rows]
     used = detect(renamed[0]) if fmt == "auto" else fmt
-    needed = ROLES if used in ("standard", "conversational") else ROLES[1:]
+    needed = ROLES if used in ("standard", "conversational") or "prompt" in columns else ROLES[1:]
     for i, row in enumerate(renamed):
         for role in needed:
             if role not in row:
