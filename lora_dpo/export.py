@@ -129,7 +129,12 @@ def _base_config(run_dir: Path):
 
     recipe = load_recipe(run_dir / "recipe.yaml")
     path, kwargs = model_lib.local_dir(recipe.model)
-    return AutoConfig.from_pretrained(path, **kwargs)
+    try:
+        return AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise LoraDpoError(f"model.name_or_path: cannot read the config of '{recipe.model.name_or_path}' "
+                           f"({str(e).splitlines()[0][:160]}); check the path or hub id (this machine may be "
+                           "offline)") from None
 
 
 def _policy_description(recipe) -> str:
@@ -254,7 +259,8 @@ def merge(policy, recipe, base: str):
             w = weights[key].data
             for adapter in module.active_adapters:
                 if adapter not in module.lora_A:
-                    continue
+                    raise LoraDpoError(f"LoRA adapter on '{name}' is not on a Linear layer (embedding or "
+                                       "convolution adapters cannot be merged here); export --format adapter")
                 a = module.lora_A[adapter].weight.detach().float().cpu()     # (r, in)
                 b = module.lora_B[adapter].weight.detach().float().cpu()     # (out, r)
                 w += (b @ a) * module.scaling[adapter]

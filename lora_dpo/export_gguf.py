@@ -75,7 +75,7 @@ def detect_pre(tokenizer) -> tuple[str, str | None]:
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2", None
+        return "gpt-2", None  # llama.cpp's name for the GPT-2 split pattern
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
         return "smollm", None  # digits split one by one before the GPT-2 pattern (StarCoder/SmolLM family)
     if kinds == ["Split", "ByteLevel"] and "\\p{N}{1,3}" in json.dumps(steps[0]):

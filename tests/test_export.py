@@ -254,3 +254,35 @@ def test_cli_errors_and_nothing_half_written(run_dir, tmp_path, capsys, monkeypa
     bad["output"]["export"] = ["onnx"]
     with pytest.raises(LoraDpoError, match="output.export"):
         recipe_from_dict(bad)
+
+
+@pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
+def test_llama_cpp_loads_the_gguf(tmp_path, gguf_type):
+    """llama.cpp itself (llama-cpp-python) reads the file: same tokens for the same text, same next-token choices."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM
+
+    from lora_dpo.export_gguf import write_gguf
+
+    tokenizer = small_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(build_tiny(tmp_path / "hf", tokenizer, seed=2)).eval()
+    path = tmp_path / f"tiny-{gguf_type}.gguf"
+    write_gguf(model, tokenizer, path, gguf_type)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=1)
+    try:
+        text = "What is 12 plus 30? 42."
+        ids = tokenizer(text)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+        llm.eval(ids)
+        theirs = torch.tensor(np.array(llm.scores[: len(ids)]))  # (T, V)
+    finally:
+        llm.close()
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0]  # (T, V)
+    scale = float(ours.abs().max())
+    # f16 weights: ~0.1 % of the largest logit here (q/k rows left in HF order give 1.3 %); q8_0 also quantizes
+    # the activations inside llama.cpp's dot products: ~1.5 %
+    assert float((theirs - ours).abs().max()) < (0.004 if gguf_type == "f16" else 0.05) * scale
+    top2 = ours.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.05 * scale  # positions whose choice rounding cannot flip
+    assert clear.sum() >= 3 and bool((theirs.argmax(-1) == ours.argmax(-1))[clear].all())
