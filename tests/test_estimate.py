@@ -275,3 +275,10 @@ def test_cli_errors_are_one_line_exit_2(recipe_file, tmp_path, capsys, args, nee
     assert main(["estimate", path, *args]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
+
+
+def test_unreachable_hub_id_is_a_clear_error():
+    r = recipe_from_dict({"model": {"name_or_path": "no-such-org/no-such-model"}, "data": {"train": "t"},
+                          "output": {"dir": "x"}})
+    with pytest.raises(LoraDpoError, match="cannot read the config of 'no-such-org/no-such-model'"):
+        estimate_for(r, 16 << 30)
