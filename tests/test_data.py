@@ -358,3 +358,15 @@ def test_inspect_gguf_model_reads_the_tokenizer_only(tmp_path, monkeypatch, caps
     assert tok("What is 2+2?")["input_ids"] == tokenizer("What is 2+2?")["input_ids"]
     assert tok.chat_template == tokenizer.chat_template and tok.pad_token is not None
     assert not (tmp_path / "cache").exists()
+
+
+def test_conversations_without_a_chat_template_ask_for_one(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = None
+    rows = data.Rows([{"prompt": [user("Hi")], "chosen": [assistant("Hello.")], "rejected": [assistant("Bye.")]}])
+    with pytest.raises(LoraDpoError, match=r"data.train: the chat template cannot render row 0 \(the tokenizer has no "
+                                           r"chat template\); set data.chat_template"):
+        data.load(cfg(), tok, rows=rows)
+    assert data.load(cfg(chat_template=tokenizer.chat_template), tok, rows=rows)[1].kept == 1
