@@ -296,7 +296,9 @@ def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str,
     dtype = "bf16" if t.precision == "auto" else t.precision
     b = 4 if dtype == "fp32" else 2
     base = q.bnb_4bit_quant_type if q.load_in_4bit else "int8" if q.load_in_8bit else dtype
-    rows, T, N = shapes(layout, batch, max_length, recipe.data.max_prompt_length)
+    # max_prompt_length null: prompts are not cut, so the worst case is the shortest prompt (most completion tokens)
+    prompt = recipe.data.max_prompt_length if recipe.data.max_prompt_length is not None else 1
+    rows, T, N = shapes(layout, batch, max_length, prompt)
     targets = arch.lora_targets(lora.target_modules)
     attn = recipe.model.attn_implementation
     layer = layer_activation_bytes(arch, rows, T, targets, lora.r, b, masked=attn != "flex_attention",
