@@ -225,6 +225,19 @@ def test_cli_errors_and_nothing_half_written(run_dir, tmp_path, capsys, monkeypa
     assert (out / "parity.json").stat().st_mtime_ns == before
     assert cli.main(["export", str(run_dir), "--out", str(out), "--force"]) == 0
     assert (out / "parity.json").stat().st_mtime_ns != before
+    pairs = write_jsonl(tmp_path / "other.jsonl", arithmetic_rows(5, seed=3))
+    assert cli.main(["export", str(run_dir), "--out", str(tmp_path / "b"), "--data", str(pairs)]) == 0
+    assert _parity(tmp_path / "b")["data"] == {"source": str(pairs), "held_out": True, "pairs_available": 5,
+                                               "pairs_used": 5}
+
+    # a run without held-out data: a few training pairs, and parity.json says so
+    no_eval = tmp_path / "no-eval-run"
+    shutil.copytree(run_dir / "adapter", no_eval / "adapter")
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    recipe["data"]["eval"] = None
+    (no_eval / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    note = _parity(export(no_eval))["data"]
+    assert not note["held_out"] and note["pairs_used"] == 8 and "no data.eval" in note["note"]
 
     # a run over a non-llama base: refused for GGUF before any model is loaded
     from transformers import GPT2Config
