@@ -199,7 +199,7 @@ def compare(policy: torch.Tensor, reference: torch.Tensor, exported: torch.Tenso
 
 
 def _answers(model, tokenizer, prompts: list[list[int]]) -> list[str]:
-    from lora_dpo.evaluate import generate
+    from lora_dpo.generation import generate
 
     return generate(model, tokenizer, prompts, max_new_tokens=NEW_TOKENS)
 
