@@ -72,13 +72,14 @@ def export(run_dir, format: str = "adapter", base: str = "dequantized", dtype: s
     policy_answers = _answers(policy, tokenizer, prompts)
     parity = {"format": format, "run": str(run_dir), "data": data_note,
               "policy": _policy_description(recipe), "reference": "the same base with the adapter off",
+              "exported_computed_in": "the policy's precision" if format == "adapter" else
+              "float32 from the stored weights (measures the export, not the inference precision)",
               "beta": recipe.dpo.beta}
     merged = None
     if format != "adapter":
         merged, info = merge(policy, recipe, base)
         parity.update(info)
-        del policy  # the 4-bit policy is not needed any more: free it before the export is written
-        policy = None
+        policy = None  # the 4-bit policy is not needed any more: free it before the export is written
         gc.collect()
 
     def write(tmp: Path) -> None:

@@ -189,7 +189,7 @@ def test_gguf_base_round_trip(tmp_path, monkeypatch):
 
     monkeypatch.setenv("LORA_DPO_CACHE", str(tmp_path / "cache"))
     tokenizer = small_tokenizer()
-    hf = build_tiny(tmp_path / "hf", tokenizer, seed=1)
+    hf = build_tiny(tmp_path / "hf", tokenizer, seed=1, tie_word_embeddings=True)  # as SmolLM2: no output.weight
     base = tmp_path / "tiny.gguf"
     write_gguf(AutoModelForCausalLM.from_pretrained(hf), tokenizer, base, "f16", name="tiny", pre="smollm")
     recipe = _recipe(str(base), tmp_path, export=["gguf"])
@@ -200,6 +200,7 @@ def test_gguf_base_round_trip(tmp_path, monkeypatch):
     assert p["tokenizer_pre"] == "smollm"  # kept from the base file
     assert p["tokenizer_rebuilt_from_gguf"] == {"texts": 4, "same_token_ids": 4, "chat_template": True}
     assert p["max_abs_logp_diff"] < BF16_TOL and p["greedy_tokens_vs_merged"]["equal"] == 4
+    assert p["tensors"] == 20  # token_embd, output_norm, 2 × 9 per layer; the tied head is not written twice
 
     q8 = tmp_path / "q8"
     assert cli.main(["export", str(run.output_dir), "--format", "gguf", "--gguf-type", "q8_0", "--out", str(q8)]) == 0
@@ -267,6 +268,24 @@ def test_cli_errors_and_nothing_half_written(run_dir, tmp_path, capsys, monkeypa
     bad["output"]["export"] = ["onnx"]
     with pytest.raises(LoraDpoError, match="output.export"):
         recipe_from_dict(bad)
+
+
+def test_demo_model_merge(tmp_path):
+    """The real demo model (SmolLM2-135M from its Q4_1 GGUF, tied embeddings): merged into the NF4 round trip it
+    computes the trained policy; merged into the original weights it does not."""
+    rows = [{"prompt": f"What is {a} plus {a}?", "chosen": f" Ahoy! {2 * a}.", "rejected": f" {2 * a}."}
+            for a in range(1, 5)]
+    run = train(recipe_from_dict({
+        "model": {"name_or_path": "demo:smollm2-135m-instruct"},
+        "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", rows)), "max_length": 32, "max_prompt_length": 16},
+        "train": {"max_steps": 2, "learning_rate": 1e-3, "per_device_train_batch_size": 2},
+        "evaluation": {"generations": 0, "max_new_tokens": 4}, "output": {"dir": str(tmp_path / "run")}}))
+    deq = _parity(export(run.output_dir, format="merged", dtype="fp32"))
+    orig = _parity(export(run.output_dir, format="merged", base="original", dtype="fp32"))
+    assert deq["quantized_layers_dequantized"] == 210 and deq["lora_deltas_merged"] == 210  # 30 layers × 7
+    assert deq["max_abs_logp_diff"] < FP32_TOL * 10  # 30 layers of fp32 rounding (measured 3e-5)
+    assert orig["max_abs_logp_diff"] > 0.5  # measured 5.6 nats: NF4 moved the weights the adapter was trained on
+    assert not deq["data"]["held_out"]
 
 
 @pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
