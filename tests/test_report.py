@@ -170,3 +170,25 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
               user_data=tmp_path / "profile2")
     im = Image.open(shot).convert("RGB")
     assert im.size == (1200, 1600) and len(im.getcolors(maxcolors=1 << 20) or []) > 50
+
+
+def test_an_interrupted_run_writes_its_report(recipe_dict, monkeypatch):
+    """A run stopped by a signal (here: the stop already requested when the loop starts) still leaves report.html
+    with the curves so far."""
+    from lora_dpo import train
+    from lora_dpo.recipe import recipe_from_dict
+
+    train_mod = sys.modules["lora_dpo.train"]
+
+    class StopAtOnce(train_mod._StopSignal):
+        def __enter__(self):
+            super().__enter__()
+            self.requested = "SIGTERM"
+            return self
+
+    monkeypatch.setattr(train_mod, "_StopSignal", StopAtOnce)
+    recipe_dict["train"].update(max_steps=4, logging_steps=1)
+    run = train(recipe_from_dict(recipe_dict))
+    assert run.stopped == "SIGTERM" and not run.adapter_dir.exists()
+    html = (run.output_dir / "report.html").read_text()
+    assert "No final adapter" in html and "last logged training step: <b>1</b>" in html and "<img" in html
