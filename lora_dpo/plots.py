@@ -75,7 +75,7 @@ def length_histograms(lengths: dict) -> tuple[str, str] | None:
     parts = [p for p in LENGTH_PARTS if lengths.get(p)]
     if not parts:
         return None
-    fig = Figure(figsize=(3.2 * len(parts), 3.0))
+    fig = Figure(figsize=(4.2 * len(parts), 3.2), layout="constrained")
     for i, part in enumerate(parts):
         ax = fig.add_subplot(1, len(parts), i + 1)
         values = lengths[part]

@@ -54,6 +54,10 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _pct(v) -> str:
+    return "—" if v is None else f"{v:.0%}"
+
+
 def _note(text: str) -> str:
     return f'<p class="note">{_e(text)}</p>'
 
@@ -176,8 +180,8 @@ def _eval_section(ev: dict | None) -> str:
     before, after = ev.get("before", {}), ev.get("after", {})
     out = [f'<p class="sub">held-out data {_e(ev.get("data"))}: {_e(ev.get("pairs"))} pairs. Before = the '
            "reference (adapter off); after = the policy.</p>"]
-    rows = [[_e(label), _fmt(before.get(k)), _fmt(after.get(k))] for k, label in EVAL_ROWS
-            if k in before or k in after]
+    rows = [[_e(label), *(_pct(x.get(k)) if k == "behaviour_rate" else _fmt(x.get(k)) for x in (before, after))]
+            for k, label in EVAL_ROWS if k in before or k in after]
     logps = ev.get("logps") or {}
     for part in ("chosen", "rejected"):
         ref = logps.get("reference", {}).get(part)
