@@ -167,7 +167,9 @@ def evaluate(run_dir: str | Path, data: str | None = None, generations: int | No
         result["reward_model"] = score_generations(rm, reward_model, result["generations"][:n_rm])
         w = result["reward_model"]
         print(f"\nreward model {reward_model}: policy wins {w['wins']}, ties {w['ties']}, loses {w['losses']} of "
-              f"{w['prompts']} prompts (win rate {w['win_rate']:.2f}, tie rate {w['tie_rate']:.2f})")
+              f"{w['prompts']} prompts (win rate {w['win_rate']:.2f}, tie rate {w['tie_rate']:.2f})"
+              + (f"; {w['texts_cut_to_context']} texts longer than its context lost their beginning"
+                 if w["texts_cut_to_context"] else ""))
     write_json(run_dir / "eval.json", result)
     print(f"written: {run_dir / 'eval.json'}, {write_report(run_dir)}")
     return result
@@ -177,11 +179,11 @@ def score_generations(rm, name: str, generations: list[dict]) -> dict:
     """Scores each generation's policy and reference answer (stored in the rows) → the win-rate summary."""
     model, tokenizer = rm
     prompts = [g["prompt"] for g in generations]
-    policy = rm_lib.score(model, tokenizer, prompts, [g["policy"] for g in generations])
-    reference = rm_lib.score(model, tokenizer, prompts, [g["reference"] for g in generations])
+    policy, cut_p = rm_lib.score(model, tokenizer, prompts, [g["policy"] for g in generations])
+    reference, cut_r = rm_lib.score(model, tokenizer, prompts, [g["reference"] for g in generations])
     for g, p, r in zip(generations, policy, reference):
         g["score_policy"], g["score_reference"] = p, r
-    return {"model": name, **rm_lib.win_rate(policy, reference)}
+    return {"model": name, **rm_lib.win_rate(policy, reference), "texts_cut_to_context": cut_p + cut_r}
 
 
 def write_json(path: Path, obj) -> None:

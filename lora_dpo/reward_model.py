@@ -64,15 +64,20 @@ def _text_ids(tokenizer, prompt, answer: str) -> list[int]:
 
 
 @torch.no_grad()
-def score(model, tokenizer, prompts: list, answers: list[str]) -> list[float]:
-    """One score per (prompt, answer). Texts are scored one at a time: no padding, so the score cannot depend on
-    which other texts share a batch, and identical texts get identical scores."""
+def score(model, tokenizer, prompts: list, answers: list[str]) -> tuple[list[float], int]:
+    """→ (one score per (prompt, answer), how many texts were longer than the model's context and lost their
+    beginning). Texts are scored one at a time: no padding, so a score cannot depend on which other texts share a
+    batch, and identical texts get identical scores."""
     device = next(model.parameters()).device
-    out = []
+    limit = getattr(model.config, "max_position_embeddings", None)
+    out, cut = [], 0
     for prompt, answer in zip(prompts, answers):
-        ids = torch.tensor([_text_ids(tokenizer, prompt, answer)], device=device)
+        ids = _text_ids(tokenizer, prompt, answer)
+        if limit and len(ids) > limit:  # keep the end: the answer is what is being scored
+            ids, cut = ids[-limit:], cut + 1
+        ids = torch.tensor([ids], device=device)
         out.append(float(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, 0].float()))
-    return out
+    return out, cut
 
 
 def win_rate(policy_scores: list[float], reference_scores: list[float]) -> dict:

@@ -17,7 +17,7 @@ from lora_dpo import model as model_lib
 from lora_dpo.cli import main
 from lora_dpo.generation import kl_estimate
 from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig, recipe_from_dict
-from lora_dpo.reward_model import win_rate
+from lora_dpo.reward_model import score, win_rate
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +135,7 @@ def test_reward_model_win_rate(finished_run, tokenizer, tmp_path, capsys):
                 expected = float(model(input_ids=torch.tensor([ids])).logits[0, 0])
             assert g[f"score_{who}"] == pytest.approx(expected, abs=1e-5)
     assert len({g["score_policy"] for g in scored}) > 1  # not a constant
+    assert rm["texts_cut_to_context"] == 0
     saved = json.loads((finished_run.output_dir / "eval.json").read_text())
     assert saved["reward_model"] == rm
     assert "policy wins" in capsys.readouterr().out
@@ -163,3 +164,26 @@ def test_eval_of_a_run_with_an_eval_split(tiny_model_dir, tmp_path):
     # the same held-out rows as the run used (same split_seed)
     assert [g["prompt"] for g in result["generations"]] == [g["prompt"] for g in trained["generations"]]
     assert result["kl"] is None
+
+
+def test_reward_model_texts_beyond_its_context_keep_their_end(tokenizer):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    def ids(prompt, answer):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": answer}], return_dict=True,
+                                             tokenize=True)["input_ids"]
+
+    long_answer = "one two three four five six seven eight nine ten eleven twelve"
+    limit = len(ids("Hi", "Yo")) + 1  # the short text fits, the long one does not
+    assert len(ids("Count.", long_answer)) > limit
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, num_labels=1, max_position_embeddings=limit,
+                      pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(cfg).eval()
+    scores, cut = score(model, tokenizer, ["Count.", "Hi"], [long_answer, "Yo"])
+    assert cut == 1
+    with torch.no_grad():
+        kept_end = torch.tensor([ids("Count.", long_answer)[-limit:]])
+        assert scores[0] == pytest.approx(float(model(input_ids=kept_end).logits[0, 0]), abs=1e-6)
