@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -33,8 +33,7 @@ class Targets:
 
 
 def _to(obj, device: torch.device):
-    return type(obj)(**{f.name: (v.to(device) if isinstance(v := getattr(obj, f.name), torch.Tensor) else v)
-                        for f in fields(obj)})
+    return type(obj)(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(obj).items()})
 
 
 @dataclass

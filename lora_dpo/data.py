@@ -187,7 +187,7 @@ def tokenize_rows(rows: list[dict], tokenizer, cfg: DataConfig, source: Any, spl
                    else "fix data.chat_template" if cfg.chat_template else "set data.chat_template to a working one")
             raise LoraDpoError(f"data.{split}: the chat template cannot render row {where} ({e}); {fix}") from None
         key = json.dumps([row[k] for k in COLUMNS] + [row.get("system")], sort_keys=True, ensure_ascii=False)
-        if key in seen:
+        if key in seen and cfg.drop_duplicates:
             report.drop("duplicate", where)
             continue
         seen.add(key)

@@ -104,6 +104,9 @@ class DataConfig:
                                        "dropped.", check=_POS)
     system_prompt: str | None = _f(None, "System message prepended to conversational prompts that have none.")
     chat_template: str | None = _f(None, "Chat template override: a path to a Jinja file, or the template itself.")
+    drop_duplicates: bool = _f(True, "Drop a row whose prompt, chosen, rejected (and system) repeat an earlier row's, "
+                               "counted as 'duplicate'. Set false where repeats carry meaning (preference "
+                               "frequencies, deliberate upsampling).")
     on_problem: Literal["warn", "error"] = _f("warn", "What a data problem (dropped rows, template problems) does: "
                                               "warn and train, or stop before training.")
 
@@ -337,8 +340,7 @@ def _cross_checks(r: Recipe) -> None:
 def _check_data_sources(d: DataConfig) -> None:
     if d.eval_split is not None and d.eval is not None:
         raise _err("data.eval_split", "cannot be combined with data.eval; remove one of them")
-    for split in ("train", "eval"):
-        sources = getattr(d, split)
+    for split, sources in (("train", d.train), ("eval", d.eval)):
         for i, src in enumerate(sources if isinstance(sources, list) else []):
             key = f"data.{split}[{i}]"
             if src["weight"] is not None and src["count"] is not None:

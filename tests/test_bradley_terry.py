@@ -49,7 +49,8 @@ def test_implicit_rewards_recover_bradley_terry_rewards(tiny_model_dir, tmp_path
     recipe = recipe_from_dict({
         "model": {"name_or_path": str(tiny_model_dir)},
         "lora": {"r": 8, "lora_alpha": 16},
-        "data": {"train": str(data), "max_length": 32, "max_prompt_length": 16},
+        # repeated pairs are the Bradley–Terry frequencies: keep them
+        "data": {"train": str(data), "max_length": 32, "max_prompt_length": 16, "drop_duplicates": False},
         "dpo": {"beta": BETA},
         "train": {"max_steps": 150, "learning_rate": 3e-3, "per_device_train_batch_size": 16,
                   "lr_scheduler_type": "constant", "logging_steps": 50},

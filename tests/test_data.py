@@ -220,6 +220,8 @@ def test_dropped_rows_are_counted_with_reasons(tokenizer):
     assert sum(v for k, v in rep.dropped.items() if k.startswith("wrong type")) == 1
     assert [k for k in rep.dropped if k.startswith("empty prompt after tokenisation")] and \
         rep.examples[next(k for k in rep.dropped if k.startswith("empty prompt"))] == [6]
+    kept, rep_all = data.tokenize_rows(rows, tokenizer, cfg(drop_duplicates=False), "t")
+    assert [p.index for p in kept] == [0, 5] and "duplicate" not in rep_all.dropped  # repeats kept when asked
     text = "\n".join(rep.lines())
     assert "7 rows read, 1 pairs kept, 6 dropped" in text and "rows 2, 4" in text
 

@@ -43,7 +43,7 @@ def test_end_to_end_run_directory(recipe_dict, tmp_path):
     # resolved recipe: defaults filled in, loads back to the same recipe
     assert load_recipe(out / "recipe.yaml") == recipe_from_dict(recipe_dict)
     assert "bnb_4bit_quant_type: nf4" in (out / "recipe.yaml").read_text()
-    assert json.loads((out / "data_report.json").read_text())[0]["kept"] == 32
+    assert json.loads((out / "data_report.json").read_text())["train"]["kept"] == 32
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
     # a standard PEFT adapter with the tokenizer beside it
     base = AutoModelForCausalLM.from_pretrained(recipe_dict["model"]["name_or_path"])
