@@ -28,7 +28,8 @@ from lora_dpo.errors import LoraDpoError
 from lora_dpo.evaluate import evaluate_pairs, print_before_after, snapshot, snapshots_json
 from lora_dpo.logps import causal_lm
 from lora_dpo.objective import MetricMeter, dpo_forward
-from lora_dpo.recipe import DpoConfig, Recipe, TrainConfig
+from lora_dpo.optim import make_optimizer, make_scheduler, total_steps  # noqa: F401 (public here too)
+from lora_dpo.recipe import DpoConfig, Recipe
 from lora_dpo.report import write_report
 
 RUN_FILES = ("recipe.yaml", "metrics.jsonl", "adapter", "checkpoints", "data_report.json", "data_report.txt",
@@ -78,43 +79,6 @@ def _clear_run(out: Path) -> None:
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-
-
-def total_steps(cfg: TrainConfig, n_pairs: int, world: int = 1) -> int:
-    if cfg.max_steps > 0:
-        return cfg.max_steps
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
-    return max(1, math.ceil(cfg.num_train_epochs * n_pairs / per_step))
-
-
-def make_optimizer(model, cfg: TrainConfig):
-    params = [p for p in model.parameters() if p.requires_grad]
-    kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-              weight_decay=cfg.weight_decay)
-    if cfg.optim in ("paged_adamw_8bit", "adamw_8bit"):
-        import bitsandbytes as bnb
-
-        with warnings.catch_warnings():  # on CPU the paged variant runs un-paged; bitsandbytes says so every step
-            warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-            cls = bnb.optim.PagedAdamW8bit if cfg.optim == "paged_adamw_8bit" else bnb.optim.AdamW8bit
-            return cls(params, **kw)
-    return torch.optim.AdamW(params, **kw)
-
-
-def make_scheduler(optimizer, cfg: TrainConfig, steps: int):
-    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, steps - warmup)
-        if cfg.lr_scheduler_type == "linear":
-            return max(0.0, 1.0 - progress)
-        if cfg.lr_scheduler_type == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -241,6 +205,8 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     meter, tokens, t_window = MetricMeter(), 0, time.perf_counter()
     bar = _progress(steps, start, enabled=ctx.main)
     nonfinite, last_ckpt = 0, None
+    # fp16 has 5 exponent bits: small gradients underflow to 0 unless the loss is scaled up first
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     with _StopSignal() as stop:
         for step in range(start + 1, steps + 1):
             step_meter, step_tokens = MetricMeter(), 0
@@ -250,23 +216,34 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
                     batch = batching.build(chunk, pad_id, layout).to(device)
                     with _autocast(device, dtype):
                         loss, metrics = dpo_forward(policy, batch, dcfg, ref_of(chunk))
-                    (loss / tcfg.gradient_accumulation_steps).backward()
+                    part = loss / tcfg.gradient_accumulation_steps
+                    (scaler.scale(part) if scaler else part).backward()
                     step_meter.add(loss.detach(), metrics)
                     step_tokens += batch.num_tokens()
             except torch.cuda.OutOfMemoryError:
                 raise LoraDpoError(_oom_message(recipe, step)) from None
             ctx.average_grads(params)
+            if scaler:
+                scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm or float("inf"))
             lr = scheduler.get_last_lr()[0]
-            bad = not (math.isfinite(step_meter.loss_sum) and math.isfinite(float(grad_norm)))
+            # with a loss scaler an overflowing gradient is its calibration, not a data problem: it skips the step
+            overflow = bool(scaler) and math.isfinite(step_meter.loss_sum) and not math.isfinite(float(grad_norm))
+            bad = not overflow and not (math.isfinite(step_meter.loss_sum) and math.isfinite(float(grad_norm)))
             if ctx.sum([float(bad)], device)[0] > 0:  # every process skips the same steps
                 nonfinite += 1
                 say(f"warning: step {step}: non-finite loss or gradient (loss {step_meter.loss_sum:.4g}, grad norm "
                     f"{float(grad_norm):.4g}); step skipped ({nonfinite}/{tcfg.max_nonfinite_steps})")
                 if nonfinite >= tcfg.max_nonfinite_steps:
                     raise LoraDpoError(_nonfinite_message(step, nonfinite, last_ckpt, start))
+            elif overflow:
+                scaler.update()  # lowers the scale; the step is skipped
             else:
-                optimizer.step()
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
                 meter.merge(step_meter)
                 tokens += step_tokens
             scheduler.step()  # the schedule follows the step count, skipped steps included

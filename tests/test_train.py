@@ -227,6 +227,26 @@ def test_precision_follows_the_device():
             device_and_dtype("auto", "cuda")
 
 
+def test_fp16_scales_the_loss_and_overflow_is_not_a_data_problem(recipe_dict, monkeypatch, capsys):
+    """fp16 runs under a GradScaler: its first scale is forced to overflow here, which skips that step
+    and lowers the scale without counting towards max_nonfinite_steps; later steps train. (CPU twin of the T4 path.)"""
+    real = torch.amp.GradScaler
+
+    def huge(*args, **kwargs):  # 2**40 overflows fp16 gradients at once; one backoff brings it to 2**10
+        return real(*args, **{**kwargs, "init_scale": 2.0 ** 40, "backoff_factor": 2.0 ** -30})
+
+    monkeypatch.setattr(torch.amp, "GradScaler", huge)
+    recipe_dict["data"].pop("eval")
+    recipe_dict["train"].update(max_steps=4, precision="fp16", max_nonfinite_steps=1)
+    result = train(recipe_from_dict(recipe_dict))
+    out = capsys.readouterr().out
+    assert "non-finite" not in out  # the overflow was the scaler's, not counted as a bad step
+    assert abs(result.step0_loss - math.log(2)) < 1e-3
+    assert [r["step"] for r in result.history] == [2, 3, 4]  # step 1 overflowed and was skipped, not logged
+    assert all(math.isfinite(r["loss"]) for r in result.history)
+    assert result.history[-1]["loss"] != pytest.approx(math.log(2), abs=1e-6)  # later steps trained
+
+
 @pytest.mark.gpu
 def test_gpu_bf16_paged_adamw_run(recipe_dict):
     """GPU twin of the CPU loop tests: bf16 autocast, paged 8-bit AdamW, step-0 check still exact."""
