@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lora_dpo.batching import Batch, SharedBatch, Targets
 
-DEFAULT_CHUNK = 1024
+DEFAULT_CHUNK = 256
 
 
 def causal_lm(model):
