@@ -134,7 +134,24 @@ def worker_ours(a, rows, order) -> dict:
 
         tok = _pair_tokens(load_tokenizer(ModelConfig(name_or_path=a.model_dir)), [rows[i] for i in order])
     per_step = [sum(tok[s * a.batch:(s + 1) * a.batch]) for s in range(a.steps)]
-    return probe.result(a.batch, per_step)
+    result = probe.result(a.batch, per_step)
+    if device == "cuda":  # the planner's prediction for this data's longest pair, to compare with the measured peak
+        result["predicted_bytes"] = predicted_peak(a, rows, order)
+    return result
+
+
+def predicted_peak(a, rows, order) -> int:
+    from lora_dpo.data import tokenize_rows
+    from lora_dpo.estimate import estimate_for
+    from lora_dpo.model import load_tokenizer
+    from lora_dpo.recipe import DataConfig, ModelConfig, recipe_from_dict
+
+    pairs, _ = tokenize_rows([rows[i] for i in order], load_tokenizer(ModelConfig(name_or_path=a.model_dir)),
+                             DataConfig(train="x.jsonl", max_length=8192, max_prompt_length=4096), source="bench")
+    d = _recipe_dict(a, "x.jsonl", "unused")
+    d["data"].update(max_prompt_length=max(len(p.prompt_ids) for p in pairs),
+                     max_length=max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs))
+    return estimate_for(recipe_from_dict(d)).allocated
 
 
 def worker_trl(a, rows, order) -> dict:
@@ -333,13 +350,21 @@ def report(a, results: dict) -> None:
     print("| data | TRL pairs/s | lora-dpo pairs/s | speed-up | TRL peak | lora-dpo peak | memory ratio | "
           "max |Δ loss| steps 1-3 | MFU TRL / lora-dpo |")
     print("|---|---|---|---|---|---|---|---|---|")
+    notes = []
     for ds, r in results.items():
         t, o = r["trl"], r["ours"]
         dl = max(abs(x - y) for x, y in zip(t[0]["losses"][:3], o[0]["losses"][:3]))
+        if "predicted_bytes" in o[0]:
+            notes.append(f"{ds}: lora-dpo's peak predicted by `lora-dpo estimate` "
+                         f"{o[0]['predicted_bytes'] / 2**30:.2f} GiB, measured {med(o, 'peak_bytes') / 2**30:.2f} GiB "
+                         f"({o[0]['predicted_bytes'] / med(o, 'peak_bytes') - 1:+.0%})")
         print(f"| {ds} | {med(t, 'pairs_per_s'):.3f} | {med(o, 'pairs_per_s'):.3f} | "
               f"{med(o, 'pairs_per_s') / med(t, 'pairs_per_s'):.2f}× | {med(t, 'peak_bytes') / 2**30:.2f} GiB | "
               f"{med(o, 'peak_bytes') / 2**30:.2f} GiB | {med(o, 'peak_bytes') / med(t, 'peak_bytes'):.2f} | "
               f"{dl:.2e} | {mfu(a.n_params, med(t, 'tokens_per_s'))} / {mfu(a.n_params, med(o, 'tokens_per_s'))} |")
+
+    for note in notes:
+        print("\n" + note)
 
 
 if __name__ == "__main__":

@@ -129,12 +129,16 @@ def _template(tokenizer, messages: list[dict], *, generation_prompt: bool) -> li
     return list(out["input_ids"])
 
 
-def tokenize_row(row: dict, tokenizer, system_prompt: str | None = None,
+def tokenize_row(row: dict, tokenizer, system_prompt: str | None = None, as_chat: bool = False,
                  ) -> tuple[list[int], list[int], list[int], bool]:
-    """→ (prompt_ids, chosen_ids, rejected_ids, boundary_ok). Raises ValueError(reason) for an unusable row."""
+    """→ (prompt_ids, chosen_ids, rejected_ids, boundary_ok). Raises ValueError(reason) for an unusable row.
+    `as_chat` renders string rows as a one-turn conversation (data.apply_chat_template)."""
     if row.get(DROP):
         raise ValueError(row[DROP])
     prompt, chosen, rejected = (row[c] for c in COLUMNS)
+    if as_chat and all(isinstance(x, str) for x in (prompt, chosen, rejected)):
+        prompt = [{"role": "user", "content": prompt.strip()}]
+        chosen, rejected = ([{"role": "assistant", "content": x.strip()}] for x in (chosen, rejected))
     if all(isinstance(x, str) for x in (prompt, chosen, rejected)):
         if not prompt.strip() or not chosen.strip() or not rejected.strip():
             raise ValueError("empty field")
@@ -178,7 +182,7 @@ def tokenize_rows(rows: list[dict], tokenizer, cfg: DataConfig, source: Any, spl
     text_rows = 0
     for i, (row, where) in enumerate(zip(rows, origins)):
         try:
-            p, c, r, boundary_ok = tokenize_row(row, tokenizer, cfg.system_prompt)
+            p, c, r, boundary_ok = tokenize_row(row, tokenizer, cfg.system_prompt, cfg.apply_chat_template)
         except ValueError as e:
             report.drop(str(e), where)
             continue
@@ -191,7 +195,9 @@ def tokenize_rows(rows: list[dict], tokenizer, cfg: DataConfig, source: Any, spl
             report.drop("duplicate", where)
             continue
         seen.add(key)
-        text_rows += isinstance(row["prompt"], str)
+        # a system message (the row's or data.system_prompt) has no place in plain text: counted, not hidden
+        text_rows += (isinstance(row["prompt"], str) and not cfg.apply_chat_template
+                      and bool(row.get("system") or cfg.system_prompt))
         if not p:
             report.drop("empty prompt after tokenisation (the first completion token could not be scored)", where)
             continue
@@ -219,9 +225,10 @@ def tokenize_rows(rows: list[dict], tokenizer, cfg: DataConfig, source: Any, spl
             continue
         pairs.append(Pair(p, c, r, i))
         report.keep(len(p), len(c), len(r))
-    if cfg.system_prompt and text_rows:
-        report.notes.append(f"data.system_prompt is not applied to the {text_rows} text (non-conversation) rows; "
-                            "it goes into conversations only")
+    if text_rows:
+        report.notes.append(f"{text_rows} text rows have a system message (system column or data.system_prompt) "
+                            "that plain text cannot carry; set data.apply_chat_template: true to render them as "
+                            "conversations")
     return pairs, report
 
 

@@ -104,6 +104,11 @@ class DataConfig:
                                        "dropped.", check=_POS)
     system_prompt: str | None = _f(None, "System message prepended to conversational prompts that have none.")
     chat_template: str | None = _f(None, "Chat template override: a path to a Jinja file, or the template itself.")
+    apply_chat_template: bool = _f(False, "Render string rows (standard, implicit text, CSV) as a one-turn "
+                                   "conversation: the prompt as the user's message (with the row's system column or "
+                                   "system_prompt), each completion as the assistant's reply, through the chat "
+                                   "template — what an instruct model expects. false: strings are tokenised as plain "
+                                   "text, TRL's 'standard' convention.")
     drop_duplicates: bool = _f(True, "Drop a row whose prompt, chosen, rejected (and system) repeat an earlier row's, "
                                "counted as 'duplicate'. Set false where repeats carry meaning (preference "
                                "frequencies, deliberate upsampling).")

@@ -150,7 +150,20 @@ def test_system_prompt_column_and_option(tmp_path, tokenizer):
     # on text rows the option cannot apply: the report says so instead of ignoring it silently
     _, rep = data.load(cfg(system_prompt="Be kind."), tokenizer, rows=data.Rows([
         {"prompt": "Hi", "chosen": " a", "rejected": " b"}]))
-    assert any("not applied to the 1 text" in n for n in rep.notes)
+    assert any("1 text rows have a system message" in n for n in rep.notes)
+
+
+def test_apply_chat_template_renders_text_rows_as_a_conversation(tokenizer):
+    """data.apply_chat_template: a string row (with a system column) tokenises exactly as the same one-turn
+    conversation does, so instruct models see their template on plain-text datasets (orca_dpo_pairs)."""
+    text = {"prompt": "Capital of France?", "chosen": " Paris.", "rejected": " Rome.", "system": "Be brief."}
+    chat = {"prompt": [{"role": "system", "content": "Be brief."}, user("Capital of France?")],
+            "chosen": [assistant("Paris.")], "rejected": [assistant("Rome.")]}
+    as_chat, rep = data.load(cfg(apply_chat_template=True), tokenizer, rows=data.Rows([text]))
+    want, _ = data.load(cfg(), tokenizer, rows=data.Rows([chat]))
+    assert ids(as_chat) == ids(want) and not rep.notes
+    plain, _ = data.load(cfg(), tokenizer, rows=data.Rows([text]))
+    assert ids(plain) != ids(want)  # off by default: TRL's plain-text convention
 
 
 def test_chat_template_override_file_and_string(tmp_path, tokenizer):

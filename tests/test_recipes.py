@@ -168,3 +168,6 @@ def test_data_settings_read_the_datasets_rows(dataset, row, prompt, tmp_path, to
         pairs, report = data_lib.tokenize_rows(rows, tokenizer, r.data, source=str(local))
         assert rows[0]["prompt"] == prompt and report.kept == 1 and report.dropped == {"duplicate": 1}
         assert len(pairs) == 1 and pairs[0].chosen_ids != pairs[0].rejected_ids
+        if dataset == "orca-dpo-pairs":  # rendered as a conversation: system column and chat template included
+            text = tokenizer.decode(pairs[0].prompt_ids)
+            assert r.data.apply_chat_template and "You are a helpful assistant." in text and "<|im_start|>user" in text
