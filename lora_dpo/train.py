@@ -175,10 +175,11 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     scheduler = make_scheduler(optimizer, tcfg, steps)
     pad_id = tokenizer.pad_token_id
 
-    start, history = 0, []
+    start, history, resumed = 0, [], {}
     if tcfg.resume_from_checkpoint:
         ckpt = checkpoints.resolve(out, tcfg.resume_from_checkpoint)
-        start = checkpoints.load(ckpt, policy, optimizer, scheduler)["step"]
+        resumed = checkpoints.load(ckpt, policy, optimizer, scheduler)
+        start = resumed["step"]
         history = [m for m in _read_metrics(out) if m["step"] <= start]
         say(f"resumed from {ckpt} at step {start}/{steps}")
     if ctx.main:
@@ -207,6 +208,8 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     nonfinite, last_ckpt = 0, None
     # fp16 has 5 exponent bits: small gradients underflow to 0 unless the loss is scaled up first
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    if scaler and resumed.get("grad_scaler"):  # the calibrated scale, so a resume does not re-learn it
+        scaler.load_state_dict(resumed["grad_scaler"])
     with _StopSignal() as stop:
         for step in range(start + 1, steps + 1):
             step_meter, step_tokens = MetricMeter(), 0
@@ -265,7 +268,8 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
                 meter, tokens, t_window = MetricMeter(), 0, time.perf_counter()
             stopping = ctx.sum([float(stop.requested is not None)], device)[0] > 0 and step != steps
             if ((tcfg.save_steps and step % tcfg.save_steps == 0 and step != steps) or stopping) and ctx.main:
-                last_ckpt = checkpoints.save(out, step, policy, optimizer, scheduler, {"steps": steps},
+                last_ckpt = checkpoints.save(out, step, policy, optimizer, scheduler,
+                                             {"steps": steps, "grad_scaler": scaler.state_dict() if scaler else None},
                                              tcfg.save_total_limit)
                 bar.write(f"checkpoint {last_ckpt}")
             if stopping:

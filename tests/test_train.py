@@ -237,7 +237,7 @@ def test_fp16_scales_the_loss_and_overflow_is_not_a_data_problem(recipe_dict, mo
 
     monkeypatch.setattr(torch.amp, "GradScaler", huge)
     recipe_dict["data"].pop("eval")
-    recipe_dict["train"].update(max_steps=4, precision="fp16", max_nonfinite_steps=1)
+    recipe_dict["train"].update(max_steps=4, precision="fp16", max_nonfinite_steps=1, save_steps=2)
     result = train(recipe_from_dict(recipe_dict))
     out = capsys.readouterr().out
     assert "non-finite" not in out  # the overflow was the scaler's, not counted as a bad step
@@ -245,6 +245,14 @@ def test_fp16_scales_the_loss_and_overflow_is_not_a_data_problem(recipe_dict, mo
     assert [r["step"] for r in result.history] == [2, 3, 4]  # step 1 overflowed and was skipped, not logged
     assert all(math.isfinite(r["loss"]) for r in result.history)
     assert result.history[-1]["loss"] != pytest.approx(math.log(2), abs=1e-6)  # later steps trained
+    # the calibrated scale is checkpointed: a resumed run starts from 2**10, so step 3 does not overflow again
+    state = json.loads((result.output_dir / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert state["grad_scaler"]["scale"] == 2.0 ** 10
+    recipe_dict["train"]["resume_from_checkpoint"] = "latest"
+    resumed = train(recipe_from_dict(recipe_dict))
+    assert [r["step"] for r in resumed.history] == [2, 3, 4]
+    for a, b in zip(result.history, resumed.history):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
 @pytest.mark.gpu
