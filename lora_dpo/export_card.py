@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lora_dpo.tracking import read_metrics
+
 _USAGE = {
     "adapter": ("```python\nfrom peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
                 "model = AutoPeftModelForCausalLM.from_pretrained(\"{dir}\")\n"
@@ -18,17 +20,6 @@ _USAGE = {
     "gguf": ("```bash\nllama-cli -m {dir}/{file} -cnv\n```\n\nor in Python: "
              "`AutoModelForCausalLM.from_pretrained(\"{dir}\", gguf_file=\"{file}\")`."),
 }
-
-
-def _last_train_row(run_dir: Path) -> dict:
-    path = run_dir / "metrics.jsonl"
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows[-1] if rows else {}
 
 
 def _fmt(v) -> str:
@@ -63,7 +54,7 @@ def model_card(run_dir: Path, recipe, format: str, parity: dict) -> str:
                      f"max_steps {t.max_steps}, per_device_train_batch_size {t.per_device_train_batch_size}, "
                      f"gradient_accumulation_steps {t.gradient_accumulation_steps}, seed {t.seed}",
                      "- the full resolved recipe is in `recipe.yaml`", "", "## Final metrics", ""]
-    last = _last_train_row(run_dir)
+    last = (read_metrics(run_dir) or [{}])[-1]
     if last:
         keys = [k for k in ("step", "loss", "rewards/accuracies", "rewards/margins", "eval/loss",
                             "eval/rewards/accuracies", "eval/rewards/margins") if k in last]

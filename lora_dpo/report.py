@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from lora_dpo import plots
+from lora_dpo.tracking import read_metrics
 
 CSS = """
 body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2em auto; max-width: 72em;
@@ -67,20 +68,6 @@ def _read_json(path: Path):
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """Rows of metrics.jsonl; a line cut short (a run killed mid-write) is skipped."""
-    path = run_dir / "metrics.jsonl"
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def find_lengths(report) -> dict | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lora_dpo.errors import LoraDpoError
@@ -51,3 +52,17 @@ def check_available(names: list[str]) -> None:
 
 def open_trackers(names: list[str], out: Path) -> list:
     return [_TRACKERS[n](out) for n in names]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Rows of run_dir/metrics.jsonl; a line cut short (a run killed mid-write) is skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows

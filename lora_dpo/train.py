@@ -180,7 +180,7 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
         ckpt = checkpoints.resolve(out, tcfg.resume_from_checkpoint)
         resumed = checkpoints.load(ckpt, policy, optimizer, scheduler)
         start = resumed["step"]
-        history = [m for m in _read_metrics(out) if m["step"] <= start]
+        history = [m for m in tracking.read_metrics(out) if m["step"] <= start]
         say(f"resumed from {ckpt} at step {start}/{steps}")
     if ctx.main:
         if not tcfg.resume_from_checkpoint and out.exists():
@@ -379,18 +379,6 @@ def _log(out: Path, row: dict, trackers: list, bar) -> None:
         bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     for tracker in trackers:
         tracker.log(row)
-
-
-def _read_metrics(out: Path) -> list[dict]:
-    """Rows of metrics.jsonl; a line cut short by a crash mid-write is dropped (the resumed run rewrites it)."""
-    path = out / "metrics.jsonl"
-    rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 def _write_metrics(out: Path, rows: list[dict]) -> None:
