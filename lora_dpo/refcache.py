@@ -125,7 +125,7 @@ class ReferenceCache:
 
 @torch.no_grad()
 def compute(model, pairs: list[Pair], pad_id: int, batch_size: int, layout: str, device: torch.device,
-            autocast, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+            autocast) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen (N,), rejected (N,)) reference log-probs, fp32 on CPU: adapters off, eval mode, no grad."""
     was_training = model.training
     model.eval()
@@ -137,8 +137,6 @@ def compute(model, pairs: list[Pair], pad_id: int, batch_size: int, layout: str,
                 logps, _ = batch_logps(model, batching.build(chunk, pad_id, layout).to(device))
             c, r = logps.float().cpu().chunk(2)
             chosen[s: s + len(chunk)], rejected[s: s + len(chunk)] = c, r
-            if progress:
-                progress(len(chunk))
     model.train(was_training)
     return chosen, rejected
 
