@@ -231,20 +231,90 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def micro_batches(pairs: list[Pair], batch_size: int, seed: int, start: int = 0) -> Iterator[list[Pair]]:
-    """Endless stream of micro-batches over shuffled epochs, skipping the first `start` micro-batches (resume).
+GROUP_WINDOW = 64  # micro-batches per length-sorting window
 
-    The last partial batch of an epoch is dropped from that epoch only (the next epoch reshuffles), so every
-    optimizer step sees the same number of pairs.
-    """
-    per_epoch = max(1, len(pairs) // batch_size)
-    k = start
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                  group_by_length: bool = False) -> list[list[int]]:
+    """The micro-batches (pair indices) of one epoch; a function of (lengths, seed, epoch) only, so resume is exact.
+
+    The last partial batch is dropped from this epoch only (the next epoch reshuffles), so every optimizer step sees
+    the same number of pairs. With `group_by_length`, the shuffled order is cut into windows of GROUP_WINDOW
+    batches, each window sorted by pair length and cut into batches, the batches shuffled again, and the epoch's
+    longest batch moved first: batches hold pairs of similar length (little padding), their order stays random,
+    and a batch too large for memory fails at the first step rather than hours in."""
+    per_epoch = max(1, len(lengths) // batch_size)
+    order = epoch_order(len(lengths), seed, epoch)[: per_epoch * batch_size]
+    if not group_by_length:
+        return [order[i * batch_size: (i + 1) * batch_size] for i in range(per_epoch)]
+    rng = random.Random(seed * 1_000_003 + epoch + 7_919)
+    batches: list[list[int]] = []
+    span = GROUP_WINDOW * batch_size
+    for w in range(0, len(order), span):
+        window = sorted(order[w: w + span], key=lambda i: -lengths[i])
+        chunk = [window[i: i + batch_size] for i in range(0, len(window), batch_size)]
+        rng.shuffle(chunk)
+        batches += chunk
+    longest = max(range(len(batches)), key=lambda b: sum(lengths[i] for i in batches[b]))
+    batches.insert(0, batches.pop(longest))
+    return batches
+
+
+def micro_batch_indices(lengths: list[int], batch_size: int, seed: int, start: int = 0,
+                        group_by_length: bool = False, accumulation: int = 1) -> Iterator[list[int]]:
+    """Endless stream of micro-batches (pair indices) over shuffled epochs (see epoch_batches), skipping the first
+    `start` micro-batches (resume). Grouping works on whole optimizer steps (batch_size × accumulation pairs, each
+    step then cut into its micro-batches), so gradient accumulation still equals the larger batch."""
+    step = batch_size * accumulation
+    if not group_by_length or len(lengths) < step:  # too few pairs to group: one step batch per epoch anyway
+        step, accumulation, group_by_length = batch_size, 1, False
+    per_epoch = max(1, len(lengths) // step)
+    k, cached = start, (-1, [])
     while True:
-        epoch, pos = divmod(k, per_epoch)
-        order = epoch_order(len(pairs), seed, epoch)
-        chunk = order[pos * batch_size: (pos + 1) * batch_size]
-        yield [pairs[i] for i in chunk]
+        (epoch, pos), sub = divmod(k // accumulation, per_epoch), k % accumulation
+        if cached[0] != epoch:
+            cached = (epoch, epoch_batches(lengths, step, seed, epoch, group_by_length))
+        yield cached[1][pos][sub * batch_size: (sub + 1) * batch_size]
         k += 1
+
+
+def micro_batches(pairs: list[Pair], batch_size: int, seed: int, start: int = 0, group_by_length: bool = False,
+                  accumulation: int = 1) -> Iterator[list[Pair]]:
+    """micro_batch_indices, as pairs."""
+    for b in micro_batch_indices([_pair_len(p) for p in pairs], batch_size, seed, start, group_by_length,
+                                 accumulation):
+        yield [pairs[i] for i in b]
+
+
+def row_tokens(pairs: list[Pair], batches: list[list[int]], layout: str) -> tuple[int, int]:
+    """(distinct tokens, tokens the forward runs on) for these batches in `layout`: the difference is padding, and in
+    the concatenated layout also the second copy of every prompt."""
+    distinct = sum(_pair_len(pairs[i]) for b in batches for i in b)
+    total = 0
+    for b in batches:
+        if layout == "concatenated":
+            total += 2 * len(b) * max(len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids),
+                                                                    len(pairs[i].rejected_ids)) for i in b)
+            continue
+        ls = [_pair_len(pairs[i]) for i in b]
+        groups = pack_rows(ls, max(ls)) if layout == "packed" else [[k] for k in range(len(ls))]
+        total += len(groups) * max(sum(ls[k] for k in g) for g in groups)
+    return distinct, total
+
+
+def describe(pairs: list[Pair], batch_size: int, accumulation: int, seed: int, layout: str,
+             group_by_length: bool) -> str:
+    """One line on the work of the first epoch: padding in this layout and order, and what TRL's layout would cost."""
+    stream = micro_batch_indices([_pair_len(p) for p in pairs], batch_size, seed, group_by_length=group_by_length,
+                                 accumulation=accumulation)
+    batches = [next(stream) for _ in range(max(1, len(pairs) // batch_size))]
+    distinct, total = row_tokens(pairs, batches, layout)
+    line = (f"batches of {batch_size} pairs, {'grouped by length' if group_by_length else 'shuffled'}, layout "
+            f"{layout}: {distinct:,} tokens per epoch, {1 - distinct / max(total, 1):.1%} of them padding")
+    if layout != "concatenated":
+        _, concat = row_tokens(pairs, batches, "concatenated")
+        line += f" (the concatenated layout would run {concat / max(total, 1):.2f}× the tokens)"
+    return line
 
 
 def eval_batches(pairs: list[Pair], batch_size: int) -> Iterator[list[Pair]]:

@@ -153,6 +153,10 @@ class TrainConfig:
         "packed", "How pairs become rows. shared: one [prompt | chosen | rejected] row per pair, the prompt runs "
         "once (4-D mask); packed: shared, and several pairs per row so padding costs nothing; concatenated: "
         "TRL's layout (prompt + chosen and prompt + rejected rows). Same log-probs in all three (tested).")
+    group_by_length: bool = _f(
+        True, "Batch pairs of similar length: the shuffled pairs are sorted by length in windows of 64 batches and "
+        "the batches shuffled again, with the longest batch first (an out-of-memory fails at step 1). Cuts padding "
+        "to ~1% (benchmarks/RESULTS.md); false = plainly shuffled batches.")
     seed: int = _f(42, "Seed for LoRA init, data order and dropout.")
     logging_steps: int = _f(1, "Log metrics every N optimizer steps.", check=_POS)
     eval_steps: int | None = _f(None, "Evaluate on data.eval every N steps (null = only at the end).", check=_POS)

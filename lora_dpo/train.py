@@ -170,6 +170,8 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     ref_of = (lambda chunk: refs.lookup(chunk, device)) if refs else (lambda chunk: None)
 
     global_batch = tcfg.per_device_train_batch_size * ctx.world  # pairs per micro-batch, all processes together
+    say(batching.describe(train_pairs, global_batch, tcfg.gradient_accumulation_steps, tcfg.seed, layout,
+                          tcfg.group_by_length))
     steps = total_steps(tcfg, len(train_pairs), ctx.world)
     optimizer = make_optimizer(policy, tcfg)
     scheduler = make_scheduler(optimizer, tcfg, steps)
@@ -191,11 +193,14 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
         _write_metrics(out, history)
     trackers = tracking.open_trackers(tcfg.report_to, out) if ctx.main else []
 
-    stream = batching.micro_batches(train_pairs, global_batch, tcfg.seed,
-                                    start=start * tcfg.gradient_accumulation_steps)
+    def batches_from(k: int):  # micro-batch k onwards; a function of the seed only, so resume is exact
+        return batching.micro_batches(train_pairs, global_batch, tcfg.seed, start=k, group_by_length=tcfg.
+                                      group_by_length, accumulation=tcfg.gradient_accumulation_steps)
+
+    stream = batches_from(start * tcfg.gradient_accumulation_steps)
     step0 = None
     if start == 0:
-        first = ctx.shard(next(batching.micro_batches(train_pairs, global_batch, tcfg.seed)))
+        first = ctx.shard(next(batches_from(0)))
         step0 = step0_check(policy, batching.build(first, pad_id, layout).to(device), dcfg, say, ref_of(first))
     before = None
     if eval_pairs and start == 0 and ctx.main:
