@@ -124,6 +124,9 @@ def run(recipe: Recipe) -> RunResult:
     # correct (tests/test_model.py compares against the dequantized twin), so the warning is noise for users
     warnings.filterwarnings("ignore", message=r"bitsandbytes::gemv_4bit: an autograd kernel")
     device, dtype = model_lib.device_and_dtype(tcfg.precision, tcfg.device)
+    if recipe.model.attn_implementation == "flex_attention" and device.type == "cpu":
+        raise LoraDpoError("model.attn_implementation: flex_attention cannot train on CPU (torch has no FlexAttention "
+                           "backward there); use sdpa (the same log-probs), or train on a CUDA GPU")
     ctx = distributed.setup(device)
     # only the writer checks the run directory: another process could otherwise see the one rank 0 just made
     out = _prepare_output_dir(recipe) if ctx.main else Path(recipe.output.dir)

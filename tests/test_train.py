@@ -185,6 +185,16 @@ def test_unavailable_options_fail_before_writing(recipe_dict, override, needle):
     assert not Path(recipe_dict["output"]["dir"]).exists()
 
 
+def test_flex_attention_on_cpu_is_refused_before_writing(recipe_dict):
+    from pathlib import Path
+
+    recipe_dict.setdefault("model", {})["attn_implementation"] = "flex_attention"
+    recipe_dict["train"]["device"] = "cpu"
+    with pytest.raises(LoraDpoError, match="model.attn_implementation: flex_attention cannot train on CPU.*use sdpa"):
+        train(recipe_from_dict(recipe_dict))
+    assert not Path(recipe_dict["output"]["dir"]).exists()
+
+
 def test_paged_8bit_adamw_trains_and_resumes(recipe_dict, tmp_path):
     """CPU twin of the GPU test: the 8-bit optimizer state round-trips through a checkpoint (no pickle)."""
     recipe_dict["data"].pop("eval")
