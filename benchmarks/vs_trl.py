@@ -7,7 +7,8 @@
 Each measurement runs in a fresh worker process (so peak memory belongs to one trainer), in the order
 TRL, lora-dpo, TRL, lora-dpo, … per dataset. A worker loads the 4-bit base, attaches LoRA (the same initial adapter
 on both sides: lora-dpo's seeded init, saved once and loaded into TRL's adapter), trains `--steps` optimizer steps
-on the same pairs in the same order, and reports:
+on the same pairs in the same order (lora-dpo's first micro-batches, grouped by length unless --no-group; TRL reads
+them sequentially), and reports:
 - pairs/s and tokens/s over steps 2..N (step 1 is warm-up), tokens = prompt + chosen + rejected of the pairs seen;
 - peak memory during those steps: CUDA max allocated on a GPU; on CPU the peak RSS sampled every 5 ms;
 - the loss of every step (both sides must agree: same maths, different work).
@@ -110,7 +111,8 @@ def _recipe_dict(a, data_file: str, out: str) -> dict:
             "data": {"train": data_file, "max_length": 8192, "max_prompt_length": 4096},
             "lora": LORA, "dpo": {"beta": 0.1, "reference": "live"},
             "train": {"max_steps": a.steps, "learning_rate": 1e-4, "per_device_train_batch_size": a.batch,
-                      "gradient_checkpointing": a.checkpointing, "seed": 42, "layout": a.layout},
+                      "gradient_checkpointing": a.checkpointing, "seed": 42, "layout": a.layout,
+                      "group_by_length": a.group},
             "evaluation": {"generations": 0}, "output": {"dir": out, "overwrite": True}}
 
 
@@ -135,6 +137,7 @@ def worker_ours(a, rows, order) -> dict:
         tok = _pair_tokens(load_tokenizer(ModelConfig(name_or_path=a.model_dir)), [rows[i] for i in order])
     per_step = [sum(tok[s * a.batch:(s + 1) * a.batch]) for s in range(a.steps)]
     result = probe.result(a.batch, per_step)
+    result["padding"] = padding(a, rows, order, a.layout)
     if device == "cuda":  # the planner's prediction for this data's longest pair, to compare with the measured peak
         result["predicted_bytes"] = predicted_peak(a, rows, order)
     return result
@@ -207,12 +210,7 @@ def prepare(a) -> None:
     from lora_dpo import model as M
     from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig
 
-    if a.model == "demo":
-        a.model_dir = str(M.gguf_to_hf_dir(M.demo_gguf_path()))
-    elif a.model == "llama3-8b-random":
-        a.model_dir = str(random_llama3_8b(Path(M.cache_dir()) / "bench-llama3-8b-random"))
-    else:
-        a.model_dir = a.model
+    a.model_dir = resolve_model(a.model)
     device, dtype = M.device_and_dtype("auto", "auto")
     base = M.load_base(ModelConfig(name_or_path=a.model_dir), QuantizationConfig(), dtype, device)
     peft = M.attach_lora(base, LoraConfig(**LORA), seed=42, gradient_checkpointing=False)
@@ -223,6 +221,17 @@ def prepare(a) -> None:
     del base, peft
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def resolve_model(name: str) -> str:
+    """demo | llama3-8b-random | a local directory → a local Hugging Face directory."""
+    from lora_dpo import model as M
+
+    if name == "demo":
+        return str(M.gguf_to_hf_dir(M.demo_gguf_path()))
+    if name == "llama3-8b-random":
+        return str(random_llama3_8b(Path(M.cache_dir()) / "bench-llama3-8b-random"))
+    return name
 
 
 def count_params(model_dir: str) -> int:
@@ -258,12 +267,14 @@ def random_llama3_8b(path: Path) -> Path:
     cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
                       tie_word_embeddings=False)
+    torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(path)
     from transformers import AutoTokenizer  # any tokenizer whose ids fit the vocabulary; the demo's is offline
 
-    AutoTokenizer.from_pretrained(gguf_to_hf_dir(demo_gguf_path())).save_pretrained(path)
+    tokenizer = os.environ.get("LORA_DPO_BENCH_TOKENIZER")  # a saved tokenizer dir (the GPU kit carries one)
+    AutoTokenizer.from_pretrained(tokenizer or gguf_to_hf_dir(demo_gguf_path())).save_pretrained(path)
     return path
 
 
@@ -271,7 +282,8 @@ def run_worker(a, which: str, dataset: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", which, "--dataset", dataset, "--model-dir", a.model_dir,
            "--init-adapter", a.init_adapter, "--steps", str(a.steps), "--batch", str(a.batch),
            "--layout", a.layout, "--short-prompt", str(a.short_prompt), "--long-prompt", str(a.long_prompt),
-           "--completion", str(a.completion)] + (["--checkpointing"] if a.checkpointing else [])
+           "--completion", str(a.completion)] + (["--checkpointing"] if a.checkpointing else []) \
+        + ([] if a.group else ["--no-group"])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -280,11 +292,31 @@ def run_worker(a, which: str, dataset: str) -> dict:
 
 
 def dataset_rows(a, name: str) -> tuple[list[dict], list[int]]:
-    from lora_dpo.batching import epoch_order
+    """The rows, and the order both sides see them in: lora-dpo's first micro-batches (TRL runs them sequentially)."""
+    from itertools import islice
+
+    from lora_dpo.batching import micro_batch_indices
+    from lora_dpo.model import load_tokenizer
+    from lora_dpo.recipe import ModelConfig
 
     prompt = a.long_prompt if name == "long" else a.short_prompt
     rows = synthetic_rows(max(64, a.batch * a.steps), prompt, a.completion, seed=1 if name == "long" else 0)
-    return rows, epoch_order(len(rows), 42, 0)[: a.batch * a.steps]  # lora-dpo's first-epoch order, for both
+    lengths = _pair_tokens(load_tokenizer(ModelConfig(name_or_path=a.model_dir)), rows)
+    batches = islice(micro_batch_indices(lengths, a.batch, 42, group_by_length=a.group), a.steps)
+    return rows, [i for b in batches for i in b]
+
+
+def padding(a, rows: list[dict], order: list[int], layout: str) -> float:
+    """Share of padding among the tokens lora-dpo's forward runs on, over the timed steps (2..N)."""
+    from lora_dpo.batching import row_tokens
+    from lora_dpo.data import tokenize_rows
+    from lora_dpo.model import load_tokenizer
+    from lora_dpo.recipe import DataConfig, ModelConfig
+
+    pairs, _ = tokenize_rows(rows, load_tokenizer(ModelConfig(name_or_path=a.model_dir)),
+                             DataConfig(train="x.jsonl", max_length=8192, max_prompt_length=4096), source="bench")
+    distinct, total = row_tokens(pairs, [order[s * a.batch:(s + 1) * a.batch] for s in range(1, a.steps)], layout)
+    return 1 - distinct / total
 
 
 def machine() -> str:
@@ -310,6 +342,9 @@ def main() -> None:
     p.add_argument("--completion", type=int, default=48, help="words per completion")
     p.add_argument("--layout", default="packed", choices=["packed", "shared", "concatenated"])
     p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--no-group", dest="group", action="store_false",
+                   help="plainly shuffled batches instead of lora-dpo's default train.group_by_length (both sides get "
+                        "the same order either way)")
     p.add_argument("--datasets", default="short,long")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -346,10 +381,11 @@ def report(a, results: dict) -> None:
     med = lambda rs, k: statistics.median(r[k] for r in rs)
     print(f"\nmachine: {machine()}\nmodel: {a.model} ({a.n_params / 1e6:.0f}M parameters), "
           f"batch {a.batch} pairs, {a.steps} steps (timed: 2..{a.steps}), "
-          f"layout {a.layout}, gradient checkpointing {'on' if a.checkpointing else 'off'}, {a.repeats} repeats\n")
+          f"layout {a.layout}, batches {'grouped by length' if a.group else 'shuffled'} (the same on both sides), "
+          f"gradient checkpointing {'on' if a.checkpointing else 'off'}, {a.repeats} repeats\n")
     print("| data | TRL pairs/s | lora-dpo pairs/s | speed-up | TRL peak | lora-dpo peak | memory ratio | "
-          "max |Δ loss| steps 1-3 | MFU TRL / lora-dpo |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "max |Δ loss| steps 1-3 | MFU TRL / lora-dpo | lora-dpo padding |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     notes = []
     for ds, r in results.items():
         t, o = r["trl"], r["ours"]
@@ -361,7 +397,8 @@ def report(a, results: dict) -> None:
         print(f"| {ds} | {med(t, 'pairs_per_s'):.3f} | {med(o, 'pairs_per_s'):.3f} | "
               f"{med(o, 'pairs_per_s') / med(t, 'pairs_per_s'):.2f}× | {med(t, 'peak_bytes') / 2**30:.2f} GiB | "
               f"{med(o, 'peak_bytes') / 2**30:.2f} GiB | {med(o, 'peak_bytes') / med(t, 'peak_bytes'):.2f} | "
-              f"{dl:.2e} | {mfu(a.n_params, med(t, 'tokens_per_s'))} / {mfu(a.n_params, med(o, 'tokens_per_s'))} |")
+              f"{dl:.2e} | {mfu(a.n_params, med(t, 'tokens_per_s'))} / {mfu(a.n_params, med(o, 'tokens_per_s'))} | "
+              f"{o[0]['padding']:.1%} |")
 
     for note in notes:
         print("\n" + note)

@@ -310,11 +310,12 @@ def describe(pairs: list[Pair], batch_size: int, accumulation: int, seed: int, l
     batches = [next(stream) for _ in range(max(1, len(pairs) // batch_size))]
     distinct, total = row_tokens(pairs, batches, layout)
     line = (f"batches of {batch_size} pairs, {'grouped by length' if group_by_length else 'shuffled'}, layout "
-            f"{layout}: {distinct:,} tokens per epoch, {1 - distinct / max(total, 1):.1%} of them padding")
-    if layout != "concatenated":
-        _, concat = row_tokens(pairs, batches, "concatenated")
-        line += f" (the concatenated layout would run {concat / max(total, 1):.2f}× the tokens)"
-    return line
+            f"{layout}: {distinct:,} tokens per epoch; ")
+    if layout == "concatenated":
+        return line + f"the rows hold {total / max(distinct, 1):.2f}× that (each prompt twice, plus padding)"
+    _, concat = row_tokens(pairs, batches, "concatenated")
+    return line + (f"padding is {1 - distinct / max(total, 1):.1%} of the rows (the concatenated layout would run "
+                   f"{concat / max(total, 1):.2f}× the tokens)")
 
 
 def eval_batches(pairs: list[Pair], batch_size: int) -> Iterator[list[Pair]]:

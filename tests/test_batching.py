@@ -72,3 +72,4 @@ def test_describe_names_the_padding_and_the_concatenated_cost():
     assert "grouped by length" in line and "layout packed" in line and "padding" in line
     concat = float(line.split("would run ")[1].split("×")[0])
     assert concat > 1.3  # every prompt twice, plus padding
+    assert "each prompt twice" in describe(pairs, 4, 1, 0, "concatenated", False)

@@ -61,6 +61,7 @@ def test_every_loss_trains(recipe_dict, loss_type, extra, capsys):
     result = train(recipe_from_dict(recipe_dict))
     printed = capsys.readouterr().out
     assert "step-0 check" in printed
+    assert "grouped by length, layout packed" in printed and "padding is" in printed
     if loss_type == "simpo":
         assert result.step0_loss is None and "not applicable" in printed
     else:

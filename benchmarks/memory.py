@@ -1,0 +1,131 @@
+"""Peak memory of a lora-dpo run on pairs of exact token lengths, next to `lora-dpo estimate`'s prediction.
+
+    python3 benchmarks/memory.py                                   # CPU smoke run: demo model, short pairs
+    python3 benchmarks/memory.py --model llama3-8b-random --prompt-tokens 1024 --completion-tokens 1024   # GPU
+
+The default GPU case is the issue's "pairs of 2×2048 tokens": every pair is a 1024-token prompt with two 1024-token
+completions, so chosen and rejected each span 2048 tokens. Each run is a fresh process; the peak is CUDA max
+allocated over steps 2..N (on CPU: peak RSS, which `estimate` does not predict). Prints one line per setting and
+a markdown table; nothing here is asserted by the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from vs_trl import WORDS, Probe, machine, resolve_model  # noqa: E402
+
+
+def exact_rows(n: int, prompt_tokens: int, completion_tokens: int, seed: int) -> list[dict]:
+    """Text long enough for the lengths asked; data.max_prompt_length / max_length then cut every pair to exactly
+    prompt_tokens + completion_tokens per sequence (each word is at least one token)."""
+    import random
+
+    r = random.Random(seed)
+    text = lambda k: " ".join(r.choice(WORDS) for _ in range(k + 8))
+    return [{"prompt": text(prompt_tokens), "chosen": " " + text(completion_tokens),
+             "rejected": " " + text(completion_tokens)} for _ in range(n)]
+
+
+def recipe_dict(a, data_file: str, out: str) -> dict:
+    return {"model": {"name_or_path": a.model_dir, "attn_implementation": a.attn},
+            "data": {"train": data_file, "max_prompt_length": a.prompt_tokens,
+                     "max_length": a.prompt_tokens + a.completion_tokens},
+            "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
+            "dpo": {"beta": 0.1, "reference": a.reference},
+            "train": {"max_steps": a.steps, "learning_rate": 1e-4, "per_device_train_batch_size": a.batch,
+                      "gradient_checkpointing": a.checkpointing, "seed": 42, "layout": a.layout},
+            "evaluation": {"generations": 0}, "output": {"dir": out, "overwrite": True}}
+
+
+def worker(a) -> dict:
+    import torch
+
+    from lora_dpo.estimate import estimate_for
+    from lora_dpo.recipe import recipe_from_dict
+    from lora_dpo.train import run
+
+    train_mod = sys.modules["lora_dpo.train"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    probe = Probe(device)
+    real_log = train_mod._log
+    train_mod._log = lambda out, row, trackers, bar: (probe.step(row["loss"]), real_log(out, row, trackers, bar))
+    with tempfile.TemporaryDirectory() as tmp:
+        data_file = Path(tmp) / "train.jsonl"
+        rows = exact_rows(a.batch * a.steps, a.prompt_tokens, a.completion_tokens, seed=0)
+        data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        recipe = recipe_from_dict(recipe_dict(a, str(data_file), str(Path(tmp) / "run")))
+        run(recipe)
+        est = estimate_for(recipe)
+    tokens = a.batch * (a.prompt_tokens + 2 * a.completion_tokens)
+    result = probe.result(a.batch, [tokens] * a.steps)
+    result.update(device=device, predicted_bytes=est.allocated,
+                  predicted={k: getattr(est, k) for k in ("weights", "adapters", "activations", "logps", "overhead")})
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="demo", help="demo | llama3-8b-random | a local HF directory")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--completion-tokens", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--attn", default="sdpa", help="comma-separated: sdpa,flex_attention,eager")
+    p.add_argument("--layout", default="packed")
+    p.add_argument("--reference", default="live", choices=["live", "precompute"])
+    p.add_argument("--checkpointing", default="on", help="on | off | on,off")
+    p.add_argument("--json", help="also write the raw results here")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if a.worker:
+        a.checkpointing = a.checkpointing == "on"
+        print("RESULT " + json.dumps(worker(a), default=str), flush=True)
+        return
+    model_dir = resolve_model(a.model)
+    results = []
+    for attn in a.attn.split(","):
+        for ckpt in a.checkpointing.split(","):
+            cmd = [sys.executable, __file__, "--worker", "--model-dir", model_dir, "--attn", attn,
+                   "--checkpointing", ckpt, "--prompt-tokens", str(a.prompt_tokens),
+                   "--completion-tokens", str(a.completion_tokens), "--batch", str(a.batch), "--steps", str(a.steps),
+                   "--layout", a.layout, "--reference", a.reference]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                print(f"{attn}, checkpointing {ckpt}: worker failed\n{proc.stderr[-3000:]}", flush=True)
+                continue
+            r = json.loads(lines[-1][7:]) | {"attn": attn, "checkpointing": ckpt}
+            results.append(r)
+            print(f"{attn}, checkpointing {ckpt}: peak {r['peak_bytes'] / 2**30:.2f} GiB, predicted "
+                  f"{r['predicted_bytes'] / 2**30:.2f} GiB, {r['seconds_per_step']:.2f} s/step, "
+                  f"losses {[round(x, 4) for x in r['losses']]}", flush=True)
+    gpu = bool(results) and results[0]["device"] == "cuda"
+    print(f"\nmachine: {machine()}\nmodel: {a.model}, {a.batch} pair(s) per step of {a.prompt_tokens} prompt + 2 × "
+          f"{a.completion_tokens} completion tokens (chosen and rejected {a.prompt_tokens + a.completion_tokens} "
+          f"each), layout {a.layout}, reference {a.reference}, {a.steps} steps (peak over 2..{a.steps})\n")
+    print(f"| attention | checkpointing | measured peak ({'CUDA allocated' if gpu else 'RSS'}) | "
+          "predicted by estimate | predicted / measured | s/step |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        ratio = f"{r['predicted_bytes'] / r['peak_bytes']:.2f}" if gpu else "n/a (CPU RSS)"
+        print(f"| {r['attn']} | {r['checkpointing']} | {r['peak_bytes'] / 2**30:.2f} GiB | "
+              f"{r['predicted_bytes'] / 2**30:.2f} GiB | {ratio} | {r['seconds_per_step']:.2f} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1, default=str))
+    if not results:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
