@@ -18,59 +18,40 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vs_trl import LORA, machine, resolve_model, synthetic_rows  # noqa: E402
+from vs_trl import LORA, machine, probed_run, resolve_model, synthetic_rows  # noqa: E402
 
 SETTINGS = ("shuffled/shared", "shuffled/packed", "grouped/shared", "grouped/packed")
 
 
 def worker(a) -> dict:
     from lora_dpo.batching import micro_batch_indices, row_tokens
-    from lora_dpo.recipe import recipe_from_dict
-    from lora_dpo.train import run
-
-    train_mod = sys.modules["lora_dpo.train"]
-    order, layout = a.setting.split("/")
-    group = order == "grouped"
-    marks: list[float] = []
-    real_progress, real_log = train_mod._progress, train_mod._log
-    train_mod._progress = lambda *args, **kw: (marks.append(time.perf_counter()), real_progress(*args, **kw))[1]
-    train_mod._log = lambda out, row, trackers, bar: (marks.append(time.perf_counter()), real_log(out, row, trackers,
-                                                                                                    bar))
-    rows = synthetic_rows(a.pairs, a.prompt, a.completion, seed=1 if a.dataset == "long" else 0)
-    steps = a.pairs // a.batch
-    with tempfile.TemporaryDirectory() as tmp:
-        def recipe_for(rows_, max_steps: int):
-            data = Path(tmp) / "train.jsonl"
-            data.write_text("".join(json.dumps(r) + "\n" for r in rows_))
-            recipe = recipe_from_dict({
-                "model": {"name_or_path": a.model_dir},
-                "data": {"train": str(data), "max_length": 8192, "max_prompt_length": 4096},
-                "lora": LORA, "dpo": {"beta": 0.1, "reference": "live"},
-                "train": {"max_steps": max_steps, "learning_rate": 1e-4, "per_device_train_batch_size": a.batch,
-                          "seed": 42, "layout": layout, "group_by_length": group},
-                "evaluation": {"generations": 0}, "output": {"dir": str(Path(tmp) / "run"), "overwrite": True}})
-            return recipe
-
-        warm = synthetic_rows(a.batch, a.prompt, a.completion, seed=99)
-        run(recipe_for(warm, 1))
-        marks.clear()
-        recipe = recipe_for(rows, steps)
-        result = run(recipe)
     from lora_dpo.data import tokenize_rows
     from lora_dpo.model import load_tokenizer
+    from lora_dpo.recipe import recipe_from_dict
 
-    pairs, _ = tokenize_rows(rows, load_tokenizer(recipe.model), recipe.data, source="bench")
+    order, layout = a.setting.split("/")
+    group = order == "grouped"
+    steps = a.pairs // a.batch
+    recipe = {"model": {"name_or_path": a.model_dir},
+              "data": {"train": "train.jsonl", "max_length": 8192, "max_prompt_length": 4096},
+              "lora": LORA, "dpo": {"beta": 0.1, "reference": "live"},
+              "train": {"max_steps": 1, "learning_rate": 1e-4, "per_device_train_batch_size": a.batch, "seed": 42,
+                        "layout": layout, "group_by_length": group},
+              "evaluation": {"generations": 0}, "output": {"dir": "run"}}
+    probed_run(recipe, synthetic_rows(a.batch, a.prompt, a.completion, seed=99))  # warm-up on other pairs
+    rows = synthetic_rows(a.pairs, a.prompt, a.completion, seed=1 if a.dataset == "long" else 0)
+    probe = probed_run({**recipe, "train": {**recipe["train"], "max_steps": steps}}, rows)
+    pairs, _ = tokenize_rows(rows, load_tokenizer(recipe_from_dict(recipe).model),
+                             recipe_from_dict(recipe).data, source="bench")
     lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
     batches = [b for b, _ in zip(micro_batch_indices(lengths, a.batch, 42, group_by_length=group), range(steps))]
     distinct, total = row_tokens(pairs, batches, layout)
-    seconds = marks[-1] - marks[0]
+    seconds = probe.times[-1] - probe.start
     return {"seconds": seconds, "pairs_per_s": steps * a.batch / seconds, "padding": 1 - distinct / total,
-            "row_tokens": total, "tokens": distinct, "final_loss": result.history[-1]["loss"]}
+            "row_tokens": total, "tokens": distinct, "final_loss": probe.losses[-1]}
 
 
 def main() -> None:

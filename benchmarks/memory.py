@@ -16,11 +16,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vs_trl import WORDS, Probe, machine, resolve_model  # noqa: E402
+from vs_trl import WORDS, machine, probed_run, resolve_model  # noqa: E402
 
 
 def exact_rows(n: int, prompt_tokens: int, completion_tokens: int, seed: int) -> list[dict]:
@@ -34,39 +33,26 @@ def exact_rows(n: int, prompt_tokens: int, completion_tokens: int, seed: int) ->
              "rejected": " " + text(completion_tokens)} for _ in range(n)]
 
 
-def recipe_dict(a, data_file: str, out: str) -> dict:
+def recipe_dict(a) -> dict:
     return {"model": {"name_or_path": a.model_dir, "attn_implementation": a.attn},
-            "data": {"train": data_file, "max_prompt_length": a.prompt_tokens,
+            "data": {"train": "train.jsonl", "max_prompt_length": a.prompt_tokens,
                      "max_length": a.prompt_tokens + a.completion_tokens},
             "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
             "dpo": {"beta": 0.1, "reference": a.reference},
             "train": {"max_steps": a.steps, "learning_rate": 1e-4, "per_device_train_batch_size": a.batch,
                       "gradient_checkpointing": a.checkpointing, "seed": 42, "layout": a.layout},
-            "evaluation": {"generations": 0}, "output": {"dir": out, "overwrite": True}}
+            "evaluation": {"generations": 0}, "output": {"dir": "run"}}
 
 
 def worker(a) -> dict:
-    import torch
-
     from lora_dpo.estimate import estimate_for
     from lora_dpo.recipe import recipe_from_dict
-    from lora_dpo.train import run
 
-    train_mod = sys.modules["lora_dpo.train"]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    probe = Probe(device)
-    real_log = train_mod._log
-    train_mod._log = lambda out, row, trackers, bar: (probe.step(row["loss"]), real_log(out, row, trackers, bar))
-    with tempfile.TemporaryDirectory() as tmp:
-        data_file = Path(tmp) / "train.jsonl"
-        rows = exact_rows(a.batch * a.steps, a.prompt_tokens, a.completion_tokens, seed=0)
-        data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        recipe = recipe_from_dict(recipe_dict(a, str(data_file), str(Path(tmp) / "run")))
-        run(recipe)
-        est = estimate_for(recipe)
-    tokens = a.batch * (a.prompt_tokens + 2 * a.completion_tokens)
-    result = probe.result(a.batch, [tokens] * a.steps)
-    result.update(device=device, predicted_bytes=est.allocated,
+    recipe = recipe_dict(a)
+    probe = probed_run(recipe, exact_rows(a.batch * a.steps, a.prompt_tokens, a.completion_tokens, seed=0))
+    est = estimate_for(recipe_from_dict(recipe))
+    result = probe.result(a.batch, [a.batch * (a.prompt_tokens + 2 * a.completion_tokens)] * a.steps)
+    result.update(device=probe.device, predicted_bytes=est.allocated,
                   predicted={k: getattr(est, k) for k in ("weights", "adapters", "activations", "logps", "overhead")})
     return result
 

@@ -58,7 +58,7 @@ class Probe:
     """Step end times and the peak memory between the first and the last step."""
 
     def __init__(self, device: str) -> None:
-        self.device, self.times, self.losses, self.peak = device, [], [], 0
+        self.device, self.times, self.losses, self.peak, self.start = device, [], [], 0, 0.0
         self._stop = threading.Event()
         self._thread = None
 
@@ -106,39 +106,51 @@ def _pair_tokens(tokenizer, rows: list[dict]) -> list[int]:
     return [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
 
 
-def _recipe_dict(a, data_file: str, out: str) -> dict:
+def _recipe_dict(a) -> dict:
     return {"model": {"name_or_path": a.model_dir},
-            "data": {"train": data_file, "max_length": 8192, "max_prompt_length": 4096},
+            "data": {"train": "train.jsonl", "max_length": 8192, "max_prompt_length": 4096},
             "lora": LORA, "dpo": {"beta": 0.1, "reference": "live"},
             "train": {"max_steps": a.steps, "learning_rate": 1e-4, "per_device_train_batch_size": a.batch,
                       "gradient_checkpointing": a.checkpointing, "seed": 42, "layout": a.layout,
                       "group_by_length": a.group},
-            "evaluation": {"generations": 0}, "output": {"dir": out, "overwrite": True}}
+            "evaluation": {"generations": 0}, "output": {"dir": "run"}}
 
 
-def worker_ours(a, rows, order) -> dict:
+def probed_run(recipe: dict, rows: list[dict]) -> Probe:
+    """Train lora-dpo on `rows` with this recipe (its data.train and output.dir replaced by temporary ones),
+    probing every logged step."""
     import torch
 
     from lora_dpo.recipe import recipe_from_dict
     from lora_dpo.train import run
 
     train_mod = sys.modules["lora_dpo.train"]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    probe = Probe(device)
-    real_log = train_mod._log
+    probe = Probe("cuda" if torch.cuda.is_available() else "cpu")
+    real_log, real_progress = train_mod._log, train_mod._progress
     train_mod._log = lambda out, row, trackers, bar: (probe.step(row["loss"]), real_log(out, row, trackers, bar))
-    with tempfile.TemporaryDirectory() as tmp:
-        data_file = Path(tmp) / "train.jsonl"
-        data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        run(recipe_from_dict(_recipe_dict(a, str(data_file), str(Path(tmp) / "run"))))
-        from lora_dpo.model import load_tokenizer
-        from lora_dpo.recipe import ModelConfig
+    train_mod._progress = lambda *args, **kw: (setattr(probe, "start", time.perf_counter()),
+                                               real_progress(*args, **kw))[1]  # the loop starts
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            data_file = Path(tmp) / "train.jsonl"
+            data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            run(recipe_from_dict({**recipe, "data": {**recipe["data"], "train": str(data_file)},
+                                  "output": {"dir": str(Path(tmp) / "run"), "overwrite": True}}))
+    finally:
+        train_mod._log, train_mod._progress = real_log, real_progress
+    return probe
 
-        tok = _pair_tokens(load_tokenizer(ModelConfig(name_or_path=a.model_dir)), [rows[i] for i in order])
+
+def worker_ours(a, rows, order) -> dict:
+    from lora_dpo.model import load_tokenizer
+    from lora_dpo.recipe import ModelConfig
+
+    probe = probed_run(_recipe_dict(a), rows)
+    tok = _pair_tokens(load_tokenizer(ModelConfig(name_or_path=a.model_dir)), [rows[i] for i in order])
     per_step = [sum(tok[s * a.batch:(s + 1) * a.batch]) for s in range(a.steps)]
     result = probe.result(a.batch, per_step)
     result["padding"] = padding(a, rows, order, a.layout)
-    if device == "cuda":  # the planner's prediction for this data's longest pair, to compare with the measured peak
+    if probe.device == "cuda":  # the planner's prediction for this data's longest pair, to compare with the peak
         result["predicted_bytes"] = predicted_peak(a, rows, order)
     return result
 
@@ -151,7 +163,7 @@ def predicted_peak(a, rows, order) -> int:
 
     pairs, _ = tokenize_rows([rows[i] for i in order], load_tokenizer(ModelConfig(name_or_path=a.model_dir)),
                              DataConfig(train="x.jsonl", max_length=8192, max_prompt_length=4096), source="bench")
-    d = _recipe_dict(a, "x.jsonl", "unused")
+    d = _recipe_dict(a)
     d["data"].update(max_prompt_length=max(len(p.prompt_ids) for p in pairs),
                      max_length=max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs))
     return estimate_for(recipe_from_dict(d)).allocated
