@@ -283,6 +283,9 @@ def random_llama3_8b(path: Path) -> Path:
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(path)
+    del model
+    if torch.cuda.is_available():  # the workers, not this parent process, should hold the GPU's memory
+        torch.cuda.empty_cache()
     from transformers import AutoTokenizer  # any tokenizer whose ids fit the vocabulary; the demo's is offline
 
     tokenizer = os.environ.get("LORA_DPO_BENCH_TOKENIZER")  # a saved tokenizer dir (the GPU kit carries one)

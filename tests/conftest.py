@@ -35,10 +35,13 @@ def demo_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(demo_dir):
+def tokenizer(request):
+    """The demo model's tokenizer; LORA_DPO_TEST_TOKENIZER may name a saved copy of it instead, for a machine
+    without the demo package (the GPU kit in benchmarks/gpu carries one)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(demo_dir)
+    return AutoTokenizer.from_pretrained(os.environ.get("LORA_DPO_TEST_TOKENIZER")
+                                         or request.getfixturevalue("demo_dir"))
 
 
 def build_tiny(path: Path, tokenizer, seed: int = 0, **overrides) -> Path:

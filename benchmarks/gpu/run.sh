@@ -15,7 +15,8 @@ cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/lora-dpo-gpu}
 mkdir -p "$out" /tmp/site
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export LORA_DPO_CACHE=$PWD/.gpu-cache LORA_DPO_BENCH_TOKENIZER=$PWD/.gpu/tokenizer
+export LORA_DPO_CACHE=$PWD/.gpu-cache LORA_DPO_BENCH_TOKENIZER=$PWD/.gpu/tokenizer \
+  LORA_DPO_TEST_TOKENIZER=$PWD/.gpu/tokenizer  # the device has no demo-model package
 if [ -d .gpu/wheels ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl
 fi
