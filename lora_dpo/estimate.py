@@ -32,7 +32,7 @@ activations  What autograd saves in the policy forward, per token per layer (the
              no-grad reference forward), two with checkpointing (the recomputed layer), and the largest quantized
              Linear dequantized to 16 bit (bitsandbytes' matmul).
 log-prob     The completion hidden states gathered for the LM head (N·H·b, N = completion tokens) and one chunk of
-             logits (lora_dpo.logps: chunk = min(1024, N) tokens) at its backward peak: 16-bit logits + fp32
+             logits (lora_dpo.logps: chunk = min(256, N) tokens) at its backward peak: 16-bit logits + fp32
              logits, softmax and gradient, chunk·V·(b + 12).
 overhead     A stated constant, OVERHEAD_BYTES = 1 GiB, for the CUDA context, cuBLAS workspaces and allocator
              fragmentation (not in max_memory_allocated). `Estimate.total` = allocated + overhead must fit.
@@ -56,7 +56,7 @@ from lora_dpo.recipe import Recipe
 
 OVERHEAD_BYTES = 1 << 30
 DEFAULT_GPU_BYTES = 16 << 30
-LOGPS_CHUNK = 1024  # lora_dpo.logps.DEFAULT_CHUNK (not imported: that pulls in torch)
+LOGPS_CHUNK = 256  # lora_dpo.logps.DEFAULT_CHUNK (not imported: that pulls in torch; a test keeps them equal)
 LAYOUTS = ("concatenated", "prefix-shared")
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")

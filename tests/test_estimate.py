@@ -282,3 +282,9 @@ def test_unreachable_hub_id_is_a_clear_error():
                           "output": {"dir": "x"}})
     with pytest.raises(LoraDpoError, match="cannot read the config of 'no-such-org/no-such-model'"):
         estimate_for(r, 16 << 30)
+
+
+def test_log_prob_chunk_is_the_one_training_uses():
+    from lora_dpo.logps import DEFAULT_CHUNK
+
+    assert est_lib.LOGPS_CHUNK == DEFAULT_CHUNK
