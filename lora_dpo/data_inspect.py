@@ -21,13 +21,11 @@ def load_tokenizer_only(cfg: ModelConfig):
     if cfg.tokenizer is not None or src.kind != "gguf":
         return model_lib.load_tokenizer(cfg)
     gguf = Path(src.path)
-    cached = model_lib.cache_dir() / "gguf" / f"{gguf.stem}-{model_lib._file_key(gguf)}"
+    cached = model_lib.gguf_cache_dir(gguf)
     if (cached / "config.json").is_file():
         return model_lib.load_tokenizer(ModelConfig(name_or_path=str(cached)))
-    from transformers import AutoTokenizer
-
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tok = model_lib.gguf_tokenizer(gguf)
     except Exception as e:  # noqa: BLE001 - any parser failure means the file is unusable
         raise LoraDpoError(f"model.name_or_path: cannot read a tokenizer from GGUF file '{gguf}' "
                            f"({type(e).__name__}); is it a complete, uncorrupted .gguf model?") from None

@@ -80,15 +80,15 @@ def gguf_to_hf_dir(gguf: str | Path) -> Path:
     transformers loads GGUF dequantized but marks the model as GGUF-quantized and refuses to train or save it, so
     the weights are moved into a fresh model built from the same config.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     gguf = Path(gguf)
-    out = cache_dir() / "gguf" / f"{gguf.stem}-{_file_key(gguf)}"
+    out = gguf_cache_dir(gguf)
     if (out / "config.json").is_file():
         return out
     print(f"converting {gguf.name} to a Hugging Face checkpoint (once) → {out}", flush=True)
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tok = gguf_tokenizer(gguf)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - any parser failure means the file is unusable
         raise LoraDpoError(f"model.name_or_path: cannot read GGUF file '{gguf}' ({type(e).__name__}: "
@@ -112,6 +112,51 @@ def gguf_to_hf_dir(gguf: str | Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+GGUF_CONVERSION = 2  # part of the cache key: 2 = special tokens from the file's metadata (older caches redone)
+
+
+def gguf_cache_dir(gguf: Path) -> Path:
+    return cache_dir() / "gguf" / f"{gguf.stem}-{_file_key(gguf)}-c{GGUF_CONVERSION}"
+
+
+def gguf_tokenizer(gguf: Path):
+    """The tokenizer inside a GGUF file, its special tokens as the file declares them."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _special_tokens_from_gguf(tok, gguf)
+    return tok
+
+
+def gguf_special_token_ids(gguf: Path) -> dict[str, int]:
+    """The special-token ids a GGUF file declares (bos, eos, unk, pad), from its metadata."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+    keys = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "pad": "padding_token_id"}
+    out = {}
+    for name, key in keys.items():
+        field = fields.get(f"tokenizer.ggml.{key}")
+        if field is not None and field.data:
+            out[name] = int(field.parts[field.data[0]][0])
+    return out
+
+
+def _special_tokens_from_gguf(tok, gguf: Path) -> None:
+    """Set the tokenizer's special tokens from the file's metadata: some transformers releases (5.17 among them)
+    convert a GGUF tokenizer with the wrong eos (SmolLM2's came out as <|im_start|>), which would end every
+    completion with the wrong token. Each correction is printed."""
+    for name, token_id in gguf_special_token_ids(gguf).items():
+        if token_id >= len(tok):
+            continue
+        token, key = tok.convert_ids_to_tokens(token_id), f"{name}_token"
+        was = tok.special_tokens_map.get(key)
+        if was != token:
+            print(f"{gguf.name}: {key} set to {token!r} (id {token_id}) from the file's metadata, was {was!r}",
+                  flush=True)
+            tok.add_special_tokens({key: token})  # already in the vocabulary: nothing is added, the role is set
 
 
 def local_dir(cfg: ModelConfig) -> tuple[str, dict]:

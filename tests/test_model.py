@@ -128,6 +128,21 @@ def test_demo_model_from_gguf(demo_dir):
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
 
 
+def test_gguf_special_tokens_come_from_the_file(demo_dir, capsys):
+    """The converted tokenizer's bos/eos/pad are the ids the GGUF file declares, also where a transformers release
+    converts them wrongly (5.17 gave SmolLM2 eos = <|im_start|>): simulated here, then corrected and said."""
+    from transformers import AutoTokenizer
+
+    ids = M.gguf_special_token_ids(M.demo_gguf_path())
+    assert ids == {"bos": 1, "eos": 2, "unk": 0, "pad": 2}
+    tok = AutoTokenizer.from_pretrained(demo_dir)
+    assert (tok.bos_token_id, tok.eos_token_id) == (ids["bos"], ids["eos"])
+    tok.eos_token = "<|im_start|>"  # what transformers 5.17 produced
+    M._special_tokens_from_gguf(tok, M.demo_gguf_path())
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
+    assert "eos_token set to '<|im_end|>' (id 2)" in capsys.readouterr().out
+
+
 def test_an_eval_pass_does_not_change_training_gradients(tiny_model_dir):
     """Regression: bitsandbytes' CPU inference repacking must not leak into training (it drops gradients)."""
     from lora_dpo.objective import dpo_forward
