@@ -21,16 +21,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vs_trl import LORA, machine, probed_run, resolve_model, synthetic_rows  # noqa: E402
+from vs_trl import LORA, _pair_len, bench_pairs, machine, probed_run, resolve_model, synthetic_rows  # noqa: E402
 
 SETTINGS = ("shuffled/shared", "shuffled/packed", "grouped/shared", "grouped/packed")
 
 
 def worker(a) -> dict:
     from lora_dpo.batching import micro_batch_indices, row_tokens
-    from lora_dpo.data import tokenize_rows
-    from lora_dpo.model import load_tokenizer
-    from lora_dpo.recipe import recipe_from_dict
 
     order, layout = a.setting.split("/")
     group = order == "grouped"
@@ -44,9 +41,8 @@ def worker(a) -> dict:
     probed_run(recipe, synthetic_rows(a.batch, a.prompt, a.completion, seed=99))  # warm-up on other pairs
     rows = synthetic_rows(a.pairs, a.prompt, a.completion, seed=1 if a.dataset == "long" else 0)
     probe = probed_run({**recipe, "train": {**recipe["train"], "max_steps": steps}}, rows)
-    pairs, _ = tokenize_rows(rows, load_tokenizer(recipe_from_dict(recipe).model),
-                             recipe_from_dict(recipe).data, source="bench")
-    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    pairs = bench_pairs(a.model_dir, rows)
+    lengths = [_pair_len(p) for p in pairs]
     batches = [b for b, _ in zip(micro_batch_indices(lengths, a.batch, 42, group_by_length=group), range(steps))]
     distinct, total = row_tokens(pairs, batches, layout)
     seconds = probe.times[-1] - probe.start

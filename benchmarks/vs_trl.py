@@ -97,13 +97,20 @@ class Probe:
                 "peak_bytes": self.peak, "losses": self.losses, "seconds_per_step": elapsed / steps}
 
 
-def _pair_tokens(tokenizer, rows: list[dict]) -> list[int]:
+def bench_pairs(model_dir: str, rows: list[dict], tokenizer=None) -> list:
+    """The rows tokenized as the benchmark's recipes tokenize them (nothing truncated), index = row number."""
     from lora_dpo.data import tokenize_rows
-    from lora_dpo.recipe import DataConfig
+    from lora_dpo.model import load_tokenizer
+    from lora_dpo.recipe import DataConfig, ModelConfig
 
+    tokenizer = tokenizer or load_tokenizer(ModelConfig(name_or_path=model_dir))
     pairs, _ = tokenize_rows(rows, tokenizer, DataConfig(train="x.jsonl", max_length=8192, max_prompt_length=4096),
                              source="bench")
-    return [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    return pairs
+
+
+def _pair_len(p) -> int:
+    return len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
 
 
 def _recipe_dict(a) -> dict:
@@ -142,27 +149,20 @@ def probed_run(recipe: dict, rows: list[dict]) -> Probe:
 
 
 def worker_ours(a, rows, order) -> dict:
-    from lora_dpo.model import load_tokenizer
-    from lora_dpo.recipe import ModelConfig
-
     probe = probed_run(_recipe_dict(a), rows)
-    tok = _pair_tokens(load_tokenizer(ModelConfig(name_or_path=a.model_dir)), [rows[i] for i in order])
-    per_step = [sum(tok[s * a.batch:(s + 1) * a.batch]) for s in range(a.steps)]
+    pairs = bench_pairs(a.model_dir, rows)
+    per_step = [sum(_pair_len(pairs[i]) for i in order[s * a.batch:(s + 1) * a.batch]) for s in range(a.steps)]
     result = probe.result(a.batch, per_step)
-    result["padding"] = padding(a, rows, order, a.layout)
+    result["padding"] = padding(a, pairs, order, a.layout)
     if probe.device == "cuda":  # the planner's prediction for this data's longest pair, to compare with the peak
-        result["predicted_bytes"] = predicted_peak(a, rows, order)
+        result["predicted_bytes"] = predicted_peak(a, [pairs[i] for i in order])
     return result
 
 
-def predicted_peak(a, rows, order) -> int:
-    from lora_dpo.data import tokenize_rows
+def predicted_peak(a, pairs: list) -> int:
     from lora_dpo.estimate import estimate_for
-    from lora_dpo.model import load_tokenizer
-    from lora_dpo.recipe import DataConfig, ModelConfig, recipe_from_dict
+    from lora_dpo.recipe import recipe_from_dict
 
-    pairs, _ = tokenize_rows([rows[i] for i in order], load_tokenizer(ModelConfig(name_or_path=a.model_dir)),
-                             DataConfig(train="x.jsonl", max_length=8192, max_prompt_length=4096), source="bench")
     d = _recipe_dict(a)
     d["data"].update(max_prompt_length=max(len(p.prompt_ids) for p in pairs),
                      max_length=max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs))
@@ -206,8 +206,8 @@ def worker_trl(a, rows, order) -> dict:
             if "lora_" in name:
                 p.data = init[name].to(p.device, torch.float32)
         trainer.train()
-        tok = _pair_tokens(trainer.processing_class, [rows[i] for i in order])
-    per_step = [sum(tok[s * a.batch:(s + 1) * a.batch]) for s in range(a.steps)]
+        pairs = bench_pairs(a.model_dir, rows, trainer.processing_class)
+    per_step = [sum(_pair_len(pairs[i]) for i in order[s * a.batch:(s + 1) * a.batch]) for s in range(a.steps)]
     return probe.result(a.batch, per_step)
 
 
@@ -311,25 +311,18 @@ def dataset_rows(a, name: str) -> tuple[list[dict], list[int]]:
     from itertools import islice
 
     from lora_dpo.batching import micro_batch_indices
-    from lora_dpo.model import load_tokenizer
-    from lora_dpo.recipe import ModelConfig
 
     prompt = a.long_prompt if name == "long" else a.short_prompt
     rows = synthetic_rows(max(64, a.batch * a.steps), prompt, a.completion, seed=1 if name == "long" else 0)
-    lengths = _pair_tokens(load_tokenizer(ModelConfig(name_or_path=a.model_dir)), rows)
+    lengths = [_pair_len(p) for p in bench_pairs(a.model_dir, rows)]
     batches = islice(micro_batch_indices(lengths, a.batch, 42, group_by_length=a.group), a.steps)
     return rows, [i for b in batches for i in b]
 
 
-def padding(a, rows: list[dict], order: list[int], layout: str) -> float:
+def padding(a, pairs: list, order: list[int], layout: str) -> float:
     """Share of padding among the tokens lora-dpo's forward runs on, over the timed steps (2..N)."""
     from lora_dpo.batching import row_tokens
-    from lora_dpo.data import tokenize_rows
-    from lora_dpo.model import load_tokenizer
-    from lora_dpo.recipe import DataConfig, ModelConfig
 
-    pairs, _ = tokenize_rows(rows, load_tokenizer(ModelConfig(name_or_path=a.model_dir)),
-                             DataConfig(train="x.jsonl", max_length=8192, max_prompt_length=4096), source="bench")
     distinct, total = row_tokens(pairs, [order[s * a.batch:(s + 1) * a.batch] for s in range(1, a.steps)], layout)
     return 1 - distinct / total
 
