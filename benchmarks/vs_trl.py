@@ -5,7 +5,7 @@
     python3 benchmarks/vs_trl.py --model llama3-8b-random --batch 4 --long-prompt 1536 --completion 512   # GPU
 
 Each measurement runs in a fresh worker process (so peak memory belongs to one trainer), in the order
-TRL, lora-dpo, TRL, lora-dpo, … per dataset. A worker loads the 4-bit base, attaches LoRA (the same initial adapter
+lora-dpo, TRL, lora-dpo, TRL, … per dataset. A worker loads the 4-bit base, attaches LoRA (the same initial adapter
 on both sides: lora-dpo's seeded init, saved once and loaded into TRL's adapter), trains `--steps` optimizer steps
 on the same pairs in the same order (lora-dpo's first micro-batches, grouped by length unless --no-group; TRL reads
 them sequentially), and reports:
@@ -149,7 +149,24 @@ def probed_run(recipe: dict, rows: list[dict]) -> Probe:
 
 
 def worker_ours(a, rows, order) -> dict:
-    probe = probed_run(_recipe_dict(a), rows)
+    from lora_dpo import model as M
+
+    real_attach = M.attach_lora
+
+    def attach_and_save(*args, **kw):  # lora-dpo's seeded initial adapter, for TRL's workers (fp32 like ours)
+        peft = real_attach(*args, **kw)
+        if not Path(a.init_adapter).is_file():
+            from safetensors.torch import save_file
+
+            save_file({n: p.detach().float().cpu().contiguous() for n, p in peft.named_parameters() if "lora_" in n},
+                      a.init_adapter)
+        return peft
+
+    M.attach_lora = attach_and_save
+    try:
+        probe = probed_run(_recipe_dict(a), rows)
+    finally:
+        M.attach_lora = real_attach
     pairs = bench_pairs(a.model_dir, rows)
     per_step = [sum(_pair_len(pairs[i]) for i in order[s * a.batch:(s + 1) * a.batch]) for s in range(a.steps)]
     result = probe.result(a.batch, per_step)
@@ -215,24 +232,11 @@ def worker_trl(a, rows, order) -> dict:
 
 
 def prepare(a) -> None:
-    """Resolve the model to a local directory and save lora-dpo's seeded initial adapter for TRL to load."""
-    import torch
-    from safetensors.torch import save_file
-
-    from lora_dpo import model as M
-    from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig
-
+    """Resolve the model to a local directory; the first lora-dpo worker saves its seeded initial adapter there for
+    TRL's workers to load (so no process loads the model only to make an adapter)."""
     a.model_dir = resolve_model(a.model)
-    device, dtype = M.device_and_dtype("auto", "auto")
-    base = M.load_base(ModelConfig(name_or_path=a.model_dir), QuantizationConfig(), dtype, device)
-    peft = M.attach_lora(base, LoraConfig(**LORA), seed=42, gradient_checkpointing=False)
-    state = {n: p.detach().float().cpu().contiguous() for n, p in peft.named_parameters() if "lora_" in n}
-    a.init_adapter = str(Path(a.workdir) / "init_adapter.safetensors")
     a.n_params = count_params(a.model_dir)
-    save_file(state, a.init_adapter)
-    del base, peft
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    a.init_adapter = str(Path(a.workdir) / "init_adapter.safetensors")
 
 
 def resolve_model(name: str) -> str:
@@ -271,6 +275,8 @@ def random_llama3_8b(path: Path) -> Path:
     """A randomly initialised model with Llama-3-8B's architecture (speed and memory only), saved once in bf16."""
     if (path / "config.json").is_file():
         return path
+    import shutil
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -280,16 +286,22 @@ def random_llama3_8b(path: Path) -> Path:
                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
                       tie_word_embeddings=False)
     torch.manual_seed(0)
+    print(f"building a random Llama-3-8B-shaped model into {path} (once) ...", flush=True)
+    start = time.perf_counter()
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
-    model.save_pretrained(path)
+    partial = path.with_name(path.name + ".partial")  # renamed when complete: an interrupted build is redone
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
     del model
     if torch.cuda.is_available():  # the workers, not this parent process, should hold the GPU's memory
         torch.cuda.empty_cache()
     from transformers import AutoTokenizer  # any tokenizer whose ids fit the vocabulary; the demo's is offline
 
     tokenizer = os.environ.get("LORA_DPO_BENCH_TOKENIZER")  # a saved tokenizer dir (the GPU kit carries one)
-    AutoTokenizer.from_pretrained(tokenizer or gguf_to_hf_dir(demo_gguf_path())).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer or gguf_to_hf_dir(demo_gguf_path())).save_pretrained(partial)
+    partial.rename(path)
+    print(f"built in {time.perf_counter() - start:.0f} s", flush=True)
     return path
 
 
@@ -355,6 +367,7 @@ def main() -> None:
                         "the same order either way)")
     p.add_argument("--datasets", default="short,long")
     p.add_argument("--json", help="also write the raw results here")
+    p.add_argument("--build-only", action="store_true", help="only resolve (build, for llama3-8b-random) the model")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--dataset", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -368,13 +381,16 @@ def main() -> None:
         result = (worker_ours if a.worker == "ours" else worker_trl)(a, rows, order)
         print("RESULT " + json.dumps(result), flush=True)
         return
+    if a.build_only:
+        print(resolve_model(a.model))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         a.workdir = tmp
         prepare(a)
         results: dict = {}
         for ds in a.datasets.split(","):
             for _ in range(a.repeats):
-                for which in ("trl", "ours"):
+                for which in ("ours", "trl"):  # ours first: it saves the initial adapter TRL starts from
                     r = run_worker(a, which, ds)
                     results.setdefault(ds, {}).setdefault(which, []).append(r)
                     print(f"[{ds}] {which}: {r['pairs_per_s']:.3f} pairs/s, {r['tokens_per_s']:.0f} tok/s, "

@@ -1,7 +1,8 @@
 """Data parallelism on torch.distributed, for runs started by `accelerate launch` or `torchrun`.
 
 Each process holds the whole (4-bit) model and a LoRA adapter initialised from the same seed. A global micro-batch
-of per_device_train_batch_size × world_size pairs is cut into one contiguous shard per process; after backward the
+of per_device_train_batch_size × world_size pairs is dealt out in a snake order, one shard per process (batches grouped
+by length are sorted inside, so every process gets a similar share of short and long pairs); after backward the
 adapter gradients (a few MB) are averaged with one all-reduce, so every process takes the same optimizer step and
 the run equals a single process with the global batch. Only rank 0 prints and writes files.
 """
@@ -34,8 +35,10 @@ class Context:
             print(*args, **kwargs, flush=True)
 
     def shard(self, items: list) -> list:
-        per = len(items) // self.world
-        return items[self.rank * per: (self.rank + 1) * per]
+        """This process's share of a global micro-batch (len(items) is a multiple of world), dealt like cards in a
+        snake: ranks 0..w-1, then w-1..0, … so in a length-sorted batch each process gets short and long pairs alike."""
+        w = self.world
+        return [x for i, x in enumerate(items) if (i % w if (i // w) % 2 == 0 else w - 1 - i % w) == self.rank]
 
     def average_grads(self, params: list[torch.nn.Parameter]) -> None:
         if not self.enabled:

@@ -45,3 +45,14 @@ def test_two_processes_match_one(recipe_dict, tmp_path):
     assert any(wa[k].abs().max() > 0.01 for k in wa if "lora_B" in k)  # it trained
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
+def test_shards_split_a_length_sorted_batch_evenly():
+    from lora_dpo.distributed import Context
+
+    batch = list(range(8))  # a batch grouped by length: sorted, shortest first
+    shards = [Context(rank=r, world=4).shard(batch) for r in range(4)]
+    assert sorted(i for s in shards for i in s) == batch and all(len(s) == 2 for s in shards)
+    cost = [sum(s) for s in shards]  # item i costs i: no rank gets the two longest
+    assert max(cost) == min(cost), shards  # 0+7, 1+6, 2+5, 3+4
+    assert Context().shard(batch) == batch

