@@ -52,7 +52,8 @@ def worker(a) -> dict:
     probe = probed_run(recipe, exact_rows(a.batch * a.steps, a.prompt_tokens, a.completion_tokens, seed=0))
     est = estimate_for(recipe_from_dict(recipe))
     result = probe.result(a.batch, [a.batch * (a.prompt_tokens + 2 * a.completion_tokens)] * a.steps)
-    result.update(device=probe.device, predicted_bytes=est.allocated,
+    result.update(device=probe.device, predicted_bytes=est.allocated, prompt_tokens=a.prompt_tokens,
+                  completion_tokens=a.completion_tokens,
                   predicted={k: getattr(est, k) for k in ("weights", "adapters", "activations", "logps", "overhead")})
     return result
 

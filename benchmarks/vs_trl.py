@@ -260,15 +260,16 @@ def count_params(model_dir: str) -> int:
                    .parameters())
 
 
-def mfu(n_params: int, tokens_per_s: float) -> str:
+def mfu(n_params: int, tokens_per_s: float, device_name: str | None = None) -> str:
     """Model FLOPs utilisation: 6 × parameters × unique tokens / time / the card's peak dense bf16 FLOP/s."""
-    import torch
+    if device_name is None:
+        import torch
 
-    if not torch.cuda.is_available():
-        return "n/a (CPU)"
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    return f"{6 * n_params * tokens_per_s / peak:.1%}" if peak else f"n/a ({name})"
+        if not torch.cuda.is_available():
+            return "n/a (CPU)"
+        device_name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16.items() if k in device_name), None)
+    return f"{6 * n_params * tokens_per_s / peak:.1%}" if peak else f"n/a ({device_name})"
 
 
 def random_llama3_8b(path: Path) -> Path:
@@ -398,7 +399,12 @@ def main() -> None:
                           flush=True)
     report(a, results)
     if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=1))
+        import torch
+
+        meta = {"machine": machine(), "cuda": torch.cuda.is_available(), "model": a.model, "n_params": a.n_params,
+                "batch": a.batch, "steps": a.steps,
+                "checkpointing": a.checkpointing, "grouped": a.group, "layout": a.layout, "command": sys.argv}
+        Path(a.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
 
 
 def report(a, results: dict) -> None:

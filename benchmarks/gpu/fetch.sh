@@ -4,8 +4,8 @@
 #
 # The GPU machine's image has torch, transformers, peft, accelerate, pyarrow, pandas, tokenizers, safetensors, but
 # no bitsandbytes, trl, datasets (and its dill / multiprocess) or gguf, and it reaches no registry. Versions are
-# pinned to the ones installed here. bitsandbytes is unpacked with only its CUDA 13 libraries: the whole wheel
-# alone is ~43 MB of the 64 MiB a device call may carry.
+# pinned to the ones installed here; peft too (the image's own may be another version). bitsandbytes is unpacked
+# with only its CUDA 13 libraries: the whole wheel alone is ~43 MB of the 64 MiB a device call may carry.
 #     bash benchmarks/gpu/fetch.sh                 # the packages above
 #     bash benchmarks/gpu/fetch.sh transformers    # also carry this machine's transformers (13 MB) and others
 set -euo pipefail
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/../.."
 version() { python3 -c "import importlib.metadata as m; print(m.version('$1'))"; }
 rm -rf .gpu && mkdir -p .gpu/wheels .gpu/site
 pins=()
-for pkg in bitsandbytes trl datasets dill multiprocess gguf "$@"; do pins+=("$pkg==$(version "$pkg")"); done
+for pkg in bitsandbytes trl datasets dill multiprocess gguf peft "$@"; do pins+=("$pkg==$(version "$pkg")"); done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d .gpu/wheels "${pins[@]}"

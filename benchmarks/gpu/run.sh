@@ -70,6 +70,7 @@ on gpu-tests && stage gpu-tests 150 45 python3 -m pytest -q -p no:cacheprovider 
   tests/test_train.py
 on flex && stage flex 180 90 $memory --attn flex_attention --json "$out/flex.json"
 echo "=== done after $((SECONDS - start))s" | tee -a "$log"
+python3 benchmarks/gpu/targets.py "$out" 2>&1 | tee -a "$log"
 if ((${#skipped[@]})); then
   echo "=== next call: KIT_DEADLINE=300 bash benchmarks/gpu/run.sh ${skipped[*]}" | tee -a "$log"
 fi

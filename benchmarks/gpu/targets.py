@@ -1,0 +1,98 @@
+"""The speed-and-memory targets of the issue (the GPU ones, or the CPU ones for results from a CPU), checked against
+the GPU kit's results: reads the JSON files `run.sh` wrote (long.json, short.json from vs_trl.py; memory.json,
+flex.json from memory.py) and prints one markdown line per target with the measured value and ✓ / ✗, or
+"not measured" where a stage did not run. Prints; asserts nothing.
+
+    python3 benchmarks/gpu/targets.py "$OUT"
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vs_trl import mfu  # noqa: E402
+
+GiB = 2**30
+# lora-dpo ÷ TRL: pairs/s at least, peak memory at most (CUDA max allocated on a GPU, peak RSS on a CPU)
+SPEED = {True: {"long": 2.0, "short": 1.5}, False: {"long": 1.5, "short": 1.2}}  # keyed by "ran on CUDA"
+MEMORY_RATIO = {True: 0.6, False: 0.8}
+PAIR_2x2048_GIB = 12.0  # peak of a 2×2048-token pair, at most
+ESTIMATE_WITHIN = 0.15  # |predicted ÷ measured − 1|, at most
+
+
+def _load(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _line(target: str, value: str, ok: bool | None) -> str:
+    return f"| {target} | {value} | {'—' if ok is None else '✓' if ok else '✗'} |"
+
+
+def vs_trl_lines(name: str, doc: dict | None) -> list[str]:
+    if not doc or name not in doc.get("results", {}):
+        return [_line(f"{name} prompts: lora-dpo vs TRL", "not measured", None)]
+    meta, r = doc["meta"], doc["results"][name]
+    cuda = meta.get("cuda", "NVIDIA" in meta["machine"])
+    speed_target, memory_target = SPEED[cuda][name], MEMORY_RATIO[cuda]
+    med = lambda side, k: statistics.median(x[k] for x in r[side])  # noqa: E731
+    speed = med("ours", "pairs_per_s") / med("trl", "pairs_per_s")
+    mem = med("ours", "peak_bytes") / med("trl", "peak_bytes")
+    dl = max(abs(x - y) for x, y in zip(r["trl"][0]["losses"][:3], r["ours"][0]["losses"][:3]))
+    out = [_line(f"{name} prompts: pairs/s ≥ {speed_target}× TRL", f"{speed:.2f}×", speed >= speed_target),
+           _line(f"{name} prompts: peak {'' if cuda else 'RSS '}≤ {memory_target}× TRL",
+                 f"{mem:.2f} ({med('ours', 'peak_bytes') / GiB:.2f} vs {med('trl', 'peak_bytes') / GiB:.2f} GiB)",
+                 mem <= memory_target),
+           _line(f"{name} prompts: losses agree (steps 1-3)", f"max abs Δ {dl:.1e}", dl < 1e-2),
+           _line(f"{name} prompts: MFU TRL / lora-dpo", " / ".join(
+               mfu(meta["n_params"], med(side, "tokens_per_s"), meta["machine"]) if cuda else "n/a (CPU)"
+               for side in ("trl", "ours")), None)]
+    if "predicted_bytes" in r["ours"][0]:
+        out.append(_estimate_line(f"{name} prompts: estimate", r["ours"][0]["predicted_bytes"],
+                                  med("ours", "peak_bytes")))
+    return out
+
+
+def _estimate_line(what: str, predicted: int, measured: int) -> str:
+    err = predicted / measured - 1
+    return _line(f"{what} within {ESTIMATE_WITHIN:.0%} of the peak",
+                 f"{predicted / GiB:.2f} predicted, {measured / GiB:.2f} GiB measured ({err:+.0%})",
+                 abs(err) <= ESTIMATE_WITHIN)
+
+
+def memory_lines(name: str, rows: list | None) -> list[str]:
+    if not rows:
+        return [_line(f"2×2048-token pairs ({name})", "not measured", None)]
+    out = []
+    for r in rows:
+        cuda = r.get("device") == "cuda"
+        span = r.get("prompt_tokens", 1024) + r.get("completion_tokens", 1024)  # chosen and rejected each
+        label = f"2×{span}-token pairs ({r['attn']}, checkpointing {r['checkpointing']})"
+        target = cuda and span == 2048
+        out.append(_line(f"{label}: peak" + (f" ≤ {PAIR_2x2048_GIB:g} GiB" if target else ""),
+                         f"{r['peak_bytes'] / GiB:.2f} GiB" + ("" if cuda else " (CPU RSS)"),
+                         r["peak_bytes"] / GiB <= PAIR_2x2048_GIB if target else None))
+        if cuda:
+            out.append(_estimate_line(f"{label}: estimate", r["predicted_bytes"], r["peak_bytes"]))
+    return out
+
+
+def main() -> None:
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    for name in ("long", "short"):
+        lines += vs_trl_lines(name, _load(out / f"{name}.json"))
+    for name, file in (("sdpa", "memory.json"), ("flex_attention", "flex.json")):
+        lines += memory_lines(name, _load(out / file))
+    doc = _load(out / "long.json") or _load(out / "short.json")
+    print(f"machine: {doc['meta']['machine'] if doc else 'unknown (no vs-TRL results)'}\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
