@@ -187,14 +187,19 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def device_and_dtype(precision: str, device: str) -> tuple[torch.device, torch.dtype]:
-    """bf16 where the GPU supports it, fp32 on CPU (bf16 matmuls are slow there and the maths must be exact)."""
+    """precision auto: bf16 on a GPU with native bf16 (compute capability 8.0+: Ampere, Hopper, …); fp16 with loss
+    scaling on older GPUs (T4, V100: torch would emulate bf16 there, slowly); fp32 on CPU (bf16 matmuls are slow
+    there and the maths must be exact)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise LoraDpoError("train.device: 'cuda' was asked for but no CUDA GPU is visible; use auto or cpu")
     dev = torch.device(device)
     if precision == "auto":
-        precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        if dev.type != "cuda":
+            precision = "fp32"
+        else:
+            precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return dev, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 

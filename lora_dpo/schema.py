@@ -147,7 +147,8 @@ class TrainConfig:
     adam_beta1: float = _f(0.9, "AdamW β1.", check=_PROB)
     adam_beta2: float = _f(0.999, "AdamW β2.", check=_PROB)
     adam_epsilon: float = _f(1e-8, "AdamW ε.", check=_POS)
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = _f("auto", "auto = bf16 on a GPU that supports it, else fp32.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = _f(
+        "auto", "auto = bf16 on a GPU with native bf16 (Ampere or newer), fp16 on older GPUs (T4, V100), fp32 on CPU.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory, ~30% slower).")
     layout: Literal["packed", "shared", "concatenated"] = _f(
         "packed", "How pairs become rows. shared: one [prompt | chosen | rejected] row per pair, the prompt runs "

@@ -155,7 +155,9 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     train_pairs, eval_pairs = prepared.train_pairs, prepared.eval_pairs
 
     q = recipe.quantization
-    kind = f"4-bit {q.bnb_4bit_quant_type}" if q.load_in_4bit else "8-bit" if q.load_in_8bit else str(dtype)[6:]
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    kind = (f"4-bit {q.bnb_4bit_quant_type}, {precision} compute" if q.load_in_4bit
+            else f"8-bit, {precision} compute" if q.load_in_8bit else precision)
     where = f"{ctx.world} processes on {device.type}" if ctx.enabled else str(device)
     say(f"loading {recipe.model.name_or_path} ({kind}) on {where}")
     policy = model_lib.attach_lora(model_lib.load_base(recipe.model, recipe.quantization, dtype, device),

@@ -238,6 +238,22 @@ def test_precision_follows_the_device():
             device_and_dtype("auto", "cuda")
 
 
+@pytest.mark.parametrize("native_bf16, want", [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_precision_on_gpus_with_and_without_native_bf16(monkeypatch, native_bf16, want):
+    """A T4 (compute capability 7.5) only emulates bf16, and torch.cuda.is_bf16_supported() says True for emulation:
+    auto must ask for native support and fall back to fp16 (trained under a GradScaler)."""
+    from lora_dpo.model import device_and_dtype
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: asked.append(including_emulation) or native_bf16
+                        or including_emulation)
+    assert device_and_dtype("auto", "cuda") == (torch.device("cuda"), want)
+    assert asked == [False]
+    assert device_and_dtype("fp32", "cuda")[1] == torch.float32  # an explicit precision is kept
+
+
 def test_fp16_scales_the_loss_and_overflow_is_not_a_data_problem(recipe_dict, monkeypatch, capsys):
     """fp16 runs under a GradScaler: its first scale is forced to overflow here, which skips that step
     and lowers the scale without counting towards max_nonfinite_steps; later steps train. (CPU twin of the T4 path.)"""
