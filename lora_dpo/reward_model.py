@@ -36,8 +36,10 @@ def load(name: str, device: torch.device):
         if not any(a.endswith("ForSequenceClassification") for a in archs):
             raise LoraDpoError(f"--reward-model '{name}' is a {', '.join(archs) or 'model of unknown class'}, not a "
                                "sequence-classification model (…ForSequenceClassification); name a reward model")
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name, trust_remote_code=False, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        from lora_dpo.model import device_and_dtype
+
+        dtype = device_and_dtype("auto", device.type)[1]  # bf16 where native, fp16 on older GPUs, fp32 on CPU
+        model = AutoModelForSequenceClassification.from_pretrained(name, trust_remote_code=False, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except OSError as e:
         raise LoraDpoError(f"--reward-model '{name}' could not be loaded ({str(e).splitlines()[0]}); give a local "
