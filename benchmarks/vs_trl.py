@@ -55,7 +55,9 @@ def synthetic_rows(n: int, prompt_words: int, completion_words: int, seed: int) 
 
 
 class Probe:
-    """Step end times and the peak memory between the first and the last step."""
+    """Step end times and the peak memory between the end of the warm-up steps and the last step."""
+
+    warmup = 1  # untimed first steps (--warmup: 2 where a kernel compiles again for the second shape, as flex does)
 
     def __init__(self, device: str) -> None:
         self.device, self.times, self.losses, self.peak, self.start = device, [], [], 0, 0.0
@@ -65,7 +67,7 @@ class Probe:
     def step(self, loss: float) -> None:
         self.times.append(time.perf_counter())
         self.losses.append(float(loss))
-        if len(self.times) == 1:  # warm-up done: measure memory from here
+        if len(self.times) == self.warmup:  # warm-up done: measure memory from here
             if self.device == "cpu":  # hand freed heap (e.g. the weights before quantization) back to the OS
                 import ctypes
 
@@ -91,9 +93,10 @@ class Probe:
             import torch
 
             self.peak = torch.cuda.max_memory_allocated()
-        elapsed = self.times[-1] - self.times[0]
-        steps = len(self.times) - 1
-        return {"pairs_per_s": pairs_per_step * steps / elapsed, "tokens_per_s": sum(tokens_per_step[1:]) / elapsed,
+        w = self.warmup
+        elapsed = self.times[-1] - self.times[w - 1]
+        steps = len(self.times) - w
+        return {"pairs_per_s": pairs_per_step * steps / elapsed, "tokens_per_s": sum(tokens_per_step[w:]) / elapsed,
                 "peak_bytes": self.peak, "losses": self.losses, "seconds_per_step": elapsed / steps}
 
 
@@ -114,7 +117,7 @@ def _pair_len(p) -> int:
 
 
 def _recipe_dict(a) -> dict:
-    return {"model": {"name_or_path": a.model_dir},
+    return {"model": {"name_or_path": a.model_dir, "attn_implementation": a.attn},
             "data": {"train": "train.jsonl", "max_length": 8192, "max_prompt_length": 4096},
             "lora": LORA, "dpo": {"beta": 0.1, "reference": "live"},
             "train": {"max_steps": a.steps, "learning_rate": 1e-4, "per_device_train_batch_size": a.batch,
@@ -308,9 +311,10 @@ def random_llama3_8b(path: Path) -> Path:
 
 def run_worker(a, which: str, dataset: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", which, "--dataset", dataset, "--model-dir", a.model_dir,
-           "--init-adapter", a.init_adapter, "--steps", str(a.steps), "--batch", str(a.batch),
-           "--layout", a.layout, "--short-prompt", str(a.short_prompt), "--long-prompt", str(a.long_prompt),
-           "--completion", str(a.completion)] + (["--checkpointing"] if a.checkpointing else []) \
+           "--init-adapter", a.init_adapter, "--steps", str(a.steps), "--warmup", str(a.warmup),
+           "--batch", str(a.batch), "--layout", a.layout, "--attn", a.attn, "--short-prompt", str(a.short_prompt),
+           "--long-prompt", str(a.long_prompt), "--completion", str(a.completion)] \
+        + (["--checkpointing"] if a.checkpointing else []) \
         + ([] if a.group else ["--no-group"])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -333,10 +337,11 @@ def dataset_rows(a, name: str) -> tuple[list[dict], list[int]]:
 
 
 def padding(a, pairs: list, order: list[int], layout: str) -> float:
-    """Share of padding among the tokens lora-dpo's forward runs on, over the timed steps (2..N)."""
+    """Share of padding among the tokens lora-dpo's forward runs on, over the timed steps."""
     from lora_dpo.batching import row_tokens
 
-    distinct, total = row_tokens(pairs, [order[s * a.batch:(s + 1) * a.batch] for s in range(1, a.steps)], layout)
+    steps = [order[s * a.batch:(s + 1) * a.batch] for s in range(a.warmup, a.steps)]
+    distinct, total = row_tokens(pairs, steps, layout)
     return 1 - distinct / total
 
 
@@ -358,10 +363,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1, help="untimed first steps (timed: warmup+1..steps)")
     p.add_argument("--short-prompt", type=int, default=24, help="words per prompt, short dataset")
     p.add_argument("--long-prompt", type=int, default=160, help="words per prompt, long dataset")
     p.add_argument("--completion", type=int, default=48, help="words per completion")
     p.add_argument("--layout", default="packed", choices=["packed", "shared", "concatenated"])
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "flex_attention", "eager"],
+                   help="lora-dpo's attention kernel (TRL runs sdpa, its default)")
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--no-group", dest="group", action="store_false",
                    help="plainly shuffled batches instead of lora-dpo's default train.group_by_length (both sides get "
@@ -377,6 +385,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if a.steps <= a.warmup:
+        p.error(f"--steps {a.steps} leaves no timed step after --warmup {a.warmup}")
+    Probe.warmup = a.warmup
     if a.worker:
         rows, order = dataset_rows(a, a.dataset)
         result = (worker_ours if a.worker == "ours" else worker_trl)(a, rows, order)
@@ -403,15 +414,17 @@ def main() -> None:
 
         meta = {"machine": machine(), "cuda": torch.cuda.is_available(), "model": a.model, "n_params": a.n_params,
                 "batch": a.batch, "steps": a.steps,
-                "checkpointing": a.checkpointing, "grouped": a.group, "layout": a.layout, "command": sys.argv}
+                "checkpointing": a.checkpointing, "grouped": a.group, "layout": a.layout, "attn": a.attn,
+                "command": sys.argv}
         Path(a.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
 
 
 def report(a, results: dict) -> None:
     med = lambda rs, k: statistics.median(r[k] for r in rs)
     print(f"\nmachine: {machine()}\nmodel: {a.model} ({a.n_params / 1e6:.0f}M parameters), "
-          f"batch {a.batch} pairs, {a.steps} steps (timed: 2..{a.steps}), "
-          f"layout {a.layout}, batches {'grouped by length' if a.group else 'shuffled'} (the same on both sides), "
+          f"batch {a.batch} pairs, {a.steps} steps (timed: {a.warmup + 1}..{a.steps}), "
+          f"layout {a.layout}, lora-dpo attention {a.attn} (TRL: sdpa), "
+          f"batches {'grouped by length' if a.group else 'shuffled'} (the same on both sides), "
           f"gradient checkpointing {'on' if a.checkpointing else 'off'}, {a.repeats} repeats\n")
     print("| data | TRL pairs/s | lora-dpo pairs/s | speed-up | TRL peak | lora-dpo peak | memory ratio | "
           "max |Δ loss| steps 1-3 | MFU TRL / lora-dpo | lora-dpo padding |")

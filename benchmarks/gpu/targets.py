@@ -1,7 +1,7 @@
 """The speed-and-memory targets of the issue (the GPU ones, or the CPU ones for results from a CPU), checked against
-the GPU kit's results: reads the JSON files `run.sh` wrote (long.json, short.json from vs_trl.py; memory.json,
-flex.json from memory.py) and prints one markdown line per target with the measured value and ✓ / ✗, or
-"not measured" where a stage did not run. Prints; asserts nothing.
+the GPU kit's results: reads the JSON files `run.sh` wrote (long.json, short.json, long-flex.json from vs_trl.py;
+memory.json, flex.json from memory.py) and prints one markdown line per target with the measured value and ✓ / ✗,
+or "not measured" where a stage did not run. Prints; asserts nothing.
 
     python3 benchmarks/gpu/targets.py "$OUT"
 """
@@ -35,9 +35,9 @@ def _line(target: str, value: str, ok: bool | None) -> str:
     return f"| {target} | {value} | {'—' if ok is None else '✓' if ok else '✗'} |"
 
 
-def vs_trl_lines(name: str, doc: dict | None) -> list[str]:
+def vs_trl_lines(name: str, doc: dict | None, label: str) -> list[str]:
     if not doc or name not in doc.get("results", {}):
-        return [_line(f"{name} prompts: lora-dpo vs TRL", "not measured", None)]
+        return [_line(f"{label}: lora-dpo vs TRL", "not measured", None)]
     meta, r = doc["meta"], doc["results"][name]
     cuda = meta.get("cuda", "NVIDIA" in meta["machine"])
     speed_target, memory_target = SPEED[cuda][name], MEMORY_RATIO[cuda]
@@ -45,16 +45,16 @@ def vs_trl_lines(name: str, doc: dict | None) -> list[str]:
     speed = med("ours", "pairs_per_s") / med("trl", "pairs_per_s")
     mem = med("ours", "peak_bytes") / med("trl", "peak_bytes")
     dl = max(abs(x - y) for x, y in zip(r["trl"][0]["losses"][:3], r["ours"][0]["losses"][:3]))
-    out = [_line(f"{name} prompts: pairs/s ≥ {speed_target}× TRL", f"{speed:.2f}×", speed >= speed_target),
-           _line(f"{name} prompts: peak {'' if cuda else 'RSS '}≤ {memory_target}× TRL",
+    out = [_line(f"{label}: pairs/s ≥ {speed_target}× TRL", f"{speed:.2f}×", speed >= speed_target),
+           _line(f"{label}: peak {'' if cuda else 'RSS '}≤ {memory_target}× TRL",
                  f"{mem:.2f} ({med('ours', 'peak_bytes') / GiB:.2f} vs {med('trl', 'peak_bytes') / GiB:.2f} GiB)",
                  mem <= memory_target),
-           _line(f"{name} prompts: losses agree (steps 1-3)", f"max abs Δ {dl:.1e}", dl < 1e-2),
-           _line(f"{name} prompts: MFU TRL / lora-dpo", " / ".join(
+           _line(f"{label}: losses agree (steps 1-3)", f"max abs Δ {dl:.1e}", dl < 1e-2),
+           _line(f"{label}: MFU TRL / lora-dpo", " / ".join(
                mfu(meta["n_params"], med(side, "tokens_per_s"), meta["machine"]) if cuda else "n/a (CPU)"
                for side in ("trl", "ours")), None)]
     if "predicted_bytes" in r["ours"][0]:
-        out.append(_estimate_line(f"{name} prompts: estimate", r["ours"][0]["predicted_bytes"],
+        out.append(_estimate_line(f"{label}: estimate", r["ours"][0]["predicted_bytes"],
                                   med("ours", "peak_bytes")))
     return out
 
@@ -86,8 +86,9 @@ def memory_lines(name: str, rows: list | None) -> list[str]:
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
     lines = ["| target | measured | met |", "|---|---|---|"]
-    for name in ("long", "short"):
-        lines += vs_trl_lines(name, _load(out / f"{name}.json"))
+    for name, file, label in (("long", "long.json", "long prompts"), ("short", "short.json", "short prompts"),
+                              ("long", "long-flex.json", "long prompts, lora-dpo on flex_attention")):
+        lines += vs_trl_lines(name, _load(out / file), label)
     for name, file in (("sdpa", "memory.json"), ("flex_attention", "flex.json")):
         lines += memory_lines(name, _load(out / file))
     doc = _load(out / "long.json") or _load(out / "short.json")
