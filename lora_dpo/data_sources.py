@@ -160,6 +160,9 @@ def _read_saved(spec: dict, key: str) -> list[dict]:
 def _read_hub(spec: dict, key: str) -> list[dict]:
     import datasets
 
+    from lora_dpo.hub import offline_if_unreachable
+
+    offline_if_unreachable()
     path, name, split, revision = spec["path"], spec["name"], spec["split"], spec["revision"]
     try:
         ds = datasets.load_dataset(path, name, split=split, revision=revision)

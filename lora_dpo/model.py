@@ -66,6 +66,9 @@ def resolve_source(cfg: ModelConfig) -> Source:
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise LoraDpoError(f"model.name_or_path: '{name}' is not a model directory, a .gguf file or a hub id "
                            "(owner/name); check the path")
+    from lora_dpo.hub import offline_if_unreachable
+
+    offline_if_unreachable()  # an offline machine: fail (or load from the cache) at once, not after ~25 s of retries
     return Source("hub", name, cfg.revision)
 
 

@@ -161,3 +161,54 @@ def test_an_eval_pass_does_not_change_training_gradients(tiny_model_dir):
 
     for a, b in zip(grad_after(False), grad_after(True)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("resolvable", [True, False])
+def test_offline_machine_switches_to_offline_mode_before_the_first_hub_access(monkeypatch, capsys, resolvable):
+    """Without a network a hub id costs ~25 s of retries before failing; the check resolves the host name once
+    (faked here: tests never touch the network) and, when it cannot, switches this process to offline mode."""
+    import socket
+
+    import datasets.config
+    import huggingface_hub.constants as hc
+
+    from lora_dpo import hub
+
+    asked = []
+
+    def fake_getaddrinfo(host, *args, **kw):
+        asked.append(host)
+        if not resolvable:
+            raise socket.gaierror(-2, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", 443))]
+
+    monkeypatch.setattr(hub, "_checked", False)
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    for var in hub.PROXY_VARS + ("HF_ENDPOINT",):
+        monkeypatch.delenv(var, raising=False)
+    src = M.resolve_source(ModelConfig(name_or_path="owner/some-model"))
+    assert src.kind == "hub" and asked == ["huggingface.co"]
+    assert hc.HF_HUB_OFFLINE is (not resolvable) and datasets.config.HF_HUB_OFFLINE is (not resolvable)
+    assert ("cannot be resolved: working offline" in capsys.readouterr().out) is (not resolvable)
+    M.resolve_source(ModelConfig(name_or_path="owner/other-model"))
+    assert len(asked) == 1  # once per process
+
+
+def test_offline_check_skipped_when_offline_or_behind_a_proxy(monkeypatch):
+    import socket
+
+    import huggingface_hub.constants as hc
+
+    from lora_dpo import hub
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: pytest.fail("resolved a host name"))
+    monkeypatch.setattr(hub, "_checked", False)
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    assert hub.offline_if_unreachable()  # HF_HUB_OFFLINE=1: nothing to check
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert not hub.offline_if_unreachable()  # a proxy resolves names itself
