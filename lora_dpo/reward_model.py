@@ -21,6 +21,9 @@ def _architectures(name: str) -> list[str] | None:
         return json.loads((path / "config.json").read_text()).get("architectures") or []
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise LoraDpoError(f"--reward-model: '{name}' is not a model directory or a hub id (owner/name); check it")
+    from lora_dpo.hub import offline_if_unreachable
+
+    offline_if_unreachable()
     return None
 
 
