@@ -262,6 +262,13 @@ def load_config(recipe: Recipe):
         kwargs = {"revision": src.revision} if src.revision else {}
         return AutoConfig.from_pretrained(src.path, trust_remote_code=cfg.trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
+        from lora_dpo.known_models import known_config
+
+        known = known_config(src.path) if src.kind == "hub" else None
+        if known is not None:
+            print(f"model.name_or_path: the config of '{cfg.name_or_path}' is not reachable; planning with its "
+                  "published shapes from lora-dpo's table", flush=True)
+            return known
         raise LoraDpoError(f"model.name_or_path: cannot read the config of '{cfg.name_or_path}' "
                            f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}); point it at a local "
                            "model directory or .gguf file (this machine may be offline)") from None

@@ -284,6 +284,31 @@ def test_unreachable_hub_id_is_a_clear_error():
         estimate_for(r, 16 << 30)
 
 
+def test_shipped_recipes_plan_offline_from_the_table_of_published_shapes(monkeypatch, capsys):
+    """The hub unreachable (simulated): a model lora-dpo ships a recipe for is planned from its published config
+    shapes, and the run says so; the numbers equal those from the config itself."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from lora_dpo.known_models import KNOWN_CONFIGS, known_config
+    from lora_dpo.recipe import load_recipe
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", unreachable)
+    path = Path(__file__).resolve().parents[1] / "recipes" / "llama-3.1-8b-instruct-ultrafeedback-t4.yaml"
+    assert main(["estimate", str(path), "--gpu-memory", "16GiB", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "planning with its published shapes from lora-dpo's table" in out
+    got = json.loads(out[out.index("{"):])
+    r = load_recipe(path)
+    want = estimate_for(r, 16 << 30, arch=Arch.from_config(known_config(r.model.name_or_path)))
+    assert got["total"] == want.total and got["params"] == 8_030_261_248  # Llama-3.1-8B's published count
+    assert set(KNOWN_CONFIGS) >= {load_recipe(p).model.name_or_path for p in path.parent.glob("*-t4.yaml")}
+
+
 def test_log_prob_chunk_is_the_one_training_uses():
     from lora_dpo.logps import DEFAULT_CHUNK
 

@@ -12,6 +12,7 @@ from conftest import write_jsonl
 
 from lora_dpo import data as data_lib
 from lora_dpo.estimate import Arch, estimate_for
+from lora_dpo.known_models import known_config
 from lora_dpo.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,26 +24,6 @@ MODELS = {"llama-3.1-8b-instruct": "meta-llama/Llama-3.1-8B-Instruct",
           "smollm2-1.7b-instruct": "HuggingFaceTB/SmolLM2-1.7B-Instruct"}
 GIB = 2**30
 T4_USABLE, A100_USABLE = 15 * GIB, 40 * GIB  # a 16 GB T4 shows ~15 GiB; the smaller A100 has 40 GB
-
-
-def _config(hub_id: str):
-    """The shapes of each model's config.json on the hub (public numbers), so no download is needed."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
-
-    return {
-        "meta-llama/Llama-3.1-8B-Instruct": LlamaConfig(
-            vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, tie_word_embeddings=False),
-        "mistralai/Mistral-7B-Instruct-v0.3": MistralConfig(
-            vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-            num_key_value_heads=8, max_position_embeddings=32768, tie_word_embeddings=False),
-        "Qwen/Qwen2.5-7B-Instruct": Qwen2Config(
-            vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-            num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, tie_word_embeddings=False),
-        "HuggingFaceTB/SmolLM2-1.7B-Instruct": LlamaConfig(
-            vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
-            num_key_value_heads=32, max_position_embeddings=8192, tie_word_embeddings=True),
-    }[hub_id]
 
 
 def _parts(path: Path) -> dict:
@@ -106,7 +87,7 @@ def _source(s) -> dict:
 
 
 def _arch(r):
-    return Arch.from_config(_config(r.model.name_or_path))
+    return Arch.from_config(known_config(r.model.name_or_path))
 
 
 def test_gpu_twins_differ_only_in_memory_settings():
