@@ -45,7 +45,8 @@ def vs_trl_lines(name: str, doc: dict | None, label: str) -> list[str]:
     speed = med("ours", "pairs_per_s") / med("trl", "pairs_per_s")
     mem = med("ours", "peak_bytes") / med("trl", "peak_bytes")
     dl = max(abs(x - y) for x, y in zip(r["trl"][0]["losses"][:3], r["ours"][0]["losses"][:3]))
-    out = [_line(f"{label}: pairs/s ≥ {speed_target}× TRL", f"{speed:.2f}×", speed >= speed_target),
+    work = f" (tokens TRL ÷ lora-dpo: {r['ours'][0]['work_ratio']:.2f})" if "work_ratio" in r["ours"][0] else ""
+    out = [_line(f"{label}: pairs/s ≥ {speed_target}× TRL", f"{speed:.2f}×{work}", speed >= speed_target),
            _line(f"{label}: peak {'' if cuda else 'RSS '}≤ {memory_target}× TRL",
                  f"{mem:.2f} ({med('ours', 'peak_bytes') / GiB:.2f} vs {med('trl', 'peak_bytes') / GiB:.2f} GiB)",
                  mem <= memory_target),
