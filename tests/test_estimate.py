@@ -309,6 +309,23 @@ def test_shipped_recipes_plan_offline_from_the_table_of_published_shapes(monkeyp
     assert set(KNOWN_CONFIGS) >= {load_recipe(p).model.name_or_path for p in path.parent.glob("*-t4.yaml")}
 
 
+def test_planner_puts_2x2048_token_pairs_on_an_8b_model_under_12_gib():
+    """The issue's memory target as the planner sees it (the GPU kit measures the real peak against this): Llama-3-8B
+    shapes, one pair of a 1024-token prompt and two 1024-token completions, gradient checkpointing, packed rows."""
+    from lora_dpo.known_models import known_config
+
+    r = recipe_from_dict({"model": {"name_or_path": "meta-llama/Llama-3.1-8B-Instruct"},
+                          "data": {"train": "t", "max_prompt_length": 1024, "max_length": 2048},
+                          "train": {"per_device_train_batch_size": 1, "gradient_checkpointing": True},
+                          "output": {"dir": "x"}})
+    e = estimate_for(r, 80 << 30, arch=Arch.from_config(known_config(r.model.name_or_path)))
+    assert e.rows == 1 and e.seq_len == 3072  # prompt once, both completions: prefix sharing
+    assert e.allocated + e.overhead <= 12 << 30, e.allocated / 2**30
+    concatenated = estimate_for(r, 80 << 30, layout="concatenated",
+                                arch=Arch.from_config(known_config(r.model.name_or_path)))
+    assert concatenated.activations > e.activations  # two rows of 2048: the prompt twice
+
+
 def test_log_prob_chunk_is_the_one_training_uses():
     from lora_dpo.logps import DEFAULT_CHUNK
 
