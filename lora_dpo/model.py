@@ -238,10 +238,22 @@ def load_base(cfg: ModelConfig, q: QuantizationConfig, dtype: torch.dtype, devic
     if qc is None:
         model.to(device)
     _keep_cpu_4bit_differentiable(model)
+    if cfg.attn_implementation == "flex_attention":
+        _compile_flex_for_any_length()
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _compile_flex_for_any_length() -> None:
+    """FlexAttention runs as a torch.compile'd kernel. Compiled for the first batch's exact length, it is compiled
+    again for the second batch's length (now for any length) and once more past some sizes: each a pause of
+    seconds to a minute, mid-training, since lengths vary from batch to batch. Compiled for symbolic lengths from the
+    start, it compiles once (tests/test_layouts.py counts). This process compiles nothing else."""
+    import torch._dynamo
+
+    torch._dynamo.config.assume_static_by_default = False
 
 
 def _keep_cpu_4bit_differentiable(model) -> None:

@@ -122,6 +122,8 @@ def test_empty_prompt_matches_concatenated(model):
 
 def test_flex_attention_block_mask_equals_dense(tiny_model_dir):
     pytest.importorskip("torch.nn.attention.flex_attention")
+    from torch._dynamo.utils import counters
+
     try:
         m = _model(tiny_model_dir, "flex_attention")
         with torch.no_grad():
@@ -131,3 +133,11 @@ def test_flex_attention_block_mask_equals_dense(tiny_model_dir):
     with torch.no_grad():
         want, _ = plain_batch_logps(m, collate(PAIRS, 2))
     assert torch.allclose(got, want, atol=1e-5)
+    graphs = counters["stats"]["unique_graphs"]
+    for n in (2, 3, 4):  # other lengths (8, 13, 18 tokens per row …): the kernel compiled once serves them all
+        longer = [Pair(p.prompt_ids * n, p.chosen_ids * n, p.rejected_ids, p.index) for p in PAIRS]
+        with torch.no_grad():
+            got, _ = batch_logps(m, build(longer, 2, "packed"))
+            want, _ = plain_batch_logps(m, collate(longer, 2))
+        assert torch.allclose(got, want, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompilation for a new length
