@@ -250,7 +250,8 @@ def _compile_flex_for_any_length() -> None:
     """FlexAttention runs as a torch.compile'd kernel. Compiled for the first batch's exact length, it is compiled
     again for the second batch's length (now for any length) and once more past some sizes: each a pause of
     seconds to a minute, mid-training, since lengths vary from batch to batch. Compiled for symbolic lengths from the
-    start, it compiles once (tests/test_layouts.py counts). This process compiles nothing else."""
+    start, it compiles once (tests/test_layouts.py counts). The setting is process-wide; lora-dpo compiles nothing
+    else."""
     import torch._dynamo
 
     torch._dynamo.config.assume_static_by_default = False
