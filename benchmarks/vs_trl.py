@@ -57,7 +57,7 @@ def synthetic_rows(n: int, prompt_words: int, completion_words: int, seed: int) 
 class Probe:
     """Step end times and the peak memory between the end of the warm-up steps and the last step."""
 
-    warmup = 1  # untimed first steps (--warmup: 2 where a kernel compiles again for the second shape, as flex does)
+    warmup = 1  # untimed first steps (--warmup 2 for compiled kernels such as flex_attention's: no compile is timed)
 
     def __init__(self, device: str) -> None:
         self.device, self.times, self.losses, self.peak, self.start = device, [], [], 0, 0.0

@@ -72,7 +72,7 @@ on gpu-tests && stage gpu-tests 150 45 python3 -m pytest -q -p no:cacheprovider 
   tests/test_train.py
 on flex && stage flex 180 90 $memory --attn flex_attention --json "$out/flex.json"
 on long-flex && stage long-flex 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --attn flex_attention \
-  --steps $((${KIT_STEPS:-6} + 1)) --warmup 2 --json "$out/long-flex.json"  # flex compiles again at the 2nd shape
+  --steps $((${KIT_STEPS:-6} + 1)) --warmup 2 --json "$out/long-flex.json"  # flex compiles its kernels in the first steps
 echo "=== done after $((SECONDS - start))s" | tee -a "$log"
 python3 benchmarks/gpu/targets.py "$out" 2>&1 | tee -a "$log"
 if ((${#skipped[@]})); then
