@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -294,12 +295,18 @@ def attach_lora(base, cfg: LoraConfig, *, seed: int, gradient_checkpointing: boo
                               target_modules=cfg.target_modules, use_rslora=cfg.use_rslora, bias="none",
                               task_type="CAUSAL_LM")
     try:
-        model = get_peft_model(base, peft_cfg)
+        with warnings.catch_warnings():  # peft reads `is_gradient_checkpointing`, deprecated by recent transformers
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(base, peft_cfg)
     except ValueError as e:
         raise LoraDpoError(f"lora.target_modules: {str(e).splitlines()[0]}; use 'all-linear' or names of "
                            "Linear modules of this model") from None
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # the name since transformers 5.2x
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

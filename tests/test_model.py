@@ -225,3 +225,14 @@ def test_bitsandbytes_kernels_hub_notice_is_dropped_and_nothing_else():
     assert not log.filter(record("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure "
                                  "you already `pip install kernels`"))
     assert log.filter(record("some other bitsandbytes warning: %s"))
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_attach_lora_turns_checkpointing_on_for_the_decoder_layers(tiny_model_dir, on):
+    """Through whichever name this transformers has (activation_/gradient_checkpointing_enable): a run with
+    checkpointing that silently ran without it would still match the plain run's losses."""
+    base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(), torch.float32,
+                       torch.device("cpu"))
+    m = M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=on)
+    layers = [mod for mod in m.modules() if type(mod).__name__.endswith("DecoderLayer")]
+    assert layers and all(getattr(mod, "gradient_checkpointing", False) is on for mod in layers)
