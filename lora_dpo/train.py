@@ -123,6 +123,9 @@ def run(recipe: Recipe) -> RunResult:
     # bitsandbytes' CPU 4-bit kernel has no registered autograd kernel; the gradient w.r.t. its input is still
     # correct (tests/test_model.py compares against the dequantized twin), so the warning is noise for users
     warnings.filterwarnings("ignore", message=r"bitsandbytes::gemv_4bit: an autograd kernel")
+    # a skipped step (fp16 overflow, non-finite loss) still advances the schedule, on purpose: torch's warning about
+    # the scheduler stepping before the optimizer would only alarm
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
     device, dtype = model_lib.device_and_dtype(tcfg.precision, tcfg.device)
     if recipe.model.attn_implementation == "flex_attention" and device.type == "cpu":
         raise LoraDpoError("model.attn_implementation: flex_attention cannot train on CPU (torch has no FlexAttention "
