@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lora_dpo.errors import LoraDpoError
-from lora_dpo.recipe import Recipe
+from lora_dpo.recipe import Recipe, checkpointed_layers
 
 OVERHEAD_BYTES = 1 << 30
 DEFAULT_GPU_BYTES = 16 << 30
@@ -153,6 +153,8 @@ class Estimate:
     gpu_memory_source: str      # "--gpu-memory" | "visible GPU" | "default"
     max_batch_size: int = 0     # at max_length; 0 = not even one pair fits
     max_max_length: int = 0     # at batch_size; 0 = nothing fits
+    layers: int = 0             # decoder layers
+    checkpointed_layers: int = 0  # of them, those that recompute in backward
     advice: list[str] = field(default_factory=list)
 
     @property
@@ -298,7 +300,8 @@ def parse_size(text: str) -> int:
 # ---------------------------------------------------------------- the estimate
 
 def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str, reference: str,
-           checkpointing: bool) -> dict:
+           ckpt_layers: int) -> dict:
+    """ckpt_layers: how many decoder layers recompute in backward (0 = no checkpointing, arch.layers = all)."""
     q, lora, t = recipe.quantization, recipe.lora, recipe.train
     dtype = "bf16" if t.precision == "auto" else t.precision
     b = 4 if dtype == "fp32" else 2
@@ -311,10 +314,13 @@ def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str,
     layer = layer_activation_bytes(arch, rows, T, targets, lora.r, b, masked=attn != "flex_attention",
                                    eager=attn == "eager")
     residual = rows * T * arch.hidden * b
-    # the first layer's input norm saves nothing (frozen embeddings need no gradient); the final norm saves as much
-    saved = arch.layers * residual + rows * T * (4 * arch.hidden + 4) if checkpointing else arch.layers * layer
+    # a checkpointed layer keeps only its input. The first layer's input norm saves nothing (frozen embeddings need
+    # no gradient) and the final norm saves as much, so with the first layer kept whole they cancel out
+    saved = (arch.layers - ckpt_layers) * layer
+    if ckpt_layers:
+        saved += ckpt_layers * residual + rows * T * (4 * arch.hidden + 4)
     saved += rows * T * T if attn != "flex_attention" else 0  # the boolean mask, built once (padding / 4-D)
-    transient = layer * (2 if checkpointing else 1)  # recomputed layer (checkpointing) + its gradients
+    transient = layer * (2 if ckpt_layers else 1)  # recomputed layer (checkpointing) + its gradients
     if base != dtype:  # a quantized Linear is dequantized to 16 bit for its matmul, forward and backward
         transient += max(i * o for i, o in arch.linears().values()) * b
     chunk = min(LOGPS_CHUNK, N)
@@ -362,16 +368,17 @@ def estimate_for(recipe: Recipe, gpu_memory_bytes: int | None = None, layout: st
     if gpu_memory_bytes is None:
         gpu_memory_bytes, source = gpu_memory_default()
     t, d = recipe.train, recipe.data
-    parts = _parts(arch, recipe, t.per_device_train_batch_size, d.max_length, layout, reference,
-                   t.gradient_checkpointing)
+    ckpt = checkpointed_layers(t.gradient_checkpointing, t.gradient_checkpointing_layers, arch.layers)
+    parts = _parts(arch, recipe, t.per_device_train_batch_size, d.max_length, layout, reference, ckpt)
     est = Estimate(recipe.model.name_or_path, arch.model_type, arch.num_params(),
                    arch.lora_params(recipe.lora.r, recipe.lora.target_modules), layout=layout,
                    batch_size=t.per_device_train_batch_size, max_length=d.max_length,
-                   gradient_checkpointing=t.gradient_checkpointing, overhead=OVERHEAD_BYTES,
+                   gradient_checkpointing=t.gradient_checkpointing, layers=arch.layers, checkpointed_layers=ckpt,
+                   overhead=OVERHEAD_BYTES,
                    gpu_memory=gpu_memory_bytes, gpu_memory_source=source, **parts)
 
-    def fits(batch: int, length: int, checkpointing: bool = t.gradient_checkpointing) -> bool:
-        p = _parts(arch, recipe, batch, length, layout, reference, checkpointing)
+    def fits(batch: int, length: int, ckpt_layers: int = ckpt) -> bool:
+        p = _parts(arch, recipe, batch, length, layout, reference, ckpt_layers)
         return p["weights"] + p["adapters"] + p["activations"] + p["logps"] + OVERHEAD_BYTES <= gpu_memory_bytes
 
     est.max_batch_size = _largest(lambda n: fits(n, d.max_length), 1, 1 << 16)
@@ -385,10 +392,18 @@ def _advice(est: Estimate, recipe: Recipe, arch: Arch, layout: str, reference: s
     t, d = recipe.train, recipe.data
     out = []
     if not t.gradient_checkpointing:
-        alt = _parts(arch, recipe, t.per_device_train_batch_size, d.max_length, layout, reference, True)
-        gc_batch = _largest(lambda n: fits(n, d.max_length, True), 1, 1 << 16)
+        alt = _parts(arch, recipe, t.per_device_train_batch_size, d.max_length, layout, reference, arch.layers)
+        gc_batch = _largest(lambda n: fits(n, d.max_length, arch.layers), 1, 1 << 16)
         out.append(f"train.gradient_checkpointing=true: activations {gib(est.activations)} → "
                    f"{gib(alt['activations'])}, largest batch {est.max_batch_size} → {gc_batch} (~30% slower steps)")
+    if t.gradient_checkpointing and est.fits:  # fewer recomputing layers = faster steps, while it still fits
+        c = est.checkpointed_layers  # n - 1 layers kept whole (the search starts at 1)
+        k = c + 1 - _largest(lambda n: fits(t.per_device_train_batch_size, d.max_length, c + 1 - n), 1, c + 1)
+        if k == 0:
+            out.append("train.gradient_checkpointing=false: it fits without checkpointing (~30% faster steps)")
+        elif k < est.checkpointed_layers:
+            out.append(f"train.gradient_checkpointing_layers={k / arch.layers:.3g}: {k} of {arch.layers} layers "
+                       f"recompute instead of {est.checkpointed_layers} and it still fits (faster steps)")
     if t.optim == "adamw_torch" and est.lora_params:
         saved = est.adapters - adapter_bytes(arch, recipe.lora.r, recipe.lora.target_modules, "paged_adamw_8bit")
         out.append(f"train.optim=paged_adamw_8bit: saves {gib(saved)} of optimizer state (LoRA state is small)")
@@ -410,11 +425,12 @@ def gib(n: int) -> str:
 
 
 def format_table(est: Estimate) -> str:
-    ckpt = "on" if est.gradient_checkpointing else "off"
+    ckpt = "gradient checkpointing off" if not est.gradient_checkpointing else "gradient checkpointing on" \
+        if est.checkpointed_layers >= est.layers else f"checkpointing {est.checkpointed_layers}/{est.layers} layers"
     rows = [
         (f"weights ({est.base} linears, {est.dtype} embeddings/norms)", est.weights),
         ("adapters + grads + optimizer", est.adapters),
-        (f"activations (gradient checkpointing {ckpt})", est.activations),
+        (f"activations ({ckpt})", est.activations),
         ("log-prob path (chunked LM head)", est.logps),
         ("CUDA/framework overhead (constant)", est.overhead),
     ]

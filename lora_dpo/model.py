@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lora_dpo.errors import LoraDpoError
-from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig
+from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig, checkpointed_layers
 
 DEMO_ALIAS = "demo:smollm2-135m-instruct"
 
@@ -292,7 +292,9 @@ def _keep_cpu_4bit_differentiable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def attach_lora(base, cfg: LoraConfig, *, seed: int, gradient_checkpointing: bool):
+def attach_lora(base, cfg: LoraConfig, *, seed: int, gradient_checkpointing: bool, checkpoint_share: float = 1.0):
+    """The trainable adapter on `base`. With gradient_checkpointing, the first ceil(checkpoint_share × layers) decoder
+    layers recompute their activations in backward; the others keep them (faster, more memory)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -313,7 +315,17 @@ def attach_lora(base, cfg: LoraConfig, *, seed: int, gradient_checkpointing: boo
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layers = decoder_layers(model)
+        for layer in layers[checkpointed_layers(True, checkpoint_share, len(layers)):]:
+            layer.gradient_checkpointing = False  # each layer decides for itself at every call
     return model
+
+
+def decoder_layers(model) -> list:
+    """The model's checkpointable decoder layers, in depth order (each has a `gradient_checkpointing` flag)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def load(model_cfg: ModelConfig, q: QuantizationConfig, lora: LoraConfig, *, dtype: torch.dtype,

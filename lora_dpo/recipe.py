@@ -30,6 +30,7 @@ from lora_dpo.schema import (  # noqa: F401 — the schema's names are part of t
     QuantizationConfig,
     Recipe,
     TrainConfig,
+    checkpointed_layers,
 )
 
 

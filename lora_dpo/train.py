@@ -164,9 +164,13 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     where = f"{ctx.world} processes on {device.type}" if ctx.enabled else str(device)
     say(f"loading {recipe.model.name_or_path} ({kind}) on {where}")
     policy = model_lib.attach_lora(model_lib.load_base(recipe.model, recipe.quantization, dtype, device),
-                                   recipe.lora, seed=tcfg.seed, gradient_checkpointing=tcfg.gradient_checkpointing)
+                                   recipe.lora, seed=tcfg.seed, gradient_checkpointing=tcfg.gradient_checkpointing,
+                                   checkpoint_share=tcfg.gradient_checkpointing_layers)
     params = [p for p in policy.parameters() if p.requires_grad]
     say(f"LoRA r={recipe.lora.r}: {sum(p.numel() for p in params):,} trainable parameters")
+    if tcfg.gradient_checkpointing:
+        flags = [layer.gradient_checkpointing for layer in model_lib.decoder_layers(policy)]
+        say(f"gradient checkpointing: {sum(flags)} of {len(flags)} decoder layers recompute in backward")
     layout, note = batching.resolve_layout(tcfg.layout, causal_lm(policy).config, train_pairs)
     if note:
         say(note)

@@ -216,6 +216,38 @@ def test_largest_fit_is_exact_at_the_boundary(which):
     assert getattr(plan(gpu=budget - 1), field) == n - 1  # one byte less: it does not
 
 
+def test_checkpointing_a_share_of_the_layers_lies_between_none_and_all():
+    """Each layer kept whole adds its saved activations and takes off its checkpointed input: with all layers
+    checkpointed it is the full-checkpointing figure, and it grows as the share falls, to about no checkpointing."""
+    L = DEMO_LIKE.layers
+    none, full = plan(), plan(gradient_checkpointing=True)
+    shares = [plan(gradient_checkpointing=True, gradient_checkpointing_layers=k / L) for k in (L, 20, 10, 1)]
+    assert shares[0].activations == full.activations and shares[0].checkpointed_layers == L
+    assert [e.checkpointed_layers for e in shares] == [L, 20, 10, 1]
+    acts = [e.activations for e in shares]
+    assert acts == sorted(acts) and len(set(acts)) == 4
+    assert acts[-1] == pytest.approx(none.activations, rel=0.01)  # one layer recomputing ≈ none (+ its transient)
+    step = (acts[2] - acts[1]) / 10  # linear in the layers kept whole
+    assert acts[3] - acts[2] == pytest.approx(9 * step)
+
+
+def test_advice_names_the_lowest_share_that_still_fits():
+    full = plan(gradient_checkpointing=True)
+    none = plan()
+    roomy = plan(gpu=none.total + (1 << 20), gradient_checkpointing=True)
+    assert "train.gradient_checkpointing=false: it fits without checkpointing" in "\n".join(roomy.advice)
+    middle = (full.total + none.total) // 2
+    e = plan(gpu=middle, gradient_checkpointing=True)
+    line = next(a for a in e.advice if a.startswith("train.gradient_checkpointing_layers="))
+    share = float(line.split("=")[1].split(":")[0])
+    k = round(share * DEMO_LIKE.layers)
+    assert plan(gpu=middle, gradient_checkpointing=True, gradient_checkpointing_layers=share).fits
+    assert not plan(gpu=middle, gradient_checkpointing=True,
+                    gradient_checkpointing_layers=(k - 1) / DEMO_LIKE.layers).fits  # the lowest that fits
+    assert not any("gradient_checkpointing_layers" in a for a in plan(gpu=full.total, gradient_checkpointing=True)
+                   .advice)  # only just fits with all layers: nothing to gain
+
+
 def test_advice_when_it_does_not_fit():
     e = plan(gpu=3 << 30, per_device_train_batch_size=64, gradient_accumulation_steps=2)
     assert not e.fits and 1 <= e.max_batch_size < 64

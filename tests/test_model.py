@@ -230,12 +230,14 @@ def test_bitsandbytes_kernels_hub_notice_is_dropped_and_nothing_else():
     assert log.filter(record("some other bitsandbytes warning: %s"))
 
 
-@pytest.mark.parametrize("on", [True, False])
-def test_attach_lora_turns_checkpointing_on_for_the_decoder_layers(tiny_model_dir, on):
+@pytest.mark.parametrize("on, share, want", [(True, 1.0, [True, True]), (False, 1.0, [False, False]),
+                                             (True, 0.5, [True, False]), (True, 0.01, [True, False])])
+def test_attach_lora_turns_checkpointing_on_for_the_decoder_layers(tiny_model_dir, on, share, want):
     """Through whichever name this transformers has (activation_/gradient_checkpointing_enable): a run with
-    checkpointing that silently ran without it would still match the plain run's losses."""
+    checkpointing that silently ran without it would still match the plain run's losses. A share checkpoints the
+    first layers (at least one)."""
     base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(), torch.float32,
                        torch.device("cpu"))
-    m = M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=on)
-    layers = [mod for mod in m.modules() if type(mod).__name__.endswith("DecoderLayer")]
-    assert layers and all(getattr(mod, "gradient_checkpointing", False) is on for mod in layers)
+    m = M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=on, checkpoint_share=share)
+    layers = [mod for mod in m.modules() if type(mod).__name__ == "LlamaDecoderLayer"]
+    assert layers == M.decoder_layers(m) and [mod.gradient_checkpointing for mod in layers] == want

@@ -216,16 +216,19 @@ def test_paged_8bit_adamw_trains_and_resumes(recipe_dict, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_gradient_checkpointing_run_matches_plain_run(recipe_dict, tmp_path):
+def test_gradient_checkpointing_run_matches_plain_run(recipe_dict, tmp_path, capsys):
     recipe_dict["data"].pop("eval")
     recipe_dict["train"]["max_steps"] = 2
     plain = train(recipe_from_dict(recipe_dict))
-    recipe_dict["train"]["gradient_checkpointing"] = True
-    recipe_dict["output"]["dir"] = str(tmp_path / "gc")
-    ckpt = train(recipe_from_dict(recipe_dict))
-    for a, b in zip(plain.history, ckpt.history):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+    for share, said in ((1.0, "2 of 2 decoder layers"), (0.5, "1 of 2 decoder layers")):  # all, and the first half
+        recipe_dict["train"].update(gradient_checkpointing=True, gradient_checkpointing_layers=share)
+        recipe_dict["output"]["dir"] = str(tmp_path / f"gc{share}")
+        capsys.readouterr()
+        ckpt = train(recipe_from_dict(recipe_dict))
+        assert f"gradient checkpointing: {said} recompute in backward" in capsys.readouterr().out
+        for a, b in zip(plain.history, ckpt.history, strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
 
 
 def test_precision_follows_the_device():
