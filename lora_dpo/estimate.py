@@ -27,7 +27,9 @@ activations  What autograd saves in the policy forward, per token per layer (the
              tests/test_estimate.py checks this against the tensors autograd really saves (fp32, CPU, 4-bit and
              16-bit bases, with and without padding): equal to 0.3 % (RoPE's shared cos/sin are left out). On a GPU
              the same Python modules run; that the CUDA SDPA kernels save the same tensors is an assumption.
-             With gradient checkpointing each layer keeps only its input, b·H per token, plus the final norm.
+             With gradient checkpointing each layer keeps only its input, b·H per token, plus the final norm;
+             with train.gradient_checkpointing_layers < 1 only the first ⌈share·layers⌉ do, the others save as
+             without checkpointing.
              On top of the saved graph: one layer's activations as a transient (its gradients in backward, or the
              no-grad reference forward), two with checkpointing (the recomputed layer), and the largest quantized
              Linear dequantized to 16 bit (bitsandbytes' matmul).
