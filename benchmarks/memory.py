@@ -40,7 +40,9 @@ def recipe_dict(a) -> dict:
             "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
             "dpo": {"beta": 0.1, "reference": a.reference},
             "train": {"max_steps": a.steps, "learning_rate": 1e-4, "per_device_train_batch_size": a.batch,
-                      "gradient_checkpointing": a.checkpointing, "seed": 42, "layout": a.layout},
+                      "gradient_checkpointing": a.checkpointing != "off", "seed": 42, "layout": a.layout,
+                      "gradient_checkpointing_layers": 1.0 if a.checkpointing in ("on", "off") else
+                      float(a.checkpointing)},
             "evaluation": {"generations": 0}, "output": {"dir": "run"}}
 
 
@@ -68,15 +70,18 @@ def main() -> None:
     p.add_argument("--attn", default="sdpa", help="comma-separated: sdpa,flex_attention,eager")
     p.add_argument("--layout", default="packed")
     p.add_argument("--reference", default="live", choices=["live", "precompute"])
-    p.add_argument("--checkpointing", default="on", help="on | off | on,off")
+    p.add_argument("--checkpointing", default="on",
+                   help="comma-separated: on | off | a share of the layers (train.gradient_checkpointing_layers)")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     a = p.parse_args()
+    for c in a.checkpointing.split(","):
+        if c not in ("on", "off") and not (c.replace(".", "", 1).isdigit() and 0 < float(c) <= 1):
+            p.error(f"--checkpointing '{c}': expected on, off or a share of the layers in (0, 1]")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if a.worker:
-        a.checkpointing = a.checkpointing == "on"
         print("RESULT " + json.dumps(worker(a), default=str), flush=True)
         return
     model_dir = resolve_model(a.model)

@@ -16,6 +16,8 @@
 #   flex       the memory stage with attn_implementation flex_attention
 #   long-flex  the long stage with lora-dpo on flex_attention (its block mask skips the masked blocks that sdpa's
 #              dense 4-D mask computes; TRL stays on sdpa): which kernel should be lora-dpo's GPU default
+#   ckpt       the memory stage with all, half (train.gradient_checkpointing_layers 0.5) and no layers
+#              checkpointed: s/step and peak of each, and the planner's prediction
 set -u
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/lora-dpo-gpu}
@@ -56,7 +58,7 @@ stage() {  # stage NAME LIMIT MIN_NEEDED command...
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$log"
 }
-want=" ${*:-model long memory short gpu-tests flex long-flex} "
+want=" ${*:-model long memory short gpu-tests flex long-flex ckpt} "
 on() { [[ $want == *" $1 "* ]]; }
 # KIT_* variables shrink the kit for a smoke run on a CPU (e.g. KIT_MODEL=demo KIT_WORDS=16 KIT_TOKENS=32)
 model="--model ${KIT_MODEL:-llama3-8b-random}"
@@ -73,6 +75,7 @@ on gpu-tests && stage gpu-tests 150 45 python3 -m pytest -q -p no:cacheprovider 
 on flex && stage flex 180 90 $memory --attn flex_attention --json "$out/flex.json"
 on long-flex && stage long-flex 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --attn flex_attention \
   --steps $((${KIT_STEPS:-6} + 1)) --warmup 2 --json "$out/long-flex.json"  # flex compiles its kernels in the first steps
+on ckpt && stage ckpt 240 150 $memory --attn sdpa --checkpointing on,0.5,off --json "$out/ckpt.json"
 echo "=== done after $((SECONDS - start))s" | tee -a "$log"
 python3 benchmarks/gpu/targets.py "$out" 2>&1 | tee -a "$log"
 if ((${#skipped[@]})); then

@@ -75,7 +75,7 @@ def memory_lines(name: str, rows: list | None) -> list[str]:
         cuda = r.get("device") == "cuda"
         span = r.get("prompt_tokens", 1024) + r.get("completion_tokens", 1024)  # chosen and rejected each
         label = f"2×{span}-token pairs ({r['attn']}, checkpointing {r['checkpointing']})"
-        target = cuda and span == 2048
+        target = cuda and span == 2048 and r["checkpointing"] == "on"  # the case: full checkpointing
         out.append(_line(f"{label}: peak" + (f" ≤ {PAIR_2x2048_GIB:g} GiB" if target else ""),
                          f"{r['peak_bytes'] / GiB:.2f} GiB" + ("" if cuda else " (CPU RSS)"),
                          r["peak_bytes"] / GiB <= PAIR_2x2048_GIB if target else None))
@@ -90,7 +90,7 @@ def main() -> None:
     for name, file, label in (("long", "long.json", "long prompts"), ("short", "short.json", "short prompts"),
                               ("long", "long-flex.json", "long prompts, lora-dpo on flex_attention")):
         lines += vs_trl_lines(name, _load(out / file), label)
-    for name, file in (("sdpa", "memory.json"), ("flex_attention", "flex.json")):
+    for name, file in (("sdpa", "memory.json"), ("flex_attention", "flex.json"), ("checkpointing share", "ckpt.json")):
         lines += memory_lines(name, _load(out / file))
     doc = _load(out / "long.json") or _load(out / "short.json")
     print(f"machine: {doc['meta']['machine'] if doc else 'unknown (no vs-TRL results)'}\n" + "\n".join(lines))
