@@ -112,6 +112,11 @@ def bench_pairs(model_dir: str, rows: list[dict], tokenizer=None) -> list:
     return pairs
 
 
+def _step_batches(a, order: list[int]) -> list[list[int]]:
+    """The pairs of each optimizer step, in the order both trainers see them."""
+    return [order[s * a.batch:(s + 1) * a.batch] for s in range(a.steps)]
+
+
 def _pair_len(p) -> int:
     return len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
 
@@ -171,7 +176,7 @@ def worker_ours(a, rows, order) -> dict:
     finally:
         M.attach_lora = real_attach
     pairs = bench_pairs(a.model_dir, rows)
-    per_step = [sum(_pair_len(pairs[i]) for i in order[s * a.batch:(s + 1) * a.batch]) for s in range(a.steps)]
+    per_step = [sum(_pair_len(pairs[i]) for i in b) for b in _step_batches(a, order)]
     result = probe.result(a.batch, per_step)
     result["padding"] = padding(a, pairs, order, a.layout)
     result["work_ratio"] = work_ratio(a, pairs, order, a.layout)
@@ -228,7 +233,7 @@ def worker_trl(a, rows, order) -> dict:
                 p.data = init[name].to(p.device, torch.float32)
         trainer.train()
         pairs = bench_pairs(a.model_dir, rows, trainer.processing_class)
-    per_step = [sum(_pair_len(pairs[i]) for i in order[s * a.batch:(s + 1) * a.batch]) for s in range(a.steps)]
+    per_step = [sum(_pair_len(pairs[i]) for i in b) for b in _step_batches(a, order)]
     return probe.result(a.batch, per_step)
 
 
@@ -341,7 +346,7 @@ def padding(a, pairs: list, order: list[int], layout: str) -> float:
     """Share of padding among the tokens lora-dpo's forward runs on, over the timed steps."""
     from lora_dpo.batching import row_tokens
 
-    steps = [order[s * a.batch:(s + 1) * a.batch] for s in range(a.warmup, a.steps)]
+    steps = _step_batches(a, order)[a.warmup:]  # the timed steps
     distinct, total = row_tokens(pairs, steps, layout)
     return 1 - distinct / total
 
@@ -351,7 +356,7 @@ def work_ratio(a, pairs: list, order: list[int], layout: str) -> float:
     lora-dpo's runs on, over the timed steps: the speed-up that fewer tokens alone would give."""
     from lora_dpo.batching import row_tokens
 
-    steps = [order[s * a.batch:(s + 1) * a.batch] for s in range(a.warmup, a.steps)]
+    steps = _step_batches(a, order)[a.warmup:]  # the timed steps
     return row_tokens(pairs, steps, "concatenated")[1] / row_tokens(pairs, steps, layout)[1]
 
 
