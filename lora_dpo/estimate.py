@@ -313,6 +313,8 @@ def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str,
     rows, T, N = shapes(layout, batch, max_length, prompt)
     targets = arch.lora_targets(lora.target_modules)
     attn = recipe.model.attn_implementation
+    if attn == "auto":  # flex on Ampere+ GPUs, sdpa on older ones: plan for sdpa's mask, the larger (by T² bytes a row)
+        attn = "sdpa"
     layer = layer_activation_bytes(arch, rows, T, targets, lora.r, b, masked=attn != "flex_attention",
                                    eager=attn == "eager")
     residual = rows * T * arch.hidden * b

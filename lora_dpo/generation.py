@@ -48,7 +48,7 @@ def _generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: in
                    repetition_penalty=1.0) if sample else dict(do_sample=False)
     out_ids = []
     ctx = model_lib.reference_mode if reference else _no_grad
-    with ctx(model):
+    with ctx(model), model_lib.sdpa_for_generation(model):
         for i in range(0, len(prompts), batch_size):
             ids, mask = _left_padded(prompts[i: i + batch_size], tokenizer.pad_token_id)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **options,

@@ -238,8 +238,24 @@ def quantization_config(q: QuantizationConfig, compute_dtype: torch.dtype):
     return None
 
 
-def load_base(cfg: ModelConfig, q: QuantizationConfig, dtype: torch.dtype, device: torch.device):
-    """The (quantized) base model, frozen, in eval-free train mode; no adapter yet."""
+def resolve_attention(name: str, device: torch.device, layout: str | None = None) -> str:
+    """model.attn_implementation → the kernel loaded. 'auto' is flex_attention for training in the prefix-shared
+    layouts (shared, packed) on a CUDA GPU of compute capability 8.0+ (Ampere, Hopper, …): its block mask skips the
+    masked blocks that sdpa's dense 4-D mask sends through the slower masked kernel — 2.3× the pairs/s of sdpa on an
+    H200, 8B model, long prompts (benchmarks/RESULTS.md). sdpa everywhere else: CPU (no FlexAttention backward),
+    older GPUs, TRL's concatenated layout (2-D padding masks), and loading for evaluation or export (layout None)."""
+    if name != "auto":
+        return name
+    if (layout in ("shared", "packed") and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+            and importlib.util.find_spec("torch.nn.attention.flex_attention") is not None):
+        return "flex_attention"
+    return "sdpa"
+
+
+def load_base(cfg: ModelConfig, q: QuantizationConfig, dtype: torch.dtype, device: torch.device,
+              layout: str | None = None):
+    """The (quantized) base model, frozen, in eval-free train mode; no adapter yet. `layout`: the training layout,
+    which model.attn_implementation 'auto' follows (resolve_attention)."""
     from transformers import AutoModelForCausalLM
 
     _drop_kernels_hub_notice()
@@ -249,16 +265,16 @@ def load_base(cfg: ModelConfig, q: QuantizationConfig, dtype: torch.dtype, devic
     if qc is not None:
         kwargs["quantization_config"] = qc
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    attn = resolve_attention(cfg.attn_implementation, device, layout)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_implementation,
-                                                     **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn, **kwargs)
     except OSError as e:
         raise LoraDpoError(f"model.name_or_path: cannot load '{cfg.name_or_path}' ({str(e).splitlines()[0]}); "
                            "check the path or hub id (this machine may be offline)") from None
     if qc is None:
         model.to(device)
     _keep_cpu_4bit_differentiable(model)
-    if cfg.attn_implementation == "flex_attention":
+    if attn == "flex_attention":
         _compile_flex_for_any_length()
     model.config.use_cache = False
     for p in model.parameters():
@@ -334,6 +350,22 @@ def load(model_cfg: ModelConfig, q: QuantizationConfig, lora: LoraConfig, *, dty
     tokenizer = load_tokenizer(model_cfg)
     base = load_base(model_cfg, q, dtype, device)
     return attach_lora(base, lora, seed=seed, gradient_checkpointing=gradient_checkpointing), tokenizer
+
+
+@contextlib.contextmanager
+def sdpa_for_generation(model):
+    """Token-by-token decoding on sdpa: a flex_attention model would build a block mask and run its compiled kernel
+    for every new token. The same weights; the kernel is switched back afterwards."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    attn = lm.config._attn_implementation
+    if attn != "flex_attention":
+        yield
+        return
+    lm.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        lm.set_attn_implementation(attn)
 
 
 @contextlib.contextmanager
