@@ -54,7 +54,12 @@ def worker(a) -> dict:
     probe = probed_run(recipe, exact_rows(a.batch * a.steps, a.prompt_tokens, a.completion_tokens, seed=0))
     est = estimate_for(recipe_from_dict(recipe))
     result = probe.result(a.batch, [a.batch * (a.prompt_tokens + 2 * a.completion_tokens)] * a.steps)
-    result.update(device=probe.device, predicted_bytes=est.allocated, prompt_tokens=a.prompt_tokens,
+    import torch
+
+    from lora_dpo.model import resolve_attention
+
+    attn = resolve_attention(a.attn, torch.device(probe.device), a.layout)  # auto: the kernel it resolved to
+    result.update(device=probe.device, attn=attn, predicted_bytes=est.allocated, prompt_tokens=a.prompt_tokens,
                   completion_tokens=a.completion_tokens,
                   predicted={k: getattr(est, k) for k in ("weights", "adapters", "activations", "logps", "overhead")})
     return result
@@ -67,7 +72,7 @@ def main() -> None:
     p.add_argument("--completion-tokens", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--attn", default="sdpa", help="comma-separated: sdpa,flex_attention,eager")
+    p.add_argument("--attn", default="auto", help="comma-separated: auto,sdpa,flex_attention,eager")
     p.add_argument("--layout", default="packed")
     p.add_argument("--reference", default="live", choices=["live", "precompute"])
     p.add_argument("--checkpointing", default="on",
@@ -97,7 +102,7 @@ def main() -> None:
             if proc.returncode != 0 or not lines:
                 print(f"{attn}, checkpointing {ckpt}: worker failed\n{proc.stderr[-3000:]}", flush=True)
                 continue
-            r = json.loads(lines[-1][7:]) | {"attn": attn, "checkpointing": ckpt}
+            r = {"attn": attn} | json.loads(lines[-1][7:]) | {"checkpointing": ckpt}
             results.append(r)
             print(f"{attn}, checkpointing {ckpt}: peak {r['peak_bytes'] / 2**30:.2f} GiB, predicted "
                   f"{r['predicted_bytes'] / 2**30:.2f} GiB, {r['seconds_per_step']:.2f} s/step, "

@@ -125,7 +125,8 @@ def _recipe_dict(a) -> dict:
     return {"model": {"name_or_path": a.model_dir, "attn_implementation": a.attn},
             "data": {"train": "train.jsonl", "max_length": 8192, "max_prompt_length": 4096},
             "lora": LORA, "dpo": {"beta": 0.1, "reference": "live"},
-            "train": {"max_steps": a.steps, "learning_rate": 1e-4, "per_device_train_batch_size": a.batch,
+            "train": {"max_steps": a.steps, "learning_rate": 1e-4, "precision": a.precision,
+                      "per_device_train_batch_size": a.batch,
                       "gradient_checkpointing": a.checkpointing, "seed": 42, "layout": a.layout,
                       "group_by_length": a.group},
             "evaluation": {"generations": 0}, "output": {"dir": "run"}}
@@ -206,7 +207,8 @@ def worker_trl(a, rows, order) -> dict:
     from lora_dpo.model import _keep_cpu_4bit_differentiable
 
     cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda else torch.float32
+    half = cuda and a.precision != "fp32"  # lora-dpo's precision auto: bf16 on a GPU (the kit's are Hopper)
+    dtype = torch.bfloat16 if half else torch.float32
     probe = Probe("cuda" if cuda else "cpu")
 
     class Timer(TrainerCallback):
@@ -217,7 +219,7 @@ def worker_trl(a, rows, order) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         args = DPOConfig(output_dir=tmp, per_device_train_batch_size=a.batch, max_steps=a.steps, learning_rate=1e-4,
                          lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0, beta=0.1, max_length=None,
-                         use_cpu=not cuda, bf16=cuda, fp16=False, report_to="none", logging_steps=1,
+                         use_cpu=not cuda, bf16=half, fp16=False, report_to="none", logging_steps=1,
                          save_strategy="no", seed=42, gradient_checkpointing=a.checkpointing,
                          train_sampling_strategy="sequential", dataset_num_proc=None, disable_tqdm=True,
                          model_init_kwargs={"dtype": dtype, "attn_implementation": "sdpa"})
@@ -318,7 +320,8 @@ def random_llama3_8b(path: Path) -> Path:
 def run_worker(a, which: str, dataset: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", which, "--dataset", dataset, "--model-dir", a.model_dir,
            "--init-adapter", a.init_adapter, "--steps", str(a.steps), "--warmup", str(a.warmup),
-           "--batch", str(a.batch), "--layout", a.layout, "--attn", a.attn, "--short-prompt", str(a.short_prompt),
+           "--batch", str(a.batch), "--layout", a.layout, "--attn", a.attn, "--precision", a.precision,
+           "--short-prompt", str(a.short_prompt),
            "--long-prompt", str(a.long_prompt), "--completion", str(a.completion)] \
         + (["--checkpointing"] if a.checkpointing else []) \
         + ([] if a.group else ["--no-group"])
@@ -383,8 +386,10 @@ def main() -> None:
     p.add_argument("--long-prompt", type=int, default=160, help="words per prompt, long dataset")
     p.add_argument("--completion", type=int, default=48, help="words per completion")
     p.add_argument("--layout", default="packed", choices=["packed", "shared", "concatenated"])
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "flex_attention", "eager"],
-                   help="lora-dpo's attention kernel (TRL runs sdpa, its default)")
+    p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flex_attention", "eager"],
+                   help="lora-dpo's attention kernel, as model.attn_implementation (TRL runs sdpa, its default)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32"],
+                   help="fp32: both trainers compute in fp32 on a GPU too (the losses must then agree as on a CPU)")
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--no-group", dest="group", action="store_false",
                    help="plainly shuffled batches instead of lora-dpo's default train.group_by_length (both sides get "
@@ -429,16 +434,27 @@ def main() -> None:
 
         meta = {"machine": machine(), "cuda": torch.cuda.is_available(), "model": a.model, "n_params": a.n_params,
                 "batch": a.batch, "steps": a.steps,
-                "checkpointing": a.checkpointing, "grouped": a.group, "layout": a.layout, "attn": a.attn,
+                "checkpointing": a.checkpointing, "grouped": a.group, "layout": a.layout, "attn": attention(a),
+                "precision": a.precision,
                 "command": sys.argv}
         Path(a.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+
+
+def attention(a) -> str:
+    """The kernel lora-dpo trains with here (--attn auto resolved as lora-dpo resolves it)."""
+    import torch
+
+    from lora_dpo.model import resolve_attention
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_attention(a.attn, device, a.layout)
 
 
 def report(a, results: dict) -> None:
     med = lambda rs, k: statistics.median(r[k] for r in rs)
     print(f"\nmachine: {machine()}\nmodel: {a.model} ({a.n_params / 1e6:.0f}M parameters), "
           f"batch {a.batch} pairs, {a.steps} steps (timed: {a.warmup + 1}..{a.steps}), "
-          f"layout {a.layout}, lora-dpo attention {a.attn} (TRL: sdpa), "
+          f"layout {a.layout}, lora-dpo attention {attention(a)} (TRL: sdpa), precision {a.precision}, "
           f"batches {'grouped by length' if a.group else 'shuffled'} (the same on both sides), "
           f"gradient checkpointing {'on' if a.checkpointing else 'off'}, {a.repeats} repeats\n")
     print("| data | TRL pairs/s | lora-dpo pairs/s | speed-up | TRL peak | lora-dpo peak | memory ratio | "

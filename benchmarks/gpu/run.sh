@@ -8,14 +8,19 @@
 # Stages (no stage named = all, in this order); each has its own time limit, cut to the time left, and a failing
 # stage does not stop the next. Everything is logged to $OUT/kit.log, raw results to $OUT/*.json:
 #   model      a random Llama-3-8B-shaped model, built once into .gpu-cache (~16 GB on disk; seconds to a minute)
-#   long       lora-dpo vs TRL, long prompts (prompt ~2/3 of the tokens): pairs/s, peak memory, MFU, both losses
-#   memory     2×2048-token pairs (1024 prompt + 2 × 1024): measured peak vs `lora-dpo estimate`, sdpa
-#   short      lora-dpo vs TRL, short prompts (prompt ~1/5 of the tokens)
+#   long       lora-dpo vs TRL, long prompts (prompt ~2/3 of the tokens): pairs/s, peak memory, MFU, both losses;
+#              lora-dpo on its default kernel (attn_implementation auto: flex_attention on Ampere+), TRL on sdpa;
+#              two untimed steps (flex compiles its kernels in the first ones)
+#   short      the same, short prompts (prompt ~1/5 of the tokens)
+#   losses     both trainers in fp32 on the GPU, 3 small steps, both datasets: the losses must agree as on a CPU
+#              (in bf16 they drift apart by rounding after step 1, so the speed stages cannot judge them)
+#   profile    one lora-dpo step under torch.profiler, short- and long-prompt shapes, packed on sdpa and flex and
+#              concatenated (TRL's rows) on sdpa: s/step per row token and the busiest kernels of each
 #   gpu-tests  the GPU-marked tests: bf16 + paged 8-bit AdamW, fp16 + GradScaler, flex_attention training,
 #              prefix sharing on a CUDA 4-bit base (sdpa and flex) against the plain forward
-#   flex       the memory stage with attn_implementation flex_attention
-#   long-flex  the long stage with lora-dpo on flex_attention (its block mask skips the masked blocks that sdpa's
-#              dense 4-D mask computes; TRL stays on sdpa): which kernel should be lora-dpo's GPU default
+#   memory     2×2048-token pairs (1024 prompt + 2 × 1024), default kernel: measured peak vs `lora-dpo estimate`
+#   long-sdpa  the long stage with lora-dpo on sdpa (its dense 4-D mask; measured 2.3× slower than flex on an H200)
+#   short-sdpa the short stage with lora-dpo on sdpa
 #   ckpt       the memory stage with all, half (train.gradient_checkpointing_layers 0.5) and no layers
 #              checkpointed: s/step and peak of each, and the planner's prediction
 set -u
@@ -58,24 +63,32 @@ stage() {  # stage NAME LIMIT MIN_NEEDED command...
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$log"
 }
-want=" ${*:-model long memory short gpu-tests flex long-flex ckpt} "
+want=" ${*:-model long short losses profile gpu-tests memory long-sdpa short-sdpa ckpt} "
 on() { [[ $want == *" $1 "* ]]; }
 # KIT_* variables shrink the kit for a smoke run on a CPU (e.g. KIT_MODEL=demo KIT_WORDS=16 KIT_TOKENS=32)
 model="--model ${KIT_MODEL:-llama3-8b-random}"
 w=${KIT_WORDS:-256}  # words per completion; prompts: long 4w (prompt ~2/3 of the tokens), short w/2 (~1/5)
 m=${KIT_TOKENS:-1024}  # the memory stage's pairs: m prompt tokens + 2 × m completion tokens
-vs_trl="python3 benchmarks/vs_trl.py $model --batch 4 --steps ${KIT_STEPS:-6} --repeats 1 --checkpointing --completion $w"
+steps=${KIT_STEPS:-7}
+vs_trl="python3 benchmarks/vs_trl.py $model --batch 4 --steps $steps --warmup 2 --repeats 1 --checkpointing \
+  --completion $w"
 memory="python3 benchmarks/memory.py $model --prompt-tokens $m --completion-tokens $m --batch 1 --steps 3"
 on model && stage model 240 30 python3 benchmarks/vs_trl.py $model --build-only
 on long && stage long 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --json "$out/long.json"
-on memory && stage memory 150 60 $memory --attn sdpa --json "$out/memory.json"
 on short && stage short 200 90 $vs_trl --datasets short --short-prompt $((w / 2)) --json "$out/short.json"
+on losses && stage losses 150 60 python3 benchmarks/vs_trl.py $model --precision fp32 --batch 2 --steps 3 \
+  --repeats 1 --completion $((w / 4)) --short-prompt $((w / 8)) --long-prompt $w --json "$out/losses.json"
+profile="python3 benchmarks/profile_step.py $model --settings packed:sdpa,packed:flex_attention,concatenated:sdpa"
+on profile && stage profile 150 60 bash -c "$profile --prompt-tokens $((w / 2)) --completion-tokens $w && \
+  $profile --prompt-tokens $((4 * w)) --completion-tokens $w --batch 2"
 on gpu-tests && stage gpu-tests 150 45 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
   tests/test_train.py
-on flex && stage flex 180 90 $memory --attn flex_attention --json "$out/flex.json"
-on long-flex && stage long-flex 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --attn flex_attention \
-  --steps $((${KIT_STEPS:-6} + 1)) --warmup 2 --json "$out/long-flex.json"  # flex compiles its kernels in the first steps
-on ckpt && stage ckpt 240 150 $memory --attn sdpa --checkpointing on,0.5,off --json "$out/ckpt.json"
+on memory && stage memory 150 60 $memory --json "$out/memory.json"
+on long-sdpa && stage long-sdpa 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --attn sdpa \
+  --json "$out/long-sdpa.json"
+on short-sdpa && stage short-sdpa 200 90 $vs_trl --datasets short --short-prompt $((w / 2)) --attn sdpa \
+  --json "$out/short-sdpa.json"
+on ckpt && stage ckpt 240 150 $memory --checkpointing on,0.5,off --json "$out/ckpt.json"
 echo "=== done after $((SECONDS - start))s" | tee -a "$log"
 python3 benchmarks/gpu/targets.py "$out" 2>&1 | tee -a "$log"
 if ((${#skipped[@]})); then

@@ -1,7 +1,7 @@
 """The speed-and-memory targets of the issue (the GPU ones, or the CPU ones for results from a CPU), checked against
-the GPU kit's results: reads the JSON files `run.sh` wrote (long.json, short.json, long-flex.json from vs_trl.py;
-memory.json, flex.json from memory.py) and prints one markdown line per target with the measured value and ✓ / ✗,
-or "not measured" where a stage did not run. Prints; asserts nothing.
+the GPU kit's results: reads the JSON files `run.sh` wrote (long.json, short.json, long-sdpa.json, short-sdpa.json,
+losses.json from vs_trl.py; memory.json, ckpt.json from memory.py) and prints one markdown line per target with the
+measured value and ✓ / ✗, or "not measured" where a stage did not run. Prints; asserts nothing.
 
     python3 benchmarks/gpu/targets.py "$OUT"
 """
@@ -22,6 +22,7 @@ SPEED = {True: {"long": 2.0, "short": 1.5}, False: {"long": 1.5, "short": 1.2}} 
 MEMORY_RATIO = {True: 0.6, False: 0.8}
 PAIR_2x2048_GIB = 12.0  # peak of a 2×2048-token pair, at most
 ESTIMATE_WITHIN = 0.15  # |predicted ÷ measured − 1|, at most
+LOSSES_AGREE = 1e-3  # max |Δ loss| over steps 1-3, in fp32 (a CPU run, or the GPU's fp32 stage)
 
 
 def _load(path: Path):
@@ -35,22 +36,36 @@ def _line(target: str, value: str, ok: bool | None) -> str:
     return f"| {target} | {value} | {'—' if ok is None else '✓' if ok else '✗'} |"
 
 
-def vs_trl_lines(name: str, doc: dict | None, label: str) -> list[str]:
+def losses_line(label: str, meta: dict, r: dict) -> str:
+    """Judged where both trainers compute in fp32. In bf16 on a GPU, step 1 (both at ln 2) still agrees, but the
+    updates round differently and Adam's first steps (≈ lr·sign(g)) turn rounding into visible loss differences, so
+    the trajectories drift apart: shown, not judged — the fp32 stage judges the maths on the GPU."""
+    t, o = r["trl"][0]["losses"], r["ours"][0]["losses"]
+    dl = max(abs(x - y) for x, y in zip(t[:3], o[:3]))
+    if not meta.get("cuda", "NVIDIA" in meta["machine"]) or meta.get("precision") == "fp32":
+        return _line(f"{label}: losses agree (steps 1-3) within {LOSSES_AGREE:g}", f"max abs Δ {dl:.1e}",
+                     dl <= LOSSES_AGREE)
+    return _line(f"{label}: losses (steps 1-3, bf16)", f"step 1 Δ {abs(t[0] - o[0]):.1e}, steps 1-3 max Δ {dl:.1e}",
+                 None)
+
+
+def vs_trl_lines(name: str, doc: dict | None, label: str, losses_only: bool = False) -> list[str]:
     if not doc or name not in doc.get("results", {}):
         return [_line(f"{label}: lora-dpo vs TRL", "not measured", None)]
     meta, r = doc["meta"], doc["results"][name]
+    if losses_only:
+        return [losses_line(label, meta, r)]
     cuda = meta.get("cuda", "NVIDIA" in meta["machine"])
     speed_target, memory_target = SPEED[cuda][name], MEMORY_RATIO[cuda]
     med = lambda side, k: statistics.median(x[k] for x in r[side])  # noqa: E731
     speed = med("ours", "pairs_per_s") / med("trl", "pairs_per_s")
     mem = med("ours", "peak_bytes") / med("trl", "peak_bytes")
-    dl = max(abs(x - y) for x, y in zip(r["trl"][0]["losses"][:3], r["ours"][0]["losses"][:3]))
     work = f" (tokens TRL ÷ lora-dpo: {r['ours'][0]['work_ratio']:.2f})" if "work_ratio" in r["ours"][0] else ""
     out = [_line(f"{label}: pairs/s ≥ {speed_target}× TRL", f"{speed:.2f}×{work}", speed >= speed_target),
            _line(f"{label}: peak {'' if cuda else 'RSS '}≤ {memory_target}× TRL",
                  f"{mem:.2f} ({med('ours', 'peak_bytes') / GiB:.2f} vs {med('trl', 'peak_bytes') / GiB:.2f} GiB)",
                  mem <= memory_target),
-           _line(f"{label}: losses agree (steps 1-3)", f"max abs Δ {dl:.1e}", dl < 1e-2),
+           losses_line(label, meta, r),
            _line(f"{label}: MFU TRL / lora-dpo", " / ".join(
                mfu(meta["n_params"], med(side, "tokens_per_s"), meta["machine"]) if cuda else "n/a (CPU)"
                for side in ("trl", "ours")), None)]
@@ -88,9 +103,13 @@ def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
     lines = ["| target | measured | met |", "|---|---|---|"]
     for name, file, label in (("long", "long.json", "long prompts"), ("short", "short.json", "short prompts"),
-                              ("long", "long-flex.json", "long prompts, lora-dpo on flex_attention")):
-        lines += vs_trl_lines(name, _load(out / file), label)
-    for name, file in (("sdpa", "memory.json"), ("flex_attention", "flex.json"), ("checkpointing share", "ckpt.json")):
+                              ("long", "long-sdpa.json", "long prompts, lora-dpo on sdpa"),
+                              ("short", "short-sdpa.json", "short prompts, lora-dpo on sdpa")):
+        doc = _load(out / file)
+        lines += vs_trl_lines(name, doc, label + (f" ({doc['meta']['attn']})" if doc and "sdpa" not in file else ""))
+    for name in ("short", "long"):
+        lines += vs_trl_lines(name, _load(out / "losses.json"), f"{name} prompts, fp32 on both sides", True)
+    for name, file in (("default kernel", "memory.json"), ("checkpointing share", "ckpt.json")):
         lines += memory_lines(name, _load(out / file))
     doc = _load(out / "long.json") or _load(out / "short.json")
     print(f"machine: {doc['meta']['machine'] if doc else 'unknown (no vs-TRL results)'}\n" + "\n".join(lines))

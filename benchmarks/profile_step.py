@@ -1,0 +1,107 @@
+"""Where a lora-dpo training step spends its time, per attention kernel and layout: one model load, then for each
+setting a few untimed steps, a few timed ones, and one step under torch.profiler, whose busiest kernels it prints.
+
+    python3 benchmarks/profile_step.py                                        # CPU smoke run: demo model
+    python3 benchmarks/profile_step.py --model llama3-8b-random --prompt-tokens 1300 --completion-tokens 330 \\
+        --settings packed:sdpa,packed:flex_attention,concatenated:sdpa         # a GPU, the kit's long-prompt shape
+
+A step is what training runs: the policy forward (adapter on) with backward, and the reference forward (adapter
+off, no grad), under the training autocast, with gradient checkpointing unless --no-checkpointing. Pairs are
+random token ids of exact lengths. `concatenated:sdpa` is TRL's layout on lora-dpo's code (two causal rows per
+pair, sdpa's flash path): seconds per step over the tokens each layout runs tells whether a kernel, not the token
+count, is what makes a setting slow. Prints; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from vs_trl import machine, resolve_model  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="demo", help="demo | llama3-8b-random | a local HF directory")
+    p.add_argument("--prompt-tokens", type=int, default=96)
+    p.add_argument("--completion-tokens", type=int, default=48)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--settings", default="packed:sdpa,concatenated:sdpa",
+                   help="comma-separated layout:attention (layouts packed, shared, concatenated; attention sdpa, "
+                        "flex_attention, eager)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per setting")
+    p.add_argument("--rows", type=int, default=15, help="kernels listed per setting")
+    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    a = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+
+    from lora_dpo import batching
+    from lora_dpo import model as model_lib
+    from lora_dpo.data import Pair
+    from lora_dpo.logps import causal_lm
+    from lora_dpo.objective import dpo_forward
+    from lora_dpo.recipe import DpoConfig, LoraConfig, ModelConfig, QuantizationConfig
+
+    settings = [s.split(":") for s in a.settings.split(",")]
+    device, dtype = model_lib.device_and_dtype("auto", "auto")
+    cfg = ModelConfig(name_or_path=resolve_model(a.model), attn_implementation="sdpa")
+    tokenizer = model_lib.load_tokenizer(cfg)
+    model = model_lib.attach_lora(model_lib.load_base(cfg, QuantizationConfig(), dtype, device),
+                                  LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"), seed=0,
+                                  gradient_checkpointing=a.checkpointing)
+    lm = causal_lm(model)
+    rng = random.Random(0)
+    ids = lambda n: [rng.randrange(100, lm.config.vocab_size) for _ in range(n)]  # noqa: E731
+    pairs = [Pair(ids(a.prompt_tokens), ids(a.completion_tokens), ids(a.completion_tokens), i)
+             for i in range(a.batch)]
+    autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 \
+        else torch.autocast(device.type, enabled=False)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cuda = device.type == "cuda"
+
+    def step(batch):
+        with autocast:
+            loss, _ = dpo_forward(model, batch, DpoConfig())
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    print(f"machine: {machine()}\nmodel: {a.model}, {dtype}, {a.batch} pairs of {a.prompt_tokens} prompt + 2 × "
+          f"{a.completion_tokens} completion tokens, gradient checkpointing {'on' if a.checkpointing else 'off'}\n")
+    summary = []
+    for layout, attn in settings:
+        lm.set_attn_implementation(attn)
+        if attn == "flex_attention":
+            model_lib._compile_flex_for_any_length()
+        batch = batching.build(pairs, tokenizer.pad_token_id, layout).to(device)
+        tokens = int(batch.input_ids.numel())
+        for _ in range(a.warmup):
+            step(batch)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            step(batch)
+        sync()
+        seconds = (time.perf_counter() - t0) / a.steps
+        summary.append((layout, attn, tokens, seconds))
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            step(batch)
+            sync()
+        print(f"=== {layout}:{attn}: {seconds:.3f} s/step, {tokens} row tokens")
+        print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total",
+                                        row_limit=a.rows, max_name_column_width=60))
+    print("| layout | attention | row tokens | s/step | ms per 1k row tokens |\n|---|---|---|---|---|")
+    for layout, attn, tokens, seconds in summary:
+        print(f"| {layout} | {attn} | {tokens} | {seconds:.3f} | {1e6 * seconds / tokens:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
