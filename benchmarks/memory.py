@@ -104,7 +104,7 @@ def main() -> None:
                 continue
             r = {"attn": attn} | json.loads(lines[-1][7:]) | {"checkpointing": ckpt}
             results.append(r)
-            print(f"{attn}, checkpointing {ckpt}: peak {r['peak_bytes'] / 2**30:.2f} GiB, predicted "
+            print(f"{r['attn']}, checkpointing {ckpt}: peak {r['peak_bytes'] / 2**30:.2f} GiB, predicted "
                   f"{r['predicted_bytes'] / 2**30:.2f} GiB, {r['seconds_per_step']:.2f} s/step, "
                   f"losses {[round(x, 4) for x in r['losses']]}", flush=True)
     gpu = bool(results) and results[0]["device"] == "cuda"

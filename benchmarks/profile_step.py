@@ -64,8 +64,8 @@ def main() -> None:
              for i in range(a.batch)]
     autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 \
         else torch.autocast(device.type, enabled=False)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step(batch):
         with autocast:
@@ -77,6 +77,9 @@ def main() -> None:
           f"{a.completion_tokens} completion tokens, gradient checkpointing {'on' if a.checkpointing else 'off'}\n")
     summary = []
     for layout, attn in settings:
+        if attn == "flex_attention" and not cuda:
+            print(f"=== {layout}:{attn}: skipped (FlexAttention has no backward on a CPU)\n")
+            continue
         lm.set_attn_implementation(attn)
         if attn == "flex_attention":
             model_lib._compile_flex_for_any_length()

@@ -19,8 +19,9 @@
 #   gpu-tests  the GPU-marked tests: bf16 + paged 8-bit AdamW, fp16 + GradScaler, flex_attention training,
 #              prefix sharing on a CUDA 4-bit base (sdpa and flex) against the plain forward
 #   memory     2×2048-token pairs (1024 prompt + 2 × 1024), default kernel: measured peak vs `lora-dpo estimate`
+#   long-b16   the long stage at 16 pairs per step, 4 steps: the memory ratio where activations, not the 4-bit
+#              weights both sides hold, make most of the peak
 #   long-sdpa  the long stage with lora-dpo on sdpa (its dense 4-D mask; measured 2.3× slower than flex on an H200)
-#   short-sdpa the short stage with lora-dpo on sdpa
 #   ckpt       the memory stage with all, half (train.gradient_checkpointing_layers 0.5) and no layers
 #              checkpointed: s/step and peak of each, and the planner's prediction
 set -u
@@ -63,7 +64,7 @@ stage() {  # stage NAME LIMIT MIN_NEEDED command...
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$log"
 }
-want=" ${*:-model long short losses profile gpu-tests memory long-sdpa short-sdpa ckpt} "
+want=" ${*:-model long short losses profile memory gpu-tests long-b16 long-sdpa ckpt} "
 on() { [[ $want == *" $1 "* ]]; }
 # KIT_* variables shrink the kit for a smoke run on a CPU (e.g. KIT_MODEL=demo KIT_WORDS=16 KIT_TOKENS=32)
 model="--model ${KIT_MODEL:-llama3-8b-random}"
@@ -79,15 +80,15 @@ on short && stage short 200 90 $vs_trl --datasets short --short-prompt $((w / 2)
 on losses && stage losses 150 60 python3 benchmarks/vs_trl.py $model --precision fp32 --batch 2 --steps 3 \
   --repeats 1 --completion $((w / 4)) --short-prompt $((w / 8)) --long-prompt $w --json "$out/losses.json"
 profile="python3 benchmarks/profile_step.py $model --settings packed:sdpa,packed:flex_attention,concatenated:sdpa"
-on profile && stage profile 150 60 bash -c "$profile --prompt-tokens $((w / 2)) --completion-tokens $w && \
+on profile && stage profile 150 60 bash -c "$profile --prompt-tokens $((w / 2)) --completion-tokens $w; \
   $profile --prompt-tokens $((4 * w)) --completion-tokens $w --batch 2"
+on memory && stage memory 150 60 $memory --json "$out/memory.json"
 on gpu-tests && stage gpu-tests 150 45 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
   tests/test_train.py
-on memory && stage memory 150 60 $memory --json "$out/memory.json"
+on long-b16 && stage long-b16 240 150 $vs_trl --datasets long --long-prompt $((4 * w)) --batch 16 --steps 4 \
+  --warmup 2 --json "$out/long-b16.json"
 on long-sdpa && stage long-sdpa 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --attn sdpa \
   --json "$out/long-sdpa.json"
-on short-sdpa && stage short-sdpa 200 90 $vs_trl --datasets short --short-prompt $((w / 2)) --attn sdpa \
-  --json "$out/short-sdpa.json"
 on ckpt && stage ckpt 240 150 $memory --checkpointing on,0.5,off --json "$out/ckpt.json"
 echo "=== done after $((SECONDS - start))s" | tee -a "$log"
 python3 benchmarks/gpu/targets.py "$out" 2>&1 | tee -a "$log"

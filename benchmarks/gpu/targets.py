@@ -1,5 +1,5 @@
 """The speed-and-memory targets of the issue (the GPU ones, or the CPU ones for results from a CPU), checked against
-the GPU kit's results: reads the JSON files `run.sh` wrote (long.json, short.json, long-sdpa.json, short-sdpa.json,
+the GPU kit's results: reads the JSON files `run.sh` wrote (long.json, short.json, long-b16.json, long-sdpa.json,
 losses.json from vs_trl.py; memory.json, ckpt.json from memory.py) and prints one markdown line per target with the
 measured value and ✓ / ✗, or "not measured" where a stage did not run. Prints; asserts nothing.
 
@@ -103,8 +103,8 @@ def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
     lines = ["| target | measured | met |", "|---|---|---|"]
     for name, file, label in (("long", "long.json", "long prompts"), ("short", "short.json", "short prompts"),
-                              ("long", "long-sdpa.json", "long prompts, lora-dpo on sdpa"),
-                              ("short", "short-sdpa.json", "short prompts, lora-dpo on sdpa")):
+                              ("long", "long-b16.json", "long prompts, 16 pairs per step"),
+                              ("long", "long-sdpa.json", "long prompts, lora-dpo on sdpa")):
         doc = _load(out / file)
         lines += vs_trl_lines(name, doc, label + (f" ({doc['meta']['attn']})" if doc and "sdpa" not in file else ""))
     for name in ("short", "long"):
