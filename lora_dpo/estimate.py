@@ -301,6 +301,16 @@ def parse_size(text: str) -> int:
 
 # ---------------------------------------------------------------- the estimate
 
+def _auto_attention(layout: str) -> str:
+    """The kernel attn_implementation auto trains with on the visible GPU; sdpa when planning for a GPU not here (its
+    dense mask is the larger of the two, by T² bytes a row)."""
+    import torch
+
+    from lora_dpo.model import resolve_attention
+
+    return resolve_attention("auto", torch.device("cuda"), layout) if torch.cuda.is_available() else "sdpa"
+
+
 def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str, reference: str,
            ckpt_layers: int) -> dict:
     """ckpt_layers: how many decoder layers recompute in backward (0 = no checkpointing, arch.layers = all)."""
@@ -313,8 +323,8 @@ def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str,
     rows, T, N = shapes(layout, batch, max_length, prompt)
     targets = arch.lora_targets(lora.target_modules)
     attn = recipe.model.attn_implementation
-    if attn == "auto":  # flex on Ampere+ GPUs, sdpa on older ones: plan for sdpa's mask, the larger (by T² bytes a row)
-        attn = "sdpa"
+    if attn == "auto":
+        attn = _auto_attention(layout)
     layer = layer_activation_bytes(arch, rows, T, targets, lora.r, b, masked=attn != "flex_attention",
                                    eager=attn == "eager")
     residual = rows * T * arch.hidden * b

@@ -267,7 +267,16 @@ def load_base(cfg: ModelConfig, q: QuantizationConfig, dtype: torch.dtype, devic
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     attn = resolve_attention(cfg.attn_implementation, device, layout)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn, **kwargs)
+        except ValueError as e:  # raised before any weight loads
+            if attn == "sdpa" or attn not in str(e):
+                raise
+            if cfg.attn_implementation != "auto":
+                raise LoraDpoError(f"model.attn_implementation: transformers has no {attn} for "
+                                   f"'{cfg.name_or_path}' ({str(e).split('.')[0]}); use auto or sdpa") from None
+            attn = "sdpa"  # auto, and transformers has no flex_attention for this architecture
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn, **kwargs)
     except OSError as e:
         raise LoraDpoError(f"model.name_or_path: cannot load '{cfg.name_or_path}' ({str(e).splitlines()[0]}); "
                            "check the path or hub id (this machine may be offline)") from None

@@ -177,11 +177,12 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     kind = (f"4-bit {q.bnb_4bit_quant_type}, {precision} compute" if q.load_in_4bit
             else f"8-bit, {precision} compute" if q.load_in_8bit else precision)
     where = f"{ctx.world} processes on {device.type}" if ctx.enabled else str(device)
-    attn = model_lib.resolve_attention(recipe.model.attn_implementation, device, tcfg.layout)
-    say(f"loading {recipe.model.name_or_path} ({kind}, {attn} attention) on {where}")
+    say(f"loading {recipe.model.name_or_path} ({kind}) on {where}")
     policy = model_lib.attach_lora(model_lib.load_base(recipe.model, recipe.quantization, dtype, device, tcfg.layout),
                                    recipe.lora, seed=tcfg.seed, gradient_checkpointing=tcfg.gradient_checkpointing,
                                    checkpoint_share=tcfg.gradient_checkpointing_layers)
+    attn = causal_lm(policy).config._attn_implementation
+    say(f"attention: {attn}" + (" (auto)" if recipe.model.attn_implementation == "auto" else ""))
     params = [p for p in policy.parameters() if p.requires_grad]
     say(f"LoRA r={recipe.lora.r}: {sum(p.numel() for p in params):,} trainable parameters")
     if tcfg.gradient_checkpointing:

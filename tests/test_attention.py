@@ -102,3 +102,31 @@ def test_step0_check_passes_a_fresh_adapter_and_fails_a_trained_one(tiny_model_d
                 p.normal_(0, 0.05)
     with pytest.raises(LoraDpoError, match=r"step-0 check failed: .*tolerance"):
         step0_check(m, batch, DpoConfig(), printed.append, dtype=dtype)
+
+
+def test_auto_falls_back_to_sdpa_where_the_architecture_has_no_flex(tiny_model_dir, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(M, "resolve_attention", lambda name, device, layout=None: "flex_attention")
+    monkeypatch.setattr(LlamaForCausalLM, "_supports_flex_attn", False)
+    base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(), torch.float32,
+                       torch.device("cpu"), "packed")
+    assert base.config._attn_implementation == "sdpa"
+    from lora_dpo.errors import LoraDpoError
+
+    with pytest.raises(LoraDpoError, match="model.attn_implementation: transformers has no flex_attention.*use auto"):
+        M.load_base(ModelConfig(name_or_path=str(tiny_model_dir), attn_implementation="flex_attention"),
+                    QuantizationConfig(), torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("gpu, layout, expected", [
+    (None, "packed", "sdpa"),            # no GPU here: plan for sdpa's mask, the larger
+    ((9, 0), "packed", "flex_attention"),  # the GPU that will train: plan for the kernel auto picks there
+    ((7, 5), "packed", "sdpa"), ((9, 0), "concatenated", "sdpa"),
+])
+def test_estimate_plans_for_the_kernel_auto_picks(monkeypatch, gpu, layout, expected):
+    from lora_dpo.estimate import _auto_attention
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu is not None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu)
+    assert _auto_attention(layout) == expected
