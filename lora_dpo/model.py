@@ -243,13 +243,21 @@ def resolve_attention(name: str, device: torch.device, layout: str | None = None
     layouts (shared, packed) on a CUDA GPU of compute capability 8.0+ (Ampere, Hopper, …): its block mask skips the
     masked blocks that sdpa's dense 4-D mask sends through the slower masked kernel — 2.3× the pairs/s of sdpa on an
     H200, 8B model, long prompts (benchmarks/RESULTS.md). sdpa everywhere else: CPU (no FlexAttention backward),
-    older GPUs, TRL's concatenated layout (2-D padding masks), and loading for evaluation or export (layout None)."""
+    older GPUs, machines without Triton (flex's compiler), TRL's concatenated layout (2-D padding masks), and
+    loading for evaluation or export (layout None)."""
     if name != "auto":
         return name
     if (layout in ("shared", "packed") and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-            and importlib.util.find_spec("torch.nn.attention.flex_attention") is not None):
+            and _flex_compiles()):
         return "flex_attention"
     return "sdpa"
+
+
+def _flex_compiles() -> bool:
+    """FlexAttention exists in this torch and its kernels can be compiled: torch.compile generates them with Triton,
+    which torch's Linux CUDA wheels bring and Windows installs lack."""
+    return (importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+            and importlib.util.find_spec("triton") is not None)
 
 
 def load_base(cfg: ModelConfig, q: QuantizationConfig, dtype: torch.dtype, device: torch.device,

@@ -40,9 +40,9 @@ class ModelConfig:
     trust_remote_code: bool = _f(False, "Run model code shipped with a hub model. Off unless asked; announced when on.")
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = _f(
         "auto", "Attention kernel; all three take the prefix-shared layouts' 4-D mask (flex as a block mask). auto = "
-        "flex_attention when training on a CUDA GPU of compute capability 8.0+ (Ampere or newer) in the shared or "
-        "packed layout (2.3× sdpa's speed on an H200, benchmarks/RESULTS.md), sdpa otherwise (CPU, older GPUs, "
-        "evaluation and export). Generation always decodes on sdpa.")
+        "flex_attention when training on a CUDA GPU of compute capability 8.0+ (Ampere or newer) with Triton, in the "
+        "shared or packed layout (2.3× sdpa's speed on an H200, benchmarks/RESULTS.md), sdpa otherwise (CPU, older "
+        "GPUs, evaluation and export). Generation always decodes on sdpa.")
 
 
 @dataclass

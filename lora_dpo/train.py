@@ -182,7 +182,8 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
                                    recipe.lora, seed=tcfg.seed, gradient_checkpointing=tcfg.gradient_checkpointing,
                                    checkpoint_share=tcfg.gradient_checkpointing_layers)
     attn = causal_lm(policy).config._attn_implementation
-    say(f"attention: {attn}" + (" (auto)" if recipe.model.attn_implementation == "auto" else ""))
+    say(f"attention: {attn}" + (" (auto)" if recipe.model.attn_implementation == "auto" else "")
+        + ("; its kernels compile during the first step, once for all lengths" if attn == "flex_attention" else ""))
     params = [p for p in policy.parameters() if p.requires_grad]
     say(f"LoRA r={recipe.lora.r}: {sum(p.numel() for p in params):,} trainable parameters")
     if tcfg.gradient_checkpointing:

@@ -59,6 +59,22 @@ def build_tiny(path: Path, tokenizer, seed: int = 0, **overrides) -> Path:
     return path
 
 
+def trained_lora(model_dir: Path, attn: str = "sdpa", dtype: torch.dtype = torch.float32):
+    """A 4-bit base from `model_dir` on CPU with a LoRA adapter whose B matrices are random (a trained-looking
+    adapter, so policy and reference differ)."""
+    from lora_dpo import model as M
+    from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig
+
+    base = M.load_base(ModelConfig(name_or_path=str(model_dir), attn_implementation=attn), QuantizationConfig(),
+                       dtype, torch.device("cpu"))
+    m = M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=False)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return m
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     """A 2-layer, 64-wide random Llama with the demo tokenizer (~6.5M params, mostly embeddings)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import trained_lora
 
 from lora_dpo import generation
 from lora_dpo import model as M
@@ -20,7 +21,17 @@ CUDA = torch.device("cuda", 0)
 ])
 def test_auto_on_a_gpu(monkeypatch, capability, layout, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(M, "_flex_compiles", lambda: True)
     assert M.resolve_attention("auto", CUDA, layout) == expected
+
+
+def test_auto_needs_triton_for_flex(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+    assert M.resolve_attention("auto", CUDA, "packed") == "sdpa"  # e.g. Windows: torch without Triton
 
 
 def test_auto_on_cpu_and_explicit_choices():
@@ -36,19 +47,8 @@ def test_auto_loads_sdpa_on_cpu(tiny_model_dir):
     assert base.config._attn_implementation == "sdpa"
 
 
-def _lora(tiny_model_dir, attn):
-    base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir), attn_implementation=attn),
-                       QuantizationConfig(), torch.float32, torch.device("cpu"))
-    m = M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=False)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    return m
-
-
 def test_generation_decodes_on_sdpa_and_switches_back(tiny_model_dir, tokenizer):
-    flex, sdpa = _lora(tiny_model_dir, "flex_attention"), _lora(tiny_model_dir, "sdpa")
+    flex, sdpa = trained_lora(tiny_model_dir, "flex_attention"), trained_lora(tiny_model_dir)
     lm = flex.get_base_model()
     seen = []
     generate = lm.generate
@@ -129,4 +129,5 @@ def test_estimate_plans_for_the_kernel_auto_picks(monkeypatch, gpu, layout, expe
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu is not None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu)
+    monkeypatch.setattr(M, "_flex_compiles", lambda: True)
     assert _auto_attention(layout) == expected

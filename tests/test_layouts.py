@@ -10,32 +10,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import trained_lora
 
 from lora_dpo import model as M
 from lora_dpo.batching import LAYOUTS, PAD, build, collate, collate_shared, pack_rows
 from lora_dpo.data import Pair
 from lora_dpo.logps import batch_logps, plain_batch_logps
-from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig
 
 PAIRS = [Pair([1, 2, 3, 4, 5], [6, 7, 8], [9, 10], 0), Pair([11, 12], [13, 14, 15, 16, 17], [18], 1),
          Pair([19], [20], [21, 22, 23], 2), Pair([24, 25, 26], [27, 28], [29, 30, 31, 32], 3),
          Pair([33, 34], [35], [36], 4)]
 
 
-def _model(tiny_model_dir, attn: str, dtype=torch.float32):
-    base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir), attn_implementation=attn),
-                       QuantizationConfig(), dtype, torch.device("cpu"))
-    m = M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=False)
-    with torch.no_grad():  # a trained-looking adapter, so policy and reference differ
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    return m
-
-
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
 def model(request, tiny_model_dir):
-    return _model(tiny_model_dir, request.param)
+    return trained_lora(tiny_model_dir, request.param)
 
 
 def _grads(m):
@@ -80,7 +69,7 @@ def test_shared_layouts_equal_plain_reference(model, layout):
 def test_bf16_within_documented_tolerance(tiny_model_dir):
     """bf16 rounds differently when the prompt's keys are shared vs recomputed; the documented tolerance is 2e-2
     absolute on summed log-probs of ~1-5 tokens (bf16 has 8 mantissa bits: ~4e-3 relative per operation)."""
-    m = _model(tiny_model_dir, "sdpa", torch.bfloat16)
+    m = trained_lora(tiny_model_dir, "sdpa", torch.bfloat16)
     with torch.no_grad():
         want, _ = plain_batch_logps(m, collate(PAIRS, 2))
         got, _ = batch_logps(m, build(PAIRS, 2, "packed"))
@@ -125,7 +114,7 @@ def test_flex_attention_block_mask_equals_dense(tiny_model_dir):
     from torch._dynamo.utils import counters
 
     try:
-        m = _model(tiny_model_dir, "flex_attention")
+        m = trained_lora(tiny_model_dir, "flex_attention")
         with torch.no_grad():
             got, _ = batch_logps(m, build(PAIRS, 2, "packed"))
     except Exception as e:  # noqa: BLE001 — flex attention needs a compiler backend on this device

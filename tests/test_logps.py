@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import trained_lora
 
-from lora_dpo import model as M
 from lora_dpo.batching import collate
 from lora_dpo.data import Pair
 from lora_dpo.logps import batch_logps, plain_batch_logps
-from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig
 
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(), torch.float32,
-                       torch.device("cpu"))
-    m = M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=False)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    return m
+    return trained_lora(tiny_model_dir)
 
 
 def batch():

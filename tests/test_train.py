@@ -62,6 +62,7 @@ def test_every_loss_trains(recipe_dict, loss_type, extra, capsys):
     printed = capsys.readouterr().out
     assert "step-0 check" in printed
     assert "grouped by length, layout packed" in printed and "padding is" in printed
+    assert "\nattention: sdpa (auto)\n" in printed  # what auto picked, on a CPU
     if loss_type == "simpo":
         assert result.step0_loss is None and "not applicable" in printed
     else:
