@@ -39,7 +39,7 @@ def _line(target: str, value: str, ok: bool | None) -> str:
 def losses_line(label: str, meta: dict, r: dict) -> str:
     """Judged where both trainers compute in fp32. In bf16, step 1 (both at ln 2) still agrees, but the first LoRA
     updates are below bf16's resolution of the hidden states, so rounding (which differs with layout and kernel)
-    moves the next losses by ~1e-2 even between two layouts of lora-dpo itself (benchmarks/RESULTS.md): shown, not
+    moves the next losses by ~1e-2 even between two layouts of lora-dpo itself (benchmarks/bf16_drift.py): shown, not
     judged — the fp32 stage judges the maths on the GPU."""
     t, o = r["trl"][0]["losses"], r["ours"][0]["losses"]
     dl = max(abs(x - y) for x, y in zip(t[:3], o[:3]))
