@@ -172,23 +172,8 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     prepared = data.prepare(recipe.data, tokenizer, train_rows, eval_rows, say)  # prints the report; on_problem
     train_pairs, eval_pairs = prepared.train_pairs, prepared.eval_pairs
 
-    q = recipe.quantization
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-    kind = (f"4-bit {q.bnb_4bit_quant_type}, {precision} compute" if q.load_in_4bit
-            else f"8-bit, {precision} compute" if q.load_in_8bit else precision)
-    where = f"{ctx.world} processes on {device.type}" if ctx.enabled else str(device)
-    say(f"loading {recipe.model.name_or_path} ({kind}) on {where}")
-    policy = model_lib.attach_lora(model_lib.load_base(recipe.model, recipe.quantization, dtype, device, tcfg.layout),
-                                   recipe.lora, seed=tcfg.seed, gradient_checkpointing=tcfg.gradient_checkpointing,
-                                   checkpoint_share=tcfg.gradient_checkpointing_layers)
-    attn = causal_lm(policy).config._attn_implementation
-    say(f"attention: {attn}" + (" (auto)" if recipe.model.attn_implementation == "auto" else "")
-        + ("; its kernels compile during the first step, once for all lengths" if attn == "flex_attention" else ""))
+    policy = _load_policy(recipe, device, dtype, ctx)
     params = [p for p in policy.parameters() if p.requires_grad]
-    say(f"LoRA r={recipe.lora.r}: {sum(p.numel() for p in params):,} trainable parameters")
-    if tcfg.gradient_checkpointing:
-        flags = [layer.gradient_checkpointing for layer in model_lib.decoder_layers(policy)]
-        say(f"gradient checkpointing: {sum(flags)} of {len(flags)} decoder layers recompute in backward")
     layout, note = batching.resolve_layout(tcfg.layout, causal_lm(policy).config, train_pairs)
     if note:
         say(note)
@@ -320,29 +305,61 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     bar.close()
 
     eval_metrics = {}
-    adapter_dir = out / "adapter"
     if ctx.main:
-        if eval_pairs:
-            after = snapshot(policy, tokenizer, eval_pairs, recipe, device)  # one held-out pass serves both
-            eval_metrics = after.strict
-            history[-1].update(eval_metrics)
-            _write_metrics(out, history)
-            before = before or snapshot(policy, tokenizer, eval_pairs, recipe, device, reference=True)
-            print_before_after(before, after, eval_rows, eval_pairs, recipe.evaluation.generations)
-            report = snapshots_json(data.source_label(recipe.data, "eval"), eval_pairs, eval_rows, before, after)
-            (out / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
         for tracker in trackers:
             tracker.close()
-        checkpoints.atomic_dir(adapter_dir, lambda tmp: (policy.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
-        say(f"adapter written to {adapter_dir}")
-        say(f"report written to {write_report(out)}")
-        if recipe.output.export:
-            from lora_dpo.export import export
-
-            for fmt in recipe.output.export:  # from the files just written, as `lora-dpo export` reads them
-                export(out, format=fmt, force=True)  # an older export here belonged to the run replaced above
+        eval_metrics = _finish(recipe, out, policy, tokenizer, device, eval_rows, eval_pairs, before, history, say)
     ctx.barrier()
-    return RunResult(out, adapter_dir, steps, step0, history, eval_metrics)
+    return RunResult(out, out / "adapter", steps, step0, history, eval_metrics)
+
+
+def _load_policy(recipe: Recipe, device: torch.device, dtype: torch.dtype, ctx: distributed.Context):
+    """The base model with a fresh adapter, saying what was loaded: precision, attention kernel, LoRA size and
+    checkpointed layers."""
+    tcfg, q, say = recipe.train, recipe.quantization, ctx.print
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    kind = (f"4-bit {q.bnb_4bit_quant_type}, {precision} compute" if q.load_in_4bit
+            else f"8-bit, {precision} compute" if q.load_in_8bit else precision)
+    where = f"{ctx.world} processes on {device.type}" if ctx.enabled else str(device)
+    say(f"loading {recipe.model.name_or_path} ({kind}) on {where}")
+    policy = model_lib.attach_lora(model_lib.load_base(recipe.model, q, dtype, device, tcfg.layout), recipe.lora,
+                                   seed=tcfg.seed, gradient_checkpointing=tcfg.gradient_checkpointing,
+                                   checkpoint_share=tcfg.gradient_checkpointing_layers)
+    attn = causal_lm(policy).config._attn_implementation
+    say(f"attention: {attn}" + (" (auto)" if recipe.model.attn_implementation == "auto" else "")
+        + ("; its kernels compile during the first step, once for all lengths" if attn == "flex_attention" else ""))
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    say(f"LoRA r={recipe.lora.r}: {trainable:,} trainable parameters")
+    if tcfg.gradient_checkpointing:
+        flags = [layer.gradient_checkpointing for layer in model_lib.decoder_layers(policy)]
+        say(f"gradient checkpointing: {sum(flags)} of {len(flags)} decoder layers recompute in backward")
+    return policy
+
+
+def _finish(recipe: Recipe, out: Path, policy, tokenizer, device: torch.device, eval_rows, eval_pairs, before,
+            history: list, say) -> dict:
+    """After the last step, on the main process: held-out evaluation (before vs after), the adapter, the report and
+    the exports. → the held-out metrics."""
+    eval_metrics = {}
+    if eval_pairs:
+        after = snapshot(policy, tokenizer, eval_pairs, recipe, device)  # one held-out pass serves both
+        eval_metrics = after.strict
+        history[-1].update(eval_metrics)
+        _write_metrics(out, history)
+        before = before or snapshot(policy, tokenizer, eval_pairs, recipe, device, reference=True)
+        print_before_after(before, after, eval_rows, eval_pairs, recipe.evaluation.generations)
+        report = snapshots_json(data.source_label(recipe.data, "eval"), eval_pairs, eval_rows, before, after)
+        (out / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    adapter_dir = out / "adapter"
+    checkpoints.atomic_dir(adapter_dir, lambda tmp: (policy.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    say(f"adapter written to {adapter_dir}")
+    say(f"report written to {write_report(out)}")
+    if recipe.output.export:
+        from lora_dpo.export import export
+
+        for fmt in recipe.output.export:  # from the files just written, as `lora-dpo export` reads them
+            export(out, format=fmt, force=True)  # an older export here belonged to the run replaced above
+    return eval_metrics
 
 
 # ---------------------------------------------------------------- stopping well
