@@ -41,6 +41,18 @@ def test_gpu_flex_attention_run(recipe_dict):
     _run_and_check(recipe_dict)
 
 
+def test_gpu_auto_attention_run(recipe_dict, capsys):
+    """attn_implementation auto on this GPU: flex_attention where it is Ampere or newer (with Triton), and a run that
+    trains and generates on it; twin: test_attention's resolution tests with faked GPUs."""
+    recipe_dict["train"].update(max_steps=2, device="cuda")
+    recipe_dict.setdefault("evaluation", {})["generations"] = 2
+    expected = M.resolve_attention("auto", torch.device("cuda"), "packed")
+    assert expected == ("flex_attention" if torch.cuda.get_device_capability() >= (8, 0) and M._flex_compiles()
+                        else "sdpa")
+    _run_and_check(recipe_dict)
+    assert f"\nattention: {expected} (auto)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
 def test_gpu_prefix_sharing_equals_plain(tiny_model_dir, attn):
     """Packed prefix sharing vs the plain concatenated forward on a CUDA 4-bit base in bf16, values and LoRA
