@@ -375,7 +375,7 @@ def sdpa_for_generation(model):
     for every new token. The same weights; the kernel is switched back afterwards."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     attn = lm.config._attn_implementation
-    if attn != "flex_attention":
+    if attn != "flex_attention" or not hasattr(lm, "set_attn_implementation"):
         yield
         return
     lm.set_attn_implementation("sdpa")
