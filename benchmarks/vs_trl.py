@@ -61,6 +61,7 @@ class Probe:
 
     def __init__(self, device: str) -> None:
         self.device, self.times, self.losses, self.peak, self.start = device, [], [], 0, 0.0
+        self.resident = 0  # CUDA memory held between steps after the warm-up: weights, adapter, optimizer state
         self._stop = threading.Event()
         self._thread = None
 
@@ -75,6 +76,7 @@ class Probe:
             if self.device == "cuda":
                 import torch
 
+                self.resident = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
             else:
                 self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -97,7 +99,8 @@ class Probe:
         elapsed = self.times[-1] - self.times[w - 1]
         steps = len(self.times) - w
         return {"pairs_per_s": pairs_per_step * steps / elapsed, "tokens_per_s": sum(tokens_per_step[w:]) / elapsed,
-                "peak_bytes": self.peak, "losses": self.losses, "seconds_per_step": elapsed / steps}
+                "peak_bytes": self.peak, "resident_bytes": self.resident, "losses": self.losses,
+                "seconds_per_step": elapsed / steps}
 
 
 def bench_pairs(model_dir: str, rows: list[dict], tokenizer=None) -> list:

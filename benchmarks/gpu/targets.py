@@ -66,6 +66,10 @@ def vs_trl_lines(name: str, doc: dict | None, label: str, losses_only: bool = Fa
            _line(f"{label}: peak {'' if cuda else 'RSS '}≤ {memory_target}× TRL",
                  f"{mem:.2f} ({med('ours', 'peak_bytes') / GiB:.2f} vs {med('trl', 'peak_bytes') / GiB:.2f} GiB)",
                  mem <= memory_target),
+           *([_line(f"{label}: step memory (peak − resident between steps) vs TRL", f"{work:.2f} ("
+                     f"{med('ours', 'peak_bytes') / GiB - med('ours', 'resident_bytes') / GiB:.2f} vs "
+                     f"{med('trl', 'peak_bytes') / GiB - med('trl', 'resident_bytes') / GiB:.2f} GiB)", None)]
+             if (work := _step_memory_ratio(r)) is not None else []),
            losses_line(label, meta, r),
            _line(f"{label}: MFU TRL / lora-dpo", " / ".join(
                mfu(meta["n_params"], med(side, "tokens_per_s"), meta["machine"]) if cuda else "n/a (CPU)"
@@ -74,6 +78,19 @@ def vs_trl_lines(name: str, doc: dict | None, label: str, losses_only: bool = Fa
         out.append(_estimate_line(f"{label}: estimate (worst-case rows)", r["ours"][0]["predicted_bytes"],
                                   med("ours", "peak_bytes"), judged=False))
     return out
+
+
+def _step_memory_ratio(r: dict) -> float | None:
+    """lora-dpo ÷ TRL of the memory a step adds on top of what stays between steps (the 4-bit weights, adapter and
+    optimizer state, common to both): the part of the peak the trainers' work decides. None before results had it."""
+    try:
+        ours = [x["peak_bytes"] - x["resident_bytes"] for x in r["ours"]]
+        trl = [x["peak_bytes"] - x["resident_bytes"] for x in r["trl"]]
+    except KeyError:
+        return None
+    if not all(x["resident_bytes"] for x in r["ours"] + r["trl"]):  # a CPU run: no CUDA figures
+        return None
+    return statistics.median(ours) / statistics.median(trl)
 
 
 def _estimate_line(what: str, predicted: int, measured: int, judged: bool = True) -> str:
