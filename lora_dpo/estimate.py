@@ -141,6 +141,7 @@ class Estimate:
     dtype: str
     base: str                   # "nf4" | "fp4" | "int8" | the dtype
     layout: str
+    attention: str              # the kernel planned for (attn_implementation auto resolved)
     batch_size: int             # pairs per micro-batch
     max_length: int
     rows: int
@@ -302,13 +303,15 @@ def parse_size(text: str) -> int:
 # ---------------------------------------------------------------- the estimate
 
 def _auto_attention(layout: str) -> str:
-    """The kernel attn_implementation auto trains with on the visible GPU; sdpa when planning for a GPU not here (its
-    dense mask is the larger of the two, by T² bytes a row)."""
+    """The kernel attn_implementation auto trains with on the visible GPU, for an estimate's layout (concatenated or
+    prefix-shared); sdpa when planning for a GPU not here (its dense mask is the larger of the two)."""
     import torch
 
     from lora_dpo.model import resolve_attention
 
-    return resolve_attention("auto", torch.device("cuda"), layout) if torch.cuda.is_available() else "sdpa"
+    if not torch.cuda.is_available():
+        return "sdpa"
+    return resolve_attention("auto", torch.device("cuda"), "shared" if layout == "prefix-shared" else layout)
 
 
 def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str, reference: str,
@@ -342,7 +345,7 @@ def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str,
     needs_reference = reference == "live" and recipe.dpo.loss_type != "simpo"
     if needs_reference:  # no-grad forward while the policy graph is alive: hidden states and one layer
         transient = max(transient, layer + 2 * residual)
-    return dict(dtype=dtype, base=base, rows=rows, seq_len=T, weights=weight_bytes(arch, base, b,
+    return dict(dtype=dtype, base=base, attention=attn, rows=rows, seq_len=T, weights=weight_bytes(arch, base, b,
                 q.bnb_4bit_use_double_quant), adapters=adapter_bytes(arch, lora.r, lora.target_modules, t.optim),
                 activations=saved + transient, logps=logps)
 
@@ -453,7 +456,7 @@ def format_table(est: Estimate) -> str:
     lines = [f"{est.model} ({est.model_type}, {est.params / 1e6:,.1f}M parameters; LoRA {est.lora_params:,} "
              f"trainable), {est.dtype}",
              f"micro-batch: {est.batch_size} pairs × max_length {est.max_length} = {est.rows} rows × "
-             f"{est.seq_len} tokens ({est.layout} layout)", ""]
+             f"{est.seq_len} tokens ({est.layout} layout, {est.attention} attention)", ""]
     lines += [f"  {name:<48} {gib(n):>12}" for name, n in rows]
     lines += [f"  {'total':<48} {gib(est.total):>12}",
               f"  {'GPU memory':<48} {gib(est.gpu_memory):>12}{note}", "",

@@ -120,14 +120,24 @@ def test_auto_falls_back_to_sdpa_where_the_architecture_has_no_flex(tiny_model_d
 
 
 @pytest.mark.parametrize("gpu, layout, expected", [
-    (None, "packed", "sdpa"),            # no GPU here: plan for sdpa's mask, the larger
-    ((9, 0), "packed", "flex_attention"),  # the GPU that will train: plan for the kernel auto picks there
-    ((7, 5), "packed", "sdpa"), ((9, 0), "concatenated", "sdpa"),
+    (None, "prefix-shared", "sdpa"),     # no GPU here: plan for sdpa's mask, the larger
+    ((9, 0), "prefix-shared", "flex_attention"),  # the GPU that will train: plan for the kernel auto picks there
+    ((7, 5), "prefix-shared", "sdpa"), ((9, 0), "concatenated", "sdpa"),
 ])
 def test_estimate_plans_for_the_kernel_auto_picks(monkeypatch, gpu, layout, expected):
-    from lora_dpo.estimate import _auto_attention
+    from lora_dpo.estimate import Arch, estimate_for
+    from lora_dpo.known_models import known_config
+    from lora_dpo.recipe import recipe_from_dict
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu is not None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu)
     monkeypatch.setattr(M, "_flex_compiles", lambda: True)
-    assert _auto_attention(layout) == expected
+    d = {"model": {"name_or_path": "meta-llama/Llama-3.1-8B-Instruct"}, "output": {"dir": "run"},
+         "data": {"train": "t.jsonl", "max_length": 1024, "max_prompt_length": 512}}
+    recipe = recipe_from_dict(d)
+    arch = Arch.from_config(known_config("meta-llama/Llama-3.1-8B-Instruct"))
+    est = estimate_for(recipe, 80 << 30, layout=layout, arch=arch)
+    assert est.attention == expected
+    d["model"]["attn_implementation"] = "sdpa"
+    sdpa = estimate_for(recipe_from_dict(d), 80 << 30, layout=layout, arch=arch)
+    assert (est.activations < sdpa.activations) == (expected == "flex_attention")  # no dense mask to hold
