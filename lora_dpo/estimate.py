@@ -57,6 +57,7 @@ from lora_dpo.errors import LoraDpoError
 from lora_dpo.recipe import Recipe, checkpointed_layers
 
 OVERHEAD_BYTES = 1 << 30
+AUTO_SPARE = 0.10  # train.gradient_checkpointing_layers auto leaves this share of the GPU's memory unplanned
 DEFAULT_GPU_BYTES = 16 << 30
 LOGPS_CHUNK = 256  # lora_dpo.logps.DEFAULT_CHUNK (not imported: that pulls in torch; a test keeps them equal)
 LAYOUTS = ("concatenated", "prefix-shared")
@@ -158,6 +159,7 @@ class Estimate:
     max_max_length: int = 0     # at batch_size; 0 = nothing fits
     layers: int = 0             # decoder layers
     checkpointed_layers: int = 0  # of them, those that recompute in backward
+    checkpointing_auto: bool = False  # train.gradient_checkpointing_layers auto chose checkpointed_layers
     advice: list[str] = field(default_factory=list)
 
     @property
@@ -350,6 +352,10 @@ def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str,
                 activations=saved + transient, logps=logps)
 
 
+def _total(parts: dict) -> int:
+    return parts["weights"] + parts["adapters"] + parts["activations"] + parts["logps"] + OVERHEAD_BYTES
+
+
 def _largest(fits, lo: int, cap: int) -> int:
     """Largest n in [lo, cap] with fits(n), given fits is monotone (True then False); lo - 1 when none."""
     if not fits(lo):
@@ -386,17 +392,21 @@ def estimate_for(recipe: Recipe, gpu_memory_bytes: int | None = None, layout: st
         gpu_memory_bytes, source = gpu_memory_default()
     t, d = recipe.train, recipe.data
     ckpt = checkpointed_layers(t.gradient_checkpointing, t.gradient_checkpointing_layers, arch.layers)
+    auto = t.gradient_checkpointing and t.gradient_checkpointing_layers == "auto"
+    if auto:  # the fewest recomputing layers that fit with AUTO_SPARE of the memory left over (all if none fit)
+        budget = (1 - AUTO_SPARE) * gpu_memory_bytes
+        ckpt = next((k for k in range(1, arch.layers + 1) if _total(_parts(
+            arch, recipe, t.per_device_train_batch_size, d.max_length, layout, reference, k)) <= budget), arch.layers)
     parts = _parts(arch, recipe, t.per_device_train_batch_size, d.max_length, layout, reference, ckpt)
     est = Estimate(recipe.model.name_or_path, arch.model_type, arch.num_params(),
                    arch.lora_params(recipe.lora.r, recipe.lora.target_modules), layout=layout,
                    batch_size=t.per_device_train_batch_size, max_length=d.max_length,
                    gradient_checkpointing=t.gradient_checkpointing, layers=arch.layers, checkpointed_layers=ckpt,
-                   overhead=OVERHEAD_BYTES,
+                   checkpointing_auto=auto, overhead=OVERHEAD_BYTES,
                    gpu_memory=gpu_memory_bytes, gpu_memory_source=source, **parts)
 
     def fits(batch: int, length: int, ckpt_layers: int = ckpt) -> bool:
-        p = _parts(arch, recipe, batch, length, layout, reference, ckpt_layers)
-        return p["weights"] + p["adapters"] + p["activations"] + p["logps"] + OVERHEAD_BYTES <= gpu_memory_bytes
+        return _total(_parts(arch, recipe, batch, length, layout, reference, ckpt_layers)) <= gpu_memory_bytes
 
     est.max_batch_size = _largest(lambda n: fits(n, d.max_length), 1, 1 << 16)
     longest = _largest(lambda n: fits(t.per_device_train_batch_size, n), 2, max(2, arch.max_positions))
@@ -413,7 +423,7 @@ def _advice(est: Estimate, recipe: Recipe, arch: Arch, layout: str, reference: s
         gc_batch = _largest(lambda n: fits(n, d.max_length, arch.layers), 1, 1 << 16)
         out.append(f"train.gradient_checkpointing=true: activations {gib(est.activations)} → "
                    f"{gib(alt['activations'])}, largest batch {est.max_batch_size} → {gc_batch} (~30% slower steps)")
-    if t.gradient_checkpointing and est.fits:  # fewer recomputing layers = faster steps, while it still fits
+    if t.gradient_checkpointing and est.fits and not est.checkpointing_auto:  # fewer recomputing = faster steps
         c = est.checkpointed_layers  # n - 1 layers kept whole (the search starts at 1)
         k = c + 1 - _largest(lambda n: fits(t.per_device_train_batch_size, d.max_length, c + 1 - n), 1, c + 1)
         if k == 0:
@@ -444,6 +454,8 @@ def gib(n: int) -> str:
 def format_table(est: Estimate) -> str:
     ckpt = "gradient checkpointing off" if not est.gradient_checkpointing else "gradient checkpointing on" \
         if est.checkpointed_layers >= est.layers else f"checkpointing {est.checkpointed_layers}/{est.layers} layers"
+    if est.checkpointing_auto:
+        ckpt += ", auto"
     rows = [
         (f"weights ({est.base} linears, {est.dtype} embeddings/norms)", est.weights),
         ("adapters + grads + optimizer", est.adapters),

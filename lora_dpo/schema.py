@@ -154,10 +154,12 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = _f(
         "auto", "auto = bf16 on a GPU with native bf16 (Ampere or newer), fp16 on older GPUs (T4, V100), fp32 on CPU.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory, ~30% slower).")
-    gradient_checkpointing_layers: float = _f(
+    gradient_checkpointing_layers: float | Literal["auto"] = _f(
         1.0, "With gradient_checkpointing: the share of decoder layers that recompute (the first ones). 1.0 = all, "
         "least memory; lower = faster steps, each layer left out keeping its activations (`lora-dpo estimate` "
-        "names the lowest share that fits).", check=("in (0, 1]", lambda v: 0 < v <= 1))
+        "names the lowest share that fits). auto = the fewest layers that `lora-dpo estimate` says fit in the GPU "
+        "with 10% of its memory to spare (all of them on a CPU).",
+        check=("in (0, 1] or auto", lambda v: v == "auto" or 0 < v <= 1))
     layout: Literal["packed", "shared", "concatenated"] = _f(
         "packed", "How pairs become rows. shared: one [prompt | chosen | rejected] row per pair, the prompt runs "
         "once (4-D mask); packed: shared, and several pairs per row so padding costs nothing; concatenated: "
@@ -224,9 +226,12 @@ SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Recipe)}
 _SECTION_TYPES = typing.get_type_hints(Recipe)
 
 
-def checkpointed_layers(enabled: bool, share: float, n_layers: int) -> int:
+def checkpointed_layers(enabled: bool, share: float | str, n_layers: int) -> int:
     """How many of `n_layers` decoder layers recompute in backward (train.gradient_checkpointing and
-    train.gradient_checkpointing_layers); 0 = checkpointing off, at least one when on."""
+    train.gradient_checkpointing_layers); 0 = checkpointing off, at least one when on. 'auto' counts as all here:
+    the estimate resolves it against a GPU's memory (estimate.estimate_for)."""
     if not enabled:
         return 0
+    if share == "auto":
+        return n_layers
     return min(n_layers, max(1, math.ceil(share * n_layers - 1e-9)))

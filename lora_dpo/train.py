@@ -322,9 +322,12 @@ def _load_policy(recipe: Recipe, device: torch.device, dtype: torch.dtype, ctx: 
             else f"8-bit, {precision} compute" if q.load_in_8bit else precision)
     where = f"{ctx.world} processes on {device.type}" if ctx.enabled else str(device)
     say(f"loading {recipe.model.name_or_path} ({kind}) on {where}")
-    policy = model_lib.attach_lora(model_lib.load_base(recipe.model, q, dtype, device, tcfg.layout), recipe.lora,
-                                   seed=tcfg.seed, gradient_checkpointing=tcfg.gradient_checkpointing,
-                                   checkpoint_share=tcfg.gradient_checkpointing_layers)
+    base = model_lib.load_base(recipe.model, q, dtype, device, tcfg.layout)
+    share, why = tcfg.gradient_checkpointing_layers, ""
+    if tcfg.gradient_checkpointing and share == "auto":
+        share, why = _auto_checkpoint_share(recipe, base, device)
+    policy = model_lib.attach_lora(base, recipe.lora, seed=tcfg.seed, gradient_checkpointing=tcfg.
+                                   gradient_checkpointing, checkpoint_share=share)
     attn = causal_lm(policy).config._attn_implementation
     say(f"attention: {attn}" + (" (auto)" if recipe.model.attn_implementation == "auto" else "")
         + ("; its kernels compile during the first step, once for all lengths" if attn == "flex_attention" else ""))
@@ -332,8 +335,23 @@ def _load_policy(recipe: Recipe, device: torch.device, dtype: torch.dtype, ctx: 
     say(f"LoRA r={recipe.lora.r}: {trainable:,} trainable parameters")
     if tcfg.gradient_checkpointing:
         flags = [layer.gradient_checkpointing for layer in model_lib.decoder_layers(policy)]
-        say(f"gradient checkpointing: {sum(flags)} of {len(flags)} decoder layers recompute in backward")
+        say(f"gradient checkpointing: {sum(flags)} of {len(flags)} decoder layers recompute in backward{why}")
     return policy
+
+
+def _auto_checkpoint_share(recipe: Recipe, base, device: torch.device) -> tuple[float, str]:
+    """train.gradient_checkpointing_layers auto → (share, the reason to print): the fewest recomputing layers that
+    `lora-dpo estimate` says fit in this GPU with estimate.AUTO_SPARE of it to spare; all layers on a CPU."""
+    from lora_dpo.estimate import AUTO_SPARE, Arch, estimate_for, gib
+
+    if device.type != "cuda":
+        return 1.0, " (auto: all, on a CPU)"
+    total = torch.cuda.get_device_properties(device).total_memory
+    est = estimate_for(recipe, total, arch=Arch.from_config(base.config))
+    return est.checkpointed_layers / est.layers, (
+        f" (auto: the fewest that fit, predicted peak {gib(est.total)} of {gib(total)} with {AUTO_SPARE:.0%} to spare)"
+        if est.fits and est.total <= (1 - AUTO_SPARE) * total else
+        f" (auto: all, and even so the predicted peak is {gib(est.total)} of {gib(total)}; see lora-dpo estimate)")
 
 
 def _finish(recipe: Recipe, out: Path, policy, tokenizer, device: torch.device, eval_rows, eval_pairs, before,

@@ -11,7 +11,7 @@ import torch
 from lora_dpo import estimate as est_lib
 from lora_dpo.cli import main
 from lora_dpo.errors import LoraDpoError
-from lora_dpo.estimate import Arch, estimate_for, layer_activation_bytes, parse_size, weight_bytes
+from lora_dpo.estimate import Arch, estimate_for, format_table, layer_activation_bytes, parse_size, weight_bytes
 from lora_dpo.recipe import recipe_from_dict
 
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -246,6 +246,27 @@ def test_advice_names_the_lowest_share_that_still_fits():
                     gradient_checkpointing_layers=(k - 1) / DEMO_LIKE.layers).fits  # the lowest that fits
     assert not any("gradient_checkpointing_layers" in a for a in plan(gpu=full.total, gradient_checkpointing=True)
                    .advice)  # only just fits with all layers: nothing to gain
+
+
+def test_auto_share_is_the_fewest_layers_that_fit_with_memory_to_spare():
+    from lora_dpo.estimate import AUTO_SPARE
+
+    L = DEMO_LIKE.layers
+    full, none = plan(gradient_checkpointing=True), plan()
+    gpu = int((full.total + none.total) / 2 / (1 - AUTO_SPARE))  # the spare-adjusted budget sits midway
+    auto = plan(gpu=gpu, gradient_checkpointing=True, gradient_checkpointing_layers="auto")
+    k = auto.checkpointed_layers
+    assert auto.checkpointing_auto and 1 < k < L
+    budget = (1 - AUTO_SPARE) * gpu
+    assert auto.total <= budget  # fits, with the spare left over
+    assert plan(gpu=gpu, gradient_checkpointing=True, gradient_checkpointing_layers=(k - 1) / L).total > budget
+    assert not any("gradient_checkpointing_layers=" in a for a in auto.advice)  # it already is the lowest
+    assert f"checkpointing {k}/{L} layers, auto" in format_table(auto)
+    roomy = plan(gpu=1 << 40, gradient_checkpointing=True, gradient_checkpointing_layers="auto")
+    assert roomy.checkpointed_layers == 1  # at least one while checkpointing is on
+    tight = plan(gpu=full.total, gradient_checkpointing=True, gradient_checkpointing_layers="auto")
+    assert tight.checkpointed_layers == L  # nothing fits with the spare: all layers, the least memory
+    assert plan(gradient_checkpointing=False, gradient_checkpointing_layers="auto").checkpointed_layers == 0
 
 
 def test_advice_when_it_does_not_fit():

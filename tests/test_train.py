@@ -221,15 +221,36 @@ def test_gradient_checkpointing_run_matches_plain_run(recipe_dict, tmp_path, cap
     recipe_dict["data"].pop("eval")
     recipe_dict["train"]["max_steps"] = 2
     plain = train(recipe_from_dict(recipe_dict))
-    for share, said in ((1.0, "2 of 2 decoder layers"), (0.5, "1 of 2 decoder layers")):  # all, and the first half
+    for share, said in ((1.0, "2 of 2 decoder layers"), (0.5, "1 of 2 decoder layers"),  # all, the first half
+                        ("auto", "2 of 2 decoder layers recompute in backward (auto: all, on a CPU)")):
         recipe_dict["train"].update(gradient_checkpointing=True, gradient_checkpointing_layers=share)
         recipe_dict["output"]["dir"] = str(tmp_path / f"gc{share}")
         capsys.readouterr()
         ckpt = train(recipe_from_dict(recipe_dict))
-        assert f"gradient checkpointing: {said} recompute in backward" in capsys.readouterr().out
+        assert f"gradient checkpointing: {said}" in capsys.readouterr().out
         for a, b in zip(plain.history, ckpt.history, strict=True):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+
+
+def test_auto_checkpoint_share_plans_against_the_gpu(tiny_model_dir, recipe_dict, monkeypatch):
+    """train.gradient_checkpointing_layers auto on a GPU: the estimate's fewest layers (of the tiny model's 2) that
+    fit with memory to spare, or all of them when nothing does; faked GPU sizes (the real one: test_gpu)."""
+    from types import SimpleNamespace
+
+    from lora_dpo import model as M
+    from lora_dpo.recipe import ModelConfig, QuantizationConfig
+    from lora_dpo.train import _auto_checkpoint_share
+
+    base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(), torch.float32,
+                       torch.device("cpu"))
+    recipe_dict["train"].update(gradient_checkpointing=True, gradient_checkpointing_layers="auto")
+    recipe = recipe_from_dict(recipe_dict)
+    for gib, share, said in ((80, 0.5, "the fewest that fit"), (0.01, 1.0, "auto: all, and even so")):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device, n=gib: SimpleNamespace(total_memory=int(n * 2**30)))
+        got, why = _auto_checkpoint_share(recipe, base, torch.device("cuda"))
+        assert got == share and said in why
 
 
 def test_precision_follows_the_device():
