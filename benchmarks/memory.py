@@ -42,7 +42,7 @@ def recipe_dict(a) -> dict:
             "train": {"max_steps": a.steps, "learning_rate": 1e-4, "per_device_train_batch_size": a.batch,
                       "gradient_checkpointing": a.checkpointing != "off", "seed": 42, "layout": a.layout,
                       "gradient_checkpointing_layers": 1.0 if a.checkpointing in ("on", "off") else
-                      float(a.checkpointing)},
+                      a.checkpointing if a.checkpointing == "auto" else float(a.checkpointing)},
             "evaluation": {"generations": 0}, "output": {"dir": "run"}}
 
 
@@ -59,8 +59,10 @@ def worker(a) -> dict:
     from lora_dpo.model import resolve_attention
 
     attn = resolve_attention(a.attn, torch.device(probe.device), a.layout)  # auto: the kernel it resolved to
-    result.update(device=probe.device, attn=attn, predicted_bytes=est.allocated, prompt_tokens=a.prompt_tokens,
-                  completion_tokens=a.completion_tokens,
+    result.update(device=probe.device, attn=attn, predicted_bytes=est.allocated,
+                  # what auto chose: the estimate plans it against the visible GPU, as training does (a CPU run: all)
+                  checkpointed_layers=f"{est.checkpointed_layers}/{est.layers}" if probe.device == "cuda" else "all",
+                  prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens,
                   predicted={k: getattr(est, k) for k in ("weights", "adapters", "activations", "logps", "overhead")})
     return result
 
@@ -76,14 +78,15 @@ def main() -> None:
     p.add_argument("--layout", default="packed")
     p.add_argument("--reference", default="live", choices=["live", "precompute"])
     p.add_argument("--checkpointing", default="on",
-                   help="comma-separated: on | off | a share of the layers (train.gradient_checkpointing_layers)")
+                   help="comma-separated: on | off | auto | a share of the layers "
+                        "(train.gradient_checkpointing_layers)")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     a = p.parse_args()
     for c in a.checkpointing.split(","):
-        if c not in ("on", "off") and not (c.replace(".", "", 1).isdigit() and 0 < float(c) <= 1):
-            p.error(f"--checkpointing '{c}': expected on, off or a share of the layers in (0, 1]")
+        if c not in ("on", "off", "auto") and not (c.replace(".", "", 1).isdigit() and 0 < float(c) <= 1):
+            p.error(f"--checkpointing '{c}': expected on, off, auto or a share of the layers in (0, 1]")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if a.worker:
@@ -116,7 +119,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for r in results:
         ratio = f"{r['predicted_bytes'] / r['peak_bytes']:.2f}" if gpu else "n/a (CPU RSS)"
-        print(f"| {r['attn']} | {r['checkpointing']} | {r['peak_bytes'] / 2**30:.2f} GiB | "
+        ckpt = r["checkpointing"] + (f" ({r['checkpointed_layers']})" if r["checkpointing"] == "auto" else "")
+        print(f"| {r['attn']} | {ckpt} | {r['peak_bytes'] / 2**30:.2f} GiB | "
               f"{r['predicted_bytes'] / 2**30:.2f} GiB | {ratio} | {r['seconds_per_step']:.2f} |")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1, default=str))

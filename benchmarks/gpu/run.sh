@@ -22,8 +22,8 @@
 #   long-b16   the long stage at 16 pairs per step, 4 steps: the memory ratio where activations, not the 4-bit
 #              weights both sides hold, make most of the peak
 #   long-sdpa  the long stage with lora-dpo on sdpa (its dense 4-D mask; measured 2.3× slower than flex on an H200)
-#   ckpt       the memory stage with all, half (train.gradient_checkpointing_layers 0.5) and no layers
-#              checkpointed: s/step and peak of each, and the planner's prediction
+#   ckpt       the memory stage with all, half (train.gradient_checkpointing_layers 0.5), auto (the fewest that
+#              fit this GPU) and no layers checkpointed: s/step and peak of each, and the planner's prediction
 set -u
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/lora-dpo-gpu}
@@ -89,7 +89,7 @@ on long-b16 && stage long-b16 240 150 $vs_trl --datasets long --long-prompt $((4
   --warmup 2 --json "$out/long-b16.json"
 on long-sdpa && stage long-sdpa 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --attn sdpa \
   --json "$out/long-sdpa.json"
-on ckpt && stage ckpt 240 150 $memory --checkpointing on,0.5,off --json "$out/ckpt.json"
+on ckpt && stage ckpt 240 150 $memory --checkpointing on,0.5,auto,off --json "$out/ckpt.json"
 echo "=== done after $((SECONDS - start))s" | tee -a "$log"
 python3 benchmarks/gpu/targets.py "$out" 2>&1 | tee -a "$log"
 if ((${#skipped[@]})); then

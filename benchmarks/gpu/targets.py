@@ -107,7 +107,8 @@ def memory_lines(name: str, rows: list | None) -> list[str]:
     for r in rows:
         cuda = r.get("device") == "cuda"
         span = r.get("prompt_tokens", 1024) + r.get("completion_tokens", 1024)  # chosen and rejected each
-        label = f"2×{span}-token pairs ({r['attn']}, checkpointing {r['checkpointing']})"
+        ckpt = r["checkpointing"] + (f" = {r['checkpointed_layers']} layers" if r["checkpointing"] == "auto" else "")
+        label = f"2×{span}-token pairs ({r['attn']}, checkpointing {ckpt})"
         target = cuda and span == 2048 and r["checkpointing"] == "on"  # the case: full checkpointing
         out.append(_line(f"{label}: peak" + (f" ≤ {PAIR_2x2048_GIB:g} GiB" if target else ""),
                          f"{r['peak_bytes'] / GiB:.2f} GiB" + ("" if cuda else " (CPU RSS)"),
