@@ -347,7 +347,10 @@ def _auto_checkpoint_share(recipe: Recipe, base, device: torch.device) -> tuple[
     if device.type != "cuda":
         return 1.0, " (auto: all, on a CPU)"
     total = torch.cuda.get_device_properties(device).total_memory
-    est = estimate_for(recipe, total, arch=Arch.from_config(base.config))
+    try:
+        est = estimate_for(recipe, total, arch=Arch.from_config(base.config))
+    except LoraDpoError as e:  # a model family the planner does not model: the safe choice, said
+        return 1.0, f" (auto: all, since {str(e).split(': ', 1)[-1]})"
     return est.checkpointed_layers / est.layers, (
         f" (auto: the fewest that fit, predicted peak {gib(est.total)} of {gib(total)} with {AUTO_SPARE:.0%} to spare)"
         if est.fits and est.total <= (1 - AUTO_SPARE) * total else
