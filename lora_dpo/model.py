@@ -299,15 +299,26 @@ def load_base(cfg: ModelConfig, q: QuantizationConfig, dtype: torch.dtype, devic
     return model
 
 
+FLEX_RECOMPILE_LIMIT = 64
+
+
 def _compile_flex_for_any_length() -> None:
     """FlexAttention runs as a torch.compile'd kernel. Compiled for the first batch's exact length, it is compiled
     again for the second batch's length (now for any length) and once more past some sizes: each a pause of
     seconds to a minute, mid-training, since lengths vary from batch to batch. Compiled for symbolic lengths from the
-    start, it compiles once (tests/test_layouts.py counts). The setting is process-wide; lora-dpo compiles nothing
-    else."""
+    start, it compiles once (tests/test_layouts.py counts).
+
+    It is still compiled once per state it runs in: grad on (policy) or off (reference, eval), under the training
+    autocast or not (held-out eval), for several rows and for one, … — up to ~12 kernels in a run with eval on a GPU,
+    and past torch's default limit of 8 torch silently runs flex_attention *uncompiled*, materialising every
+    (query, key) score: slow, and enough memory to run out of it. The limit is raised for that
+    (tests/test_attention.py). Both settings are process-wide; lora-dpo compiles nothing else."""
     import torch._dynamo
 
-    torch._dynamo.config.assume_static_by_default = False
+    cfg = torch._dynamo.config
+    cfg.assume_static_by_default = False
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
+    setattr(cfg, name, max(getattr(cfg, name), FLEX_RECOMPILE_LIMIT))
 
 
 def _keep_cpu_4bit_differentiable(model) -> None:

@@ -104,3 +104,47 @@ def test_estimate_plans_for_the_kernel_auto_picks(monkeypatch, gpu, layout, expe
     d["model"]["attn_implementation"] = "sdpa"
     sdpa = estimate_for(recipe_from_dict(d), 80 << 30, layout=layout, arch=arch)
     assert (est.activations < sdpa.activations) == (expected == "flex_attention")  # no dense mask to hold
+
+
+def test_flex_stays_compiled_across_the_states_a_run_uses(tiny_model_dir, monkeypatch):
+    """flex_attention compiles a kernel per state it runs in (grad on/off × training autocast or not × several rows
+    or one: ~12 in a GPU run with eval). Past torch's default limit of 8, torch would run it uncompiled from then on,
+    materialising every score. CPU has no flex backward, so other global states stand in for grad on/off here:
+    2 × 3 autocast states × 2 row-count kinds ≥ 9 kernels, which stay compiled. torch.compile's 'aot_eager' backend
+    keeps this fast on a CPU (the kernel count and the fallback do not depend on the backend)."""
+    import contextlib
+    import random
+    import warnings
+
+    import torch._dynamo
+    from transformers.integrations import flex_attention as hf_flex
+
+    from lora_dpo.batching import build
+    from lora_dpo.data import Pair
+    from lora_dpo.logps import batch_logps
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: compile_(fn, backend="aot_eager"))
+    monkeypatch.setattr(hf_flex.WrappedFlexAttention, "_is_flex_compiled", False)  # compiled again, with the patch
+    torch._dynamo.reset()
+    m = trained_lora(tiny_model_dir, "flex_attention")
+    assert torch._dynamo.config.recompile_limit >= 12
+    r = random.Random(0)
+    ids = lambda lo, hi: [r.randrange(5, 900) for _ in range(r.randint(lo, hi))]  # noqa: E731
+    states = [lambda: torch.autocast("cpu", torch.bfloat16), lambda: torch.autocast("cpu", torch.float16),
+              contextlib.nullcontext]
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for det in (False, True):
+                torch.use_deterministic_algorithms(det)
+                for state in states:
+                    for rows in (4, 3, 1):
+                        pairs = [Pair(ids(3, 30), ids(2, 20), ids(2, 20), i) for i in range(rows)]
+                        with torch.no_grad(), state():
+                            batch_logps(m, build(pairs, 2, "shared"))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch._dynamo.reset()
+    assert not [w for w in caught if "without torch.compile" in str(w.message)]
