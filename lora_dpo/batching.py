@@ -33,7 +33,8 @@ class Targets:
 
 
 def _to(obj, device: torch.device):
-    return type(obj)(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(obj).items()})
+    return type(obj)(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(obj).items()
+                        if not k.startswith("_")})  # not the memo of model_inputs
 
 
 @dataclass
@@ -105,6 +106,14 @@ class SharedBatch:
         return (same & visible & causal) | (eye & (s == PAD)[:, :, None])
 
     def model_inputs(self, attn_implementation: str, dtype: torch.dtype) -> dict:
+        """The decoder's inputs. The mask is built once per batch: the policy and reference passes share it (a
+        block mask costs a pass over all (query, key) pairs; a dense one holds R·T² bytes)."""
+        memo = getattr(self, "_inputs", None)
+        if memo is None or memo[0] != (attn_implementation, dtype):
+            memo = self._inputs = ((attn_implementation, dtype), self._model_inputs(attn_implementation, dtype))
+        return memo[1]
+
+    def _model_inputs(self, attn_implementation: str, dtype: torch.dtype) -> dict:
         inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids}
         if attn_implementation == "flex_attention":
             inputs["attention_mask"] = self._block_mask()

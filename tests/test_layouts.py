@@ -109,6 +109,20 @@ def test_empty_prompt_matches_concatenated(model):
             assert torch.equal(n_got, n_want) and torch.allclose(got, want, atol=1e-5)
 
 
+def test_policy_and_reference_passes_share_one_mask(model, monkeypatch):
+    from lora_dpo.batching import SharedBatch
+    from lora_dpo.objective import dpo_forward
+    from lora_dpo.recipe import DpoConfig
+
+    built = []
+    allowed = SharedBatch.allowed
+    monkeypatch.setattr(SharedBatch, "allowed", lambda self: built.append(1) or allowed(self))
+    batch = build(PAIRS, 2, "packed")
+    loss, _ = dpo_forward(model, batch, DpoConfig())  # policy pass, then the reference pass (adapter off)
+    assert len(built) == 1 and torch.isfinite(loss)
+    assert "_inputs" not in vars(batch.to(torch.device("cpu")))  # a moved batch builds its own, on its device
+
+
 def test_flex_attention_block_mask_equals_dense(tiny_model_dir):
     pytest.importorskip("torch.nn.attention.flex_attention")
     from torch._dynamo.utils import counters
