@@ -185,7 +185,7 @@ def collate_shared(pairs: list[Pair], pad_token_id: int, pack: bool = True) -> S
     pos = torch.zeros((R, T), dtype=torch.long)
     slot = torch.full((R, T), PAD, dtype=torch.long)
     part = torch.full((R, T), PAD, dtype=torch.long)
-    rows, pred, label, seq = [], [], [], []
+    rows, pred, label, seq = [], [], [], []  # tensors per completion, concatenated
     for r, group in enumerate(groups):
         o = 0
         for k in sorted(group):
@@ -199,16 +199,16 @@ def collate_shared(pairs: list[Pair], pad_token_id: int, pack: bool = True) -> S
             # each completion token is predicted by the token before it in its own sequence; the first one of
             # either completion by the last prompt token (none when the prompt is empty, as in TRL's layout)
             for start, length, out in ((o + P, C, k), (o + P + C, Rj, B + k)):
-                for i in range(length):
-                    before = start + i - 1 if i else o + P - 1
-                    if i == 0 and P == 0:
-                        continue
-                    rows.append(r)
-                    pred.append(before)
-                    label.append(start + i)
-                    seq.append(out)
+                lab = torch.arange(start, start + length)
+                before = lab - 1
+                before[:1] = o + P - 1
+                skip = 1 if P == 0 else 0
+                label.append(lab[skip:])
+                pred.append(before[skip:])
+                rows.append(torch.full((length - skip,), r) if length > skip else lab[:0])
+                seq.append(torch.full((length - skip,), out) if length > skip else lab[:0])
             o += n
-    t = lambda xs: torch.tensor(xs, dtype=torch.long)
+    t = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)  # noqa: E731
     return SharedBatch(ids, pos, slot, part, t(rows), t(pred), t(label), t(seq), [p.index for p in pairs])
 
 
