@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lora_dpo import blockmask
 from lora_dpo.data import Pair
 
 LAYOUTS = ("packed", "shared", "concatenated")
@@ -94,16 +95,18 @@ class SharedBatch:
     def token_counts(self) -> torch.Tensor:
         return torch.bincount(self.seq, minlength=2 * self.num_pairs)
 
-    def allowed(self) -> torch.Tensor:
-        """(R, T, T) bool: query i may attend to key j. Same pair, causal, and the chosen and rejected parts never
-        see each other. Padding attends to itself only, so no softmax row is empty."""
+    def allowed(self, q0: int = 0, q1: int | None = None) -> torch.Tensor:
+        """(R, q1 - q0, T) bool: query i (of q0 … q1 - 1) may attend to key j. Same pair, causal, and the chosen and
+        rejected parts never see each other. Padding attends to itself only, so no softmax row is empty."""
         s, p = self.slot, self.part
         T = s.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=s.device).tril()
-        same = (s[:, :, None] == s[:, None, :]) & (s[:, None, :] != PAD)
-        visible = (p[:, None, :] == PROMPT) | (p[:, :, None] == p[:, None, :])
-        eye = torch.eye(T, dtype=torch.bool, device=s.device)
-        return (same & visible & causal) | (eye & (s == PAD)[:, :, None])
+        q = torch.arange(q0, T if q1 is None else q1, device=s.device)
+        kv = torch.arange(T, device=s.device)
+        sq, pq = s[:, q], p[:, q]
+        causal = kv[None, :] <= q[:, None]
+        same = (sq[:, :, None] == s[:, None, :]) & (s[:, None, :] != PAD)
+        visible = (p[:, None, :] == PROMPT) | (pq[:, :, None] == p[:, None, :])
+        return (same & visible & causal) | ((kv[None, :] == q[:, None]) & (sq == PAD)[:, :, None])
 
     def model_inputs(self, attn_implementation: str, dtype: torch.dtype) -> dict:
         """The decoder's inputs. The mask is built once per batch: the policy and reference passes share it (a
@@ -125,9 +128,8 @@ class SharedBatch:
             inputs["attention_mask"] = self.allowed()[:, None]
         return inputs
 
-    def _block_mask(self):
-        from torch.nn.attention.flex_attention import create_block_mask
-
+    def mask_mod(self):
+        """FlexAttention's form of `allowed`: one (row, head, query, key) at a time, inside the kernel."""
         s, p = self.slot, self.part
 
         def mask_mod(b, h, q, kv):
@@ -135,8 +137,12 @@ class SharedBatch:
             visible = (p[b, kv] == PROMPT) | (p[b, q] == p[b, kv])
             return (same & visible & (kv <= q)) | ((q == kv) & (s[b, q] == PAD))
 
-        R, T = s.shape
-        return create_block_mask(mask_mod, B=R, H=None, Q_LEN=T, KV_LEN=T, device=str(s.device))
+        return mask_mod
+
+    def _block_mask(self):
+        R, T = self.slot.shape
+        partial, full = blockmask.block_tables(self.allowed, R, T, self.slot.device)
+        return blockmask.from_tables(partial, full, self.mask_mod(), T)
 
 
 def collate(pairs: list[Pair], pad_token_id: int) -> Batch:

@@ -123,6 +123,37 @@ def test_policy_and_reference_passes_share_one_mask(model, monkeypatch):
     assert "_inputs" not in vars(batch.to(torch.device("cpu")))  # a moved batch builds its own, on its device
 
 
+@pytest.mark.parametrize("band", [1 << 24, 1])  # one band; one query block per band
+def test_block_mask_tables_equal_torchs(monkeypatch, band):
+    """lora-dpo builds FlexAttention's block tables band by band (lora_dpo/blockmask.py); torch's create_block_mask
+    from the same mask function must give the same ones. Lengths below, at and across the 128-token block size,
+    packed and shared rows, an empty prompt."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    from lora_dpo import blockmask
+
+    monkeypatch.setattr(blockmask, "BAND_ELEMENTS", band)
+    r = __import__("random").Random(0)
+    ids = lambda n: [r.randrange(3, 99) for _ in range(n)]  # noqa: E731
+    cases = [PAIRS, [Pair(ids(40), ids(30), ids(58), 0)],  # 128 tokens exactly
+             [Pair(ids(90), ids(150), ids(70), k) for k in range(2)] + [Pair([], ids(9), ids(4), 2)],
+             [Pair(ids(r.randint(1, 200)), ids(r.randint(1, 120)), ids(r.randint(1, 120)), k) for k in range(6)]]
+    for pairs in cases:
+        for layout in ("packed", "shared"):
+            b = build(pairs, 2, layout)
+            R, T = b.slot.shape
+            got = b.model_inputs("flex_attention", torch.float32)["attention_mask"]
+            want = flex.create_block_mask(b.mask_mod(), B=R, H=None, Q_LEN=T, KV_LEN=T, device="cpu")
+            assert got.shape == want.shape and got.seq_lengths == want.seq_lengths
+            for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+                assert torch.equal(getattr(got, name), getattr(want, name)), (layout, T, name)
+            for num, idx in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices"),
+                             ("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
+                n, a, w = getattr(got, num), getattr(got, idx), getattr(want, idx)
+                used = torch.arange(a.shape[-1]) < n[..., None]  # entries past the count are unused
+                assert torch.equal(a[used], w[used]), (layout, T, idx)
+            assert torch.equal(got.to_dense(), want.to_dense())
+
+
 def test_flex_attention_block_mask_equals_dense(tiny_model_dir):
     pytest.importorskip("torch.nn.attention.flex_attention")
     from torch._dynamo.utils import counters
