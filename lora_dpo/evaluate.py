@@ -34,8 +34,10 @@ def evaluate_pairs(model, pairs: list[data_lib.Pair], cfg: DpoConfig, batch_size
     model.eval()
     meter = MetricMeter()
     layout, _ = batching.resolve_layout(layout, causal_lm(model).config, pairs)
+    dtype = causal_lm(model).get_input_embeddings().weight.dtype  # the run's compute dtype
     for chunk in batching.eval_batches(pairs, batch_size):
-        loss, metrics = dpo_forward(model, batching.build(chunk, pad_id, layout).to(device), cfg)
+        with model_lib.autocast(device, dtype):  # as training computes
+            loss, metrics = dpo_forward(model, batching.build(chunk, pad_id, layout).to(device), cfg)
         if ties:
             metrics["ties"] = (metrics["rewards/margins"] == 0).float()
         meter.add(loss * len(chunk), metrics)

@@ -207,6 +207,14 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
+def autocast(device: torch.device, dtype: torch.dtype):
+    """The training steps' autocast (CUDA bf16/fp16: the LoRA matmuls in the compute dtype); the step-0 check, the
+    reference cache and held-out eval run under it too, so they see the numbers training does."""
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
 def device_and_dtype(precision: str, device: str) -> tuple[torch.device, torch.dtype]:
     """precision auto: bf16 on a GPU with native bf16 (compute capability 8.0+: Ampere, Hopper, …); fp16 with loss
     scaling on older GPUs (T4, V100: torch would emulate bf16 there, slowly); fp32 on CPU (bf16 matmuls are slow

@@ -180,7 +180,7 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     refs = None  # precomputed reference log-probs: training then runs no reference forward
     if dcfg.reference == "precompute" and dcfg.loss_type not in losses.REFERENCE_FREE:
         refs, _ = refcache.load_or_compute(recipe, policy, tokenizer, train_pairs, layout=layout, device=device,
-                                           dtype=dtype, autocast_factory=lambda: _autocast(device, dtype),
+                                           dtype=dtype, autocast_factory=lambda: model_lib.autocast(device, dtype),
                                            ctx=ctx, say=say)
     ref_of = (lambda chunk: refs.lookup(chunk, device)) if refs else (lambda chunk: None)
 
@@ -216,7 +216,7 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     step0 = None
     if start == 0:
         first = ctx.shard(next(batches_from(0)))
-        with _autocast(device, dtype):  # as the training steps run
+        with model_lib.autocast(device, dtype):  # as the training steps run
             step0 = step0_check(policy, batching.build(first, pad_id, layout).to(device), dcfg, say, ref_of(first),
                                 dtype)
     before = None
@@ -239,7 +239,7 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
                 for _ in range(tcfg.gradient_accumulation_steps):
                     chunk = ctx.shard(next(stream))
                     batch = batching.build(chunk, pad_id, layout).to(device)
-                    with _autocast(device, dtype):
+                    with model_lib.autocast(device, dtype):
                         loss, metrics = dpo_forward(policy, batch, dcfg, ref_of(chunk))
                     part = loss / tcfg.gradient_accumulation_steps
                     (scaler.scale(part) if scaler else part).backward()
@@ -430,12 +430,6 @@ def _oom_message(recipe: Recipe, step: int) -> str:
 
 
 # ---------------------------------------------------------------- logging plumbing
-
-def _autocast(device: torch.device, dtype: torch.dtype):
-    if device.type == "cuda" and dtype != torch.float32:
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast(device.type, enabled=False)
-
 
 def _progress(steps: int, start: int, enabled: bool = True):
     from tqdm.auto import tqdm

@@ -187,3 +187,23 @@ def test_reward_model_texts_beyond_its_context_keep_their_end(tokenizer):
     with torch.no_grad():
         kept_end = torch.tensor([ids("Count.", long_answer)[-limit:]])
         assert scores[0] == pytest.approx(float(model(input_ids=kept_end).logits[0, 0]), abs=1e-6)
+
+
+def test_held_out_eval_runs_under_the_training_autocast(tiny_model_dir, monkeypatch):
+    """On a GPU, training computes in bf16/fp16 under autocast; held-out metrics use the same numbers (and the same
+    compiled FlexAttention kernels). On this CPU the context is a no-op, so the test checks what it is asked for."""
+    import contextlib
+
+    from conftest import trained_lora
+
+    from lora_dpo.data import Pair
+    from lora_dpo.evaluate import evaluate_pairs
+    from lora_dpo.recipe import DpoConfig
+
+    asked = []
+    monkeypatch.setattr(model_lib, "autocast", lambda device, dtype: asked.append((device, dtype))
+                        or contextlib.nullcontext())
+    m = trained_lora(tiny_model_dir, dtype=torch.bfloat16)
+    pairs = [Pair([5, 6, 7], [8, 9], [10], 0), Pair([11], [12, 13], [14, 15], 1), Pair([16, 17], [18], [19], 2)]
+    result = evaluate_pairs(m, pairs, DpoConfig(), 2, 0, torch.device("cpu"))
+    assert asked == [(torch.device("cpu"), torch.bfloat16)] * 2 and math.isfinite(result["eval/loss"])
