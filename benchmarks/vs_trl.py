@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 WORDS = ("the a of to and in is it that for on with as was he be at by this had not are but from or have an they "
@@ -176,14 +177,19 @@ def worker_ours(a, rows, order) -> dict:
 
     M.attach_lora = attach_and_save
     try:
-        probe = probed_run(_recipe_dict(a), rows)
+        with warnings.catch_warnings(record=True) as caught:  # torch warns once if flex_attention runs uncompiled
+            warnings.simplefilter("always")
+            probe = probed_run(_recipe_dict(a), rows)
     finally:
         M.attach_lora = real_attach
+    from torch._dynamo.utils import counters
     pairs = bench_pairs(a.model_dir, rows)
     per_step = [sum(_pair_len(pairs[i]) for i in b) for b in _step_batches(a, order)]
     result = probe.result(a.batch, per_step)
     result["padding"] = padding(a, pairs, order, a.layout)
     result["work_ratio"] = work_ratio(a, pairs, order, a.layout)
+    result["compiled_graphs"] = counters["stats"]["unique_graphs"]  # torch.compile graphs: flex_attention, bnb
+    result["flex_uncompiled"] = any("without torch.compile" in str(w.message) for w in caught)
     if probe.device == "cuda":  # the planner's prediction for this data's longest pair, to compare with the peak
         result["predicted_bytes"] = predicted_peak(a, [pairs[i] for i in order[a.warmup * a.batch:]])  # timed
     return result
@@ -429,8 +435,9 @@ def main() -> None:
                     r = run_worker(a, which, ds)
                     results.setdefault(ds, {}).setdefault(which, []).append(r)
                     print(f"[{ds}] {which}: {r['pairs_per_s']:.3f} pairs/s, {r['tokens_per_s']:.0f} tok/s, "
-                          f"peak {r['peak_bytes'] / 2**30:.2f} GiB, losses {[round(x, 4) for x in r['losses']]}",
-                          flush=True)
+                          f"peak {r['peak_bytes'] / 2**30:.2f} GiB, losses {[round(x, 4) for x in r['losses']]}"
+                          + (f", {r['compiled_graphs']} compiled graphs" if r.get("compiled_graphs") else "")
+                          + (" — flex_attention ran UNCOMPILED" if r.get("flex_uncompiled") else ""), flush=True)
     report(a, results)
     if a.json:
         import torch
