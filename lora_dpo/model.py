@@ -325,8 +325,10 @@ def _compile_flex_for_any_length() -> None:
 
     cfg = torch._dynamo.config
     cfg.assume_static_by_default = False
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
-    setattr(cfg, name, max(getattr(cfg, name), FLEX_RECOMPILE_LIMIT))
+    if hasattr(cfg, "recompile_limit"):
+        cfg.recompile_limit = max(cfg.recompile_limit, FLEX_RECOMPILE_LIMIT)
+    else:  # its name before torch 2.6
+        cfg.cache_size_limit = max(cfg.cache_size_limit, FLEX_RECOMPILE_LIMIT)
 
 
 def _keep_cpu_4bit_differentiable(model) -> None:
