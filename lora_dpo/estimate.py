@@ -9,7 +9,8 @@ weights      Parameters counted from the config: embeddings V·H, per layer q/k/
              qwen3/gemma3), final norm, lm_head V·H unless tied. Decoder Linear layers in 4 bit (bitsandbytes NF4/FP4,
              blocksize 64): n/2 packed bytes + one absmax per 64 values (fp32, or with double quantization uint8 plus
              an fp32 absmax per 256 blocks, an offset and a 256-entry code), the 16-entry code; 8 bit: n + 4·out.
-             Everything else (embeddings, norms, lm_head, biases) in the training dtype.
+             Everything else (embeddings, norms, lm_head, biases) in the training dtype. model.offload_embeddings
+             takes the V·H embedding table out (into CPU memory) unless the lm_head shares it (tied).
 adapters     LoRA A (r × in) and B (out × r) on every targeted Linear ('all-linear' = every decoder Linear, not the
              lm_head), kept in fp32 by peft: 4 B/param, fp32 gradients 4 B, AdamW state 8 B (adamw_torch), or 8-bit
              state (bitsandbytes: 2 × 1 B + fp32 absmax per 256; tensors under 4096 values keep fp32 state).
@@ -160,6 +161,7 @@ class Estimate:
     layers: int = 0             # decoder layers
     checkpointed_layers: int = 0  # of them, those that recompute in backward
     checkpointing_auto: bool = False  # train.gradient_checkpointing_layers auto chose checkpointed_layers
+    embeddings_on_cpu: bool = False  # model.offload_embeddings (and the table is not tied to the LM head)
     advice: list[str] = field(default_factory=list)
 
     @property
@@ -347,8 +349,11 @@ def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str,
     needs_reference = reference == "live" and recipe.dpo.loss_type != "simpo"
     if needs_reference:  # no-grad forward while the policy graph is alive: hidden states and one layer
         transient = max(transient, layer + 2 * residual)
-    return dict(dtype=dtype, base=base, attention=attn, rows=rows, seq_len=T, weights=weight_bytes(arch, base, b,
-                q.bnb_4bit_use_double_quant), adapters=adapter_bytes(arch, lora.r, lora.target_modules, t.optim),
+    offload = recipe.model.offload_embeddings and not arch.tied  # a tied table stays: the LM head needs it
+    weights = weight_bytes(arch, base, b, q.bnb_4bit_use_double_quant) - (arch.vocab * arch.hidden * b if offload
+                                                                          else 0)
+    return dict(dtype=dtype, base=base, attention=attn, rows=rows, seq_len=T, weights=weights,
+                embeddings_on_cpu=offload, adapters=adapter_bytes(arch, lora.r, lora.target_modules, t.optim),
                 activations=saved + transient, logps=logps)
 
 
@@ -434,6 +439,9 @@ def _advice(est: Estimate, recipe: Recipe, arch: Arch, layout: str, reference: s
     if t.optim == "adamw_torch" and est.lora_params:
         saved = est.adapters - adapter_bytes(arch, recipe.lora.r, recipe.lora.target_modules, "paged_adamw_8bit")
         out.append(f"train.optim=paged_adamw_8bit: saves {gib(saved)} of optimizer state (LoRA state is small)")
+    if not est.fits and not est.embeddings_on_cpu and not arch.tied:
+        table = arch.vocab * arch.hidden * (4 if est.dtype == "fp32" else 2)
+        out.append(f"model.offload_embeddings=true: the {gib(table)} embedding table moves to CPU memory")
     if not est.fits and est.max_batch_size >= 1:
         pairs = t.per_device_train_batch_size * t.gradient_accumulation_steps
         b = est.max_batch_size
@@ -457,7 +465,8 @@ def format_table(est: Estimate) -> str:
     if est.checkpointing_auto:
         ckpt += ", auto"
     rows = [
-        (f"weights ({est.base} linears, {est.dtype} embeddings/norms)", est.weights),
+        (f"weights ({est.base} linears; embeddings on CPU)" if est.embeddings_on_cpu
+         else f"weights ({est.base} linears, {est.dtype} embeddings/norms)", est.weights),
         ("adapters + grads + optimizer", est.adapters),
         (f"activations ({ckpt})", est.activations),
         ("log-prob path (chunked LM head)", est.logps),

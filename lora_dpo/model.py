@@ -346,6 +346,33 @@ def _keep_cpu_4bit_differentiable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def offload_embeddings(model) -> str:
+    """model.offload_embeddings: move the frozen input embedding table of a model on a GPU into CPU memory; each
+    forward then looks its token ids up on the CPU and copies the (tokens, hidden) result to the GPU. → the line to
+    print. A table the LM head shares (tied embeddings) stays where it is: the head needs it on the GPU."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    size = emb.weight.numel() * emb.weight.element_size()
+    if head is not None and head.weight.data_ptr() == emb.weight.data_ptr():
+        return "model.offload_embeddings: the LM head shares the embedding table (tied), so it stays on the GPU"
+    if emb.weight.device.type != "cuda":
+        return f"model.offload_embeddings: the model is on {emb.weight.device.type}: nothing to offload"
+    emb.to("cpu")
+    torch.cuda.empty_cache()
+    lookup_on_host(emb)
+    return f"embeddings: {size / 2**30:.2f} GiB kept in CPU memory (model.offload_embeddings)"
+
+
+def lookup_on_host(emb: torch.nn.Module) -> None:
+    """Make `emb` run where its weight is and answer on the device its input ids came from (the module's own
+    forward, so scaled embeddings such as Gemma 3's keep their scale, and its state-dict keys do not change)."""
+    forward = emb.forward
+
+    def host_forward(input_ids, *args, **kwargs):
+        return forward(input_ids.to(emb.weight.device), *args, **kwargs).to(input_ids.device)
+
+    emb.forward = host_forward
+
+
 def attach_lora(base, cfg: LoraConfig, *, seed: int, gradient_checkpointing: bool, checkpoint_share: float = 1.0):
     """The trainable adapter on `base`. With gradient_checkpointing, the first ceil(checkpoint_share × layers) decoder
     layers recompute their activations in backward; the others keep them (faster, more memory)."""

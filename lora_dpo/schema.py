@@ -43,6 +43,10 @@ class ModelConfig:
         "flex_attention when training on a CUDA GPU of compute capability 8.0+ (Ampere or newer) with Triton, in the "
         "shared or packed layout (2.3× sdpa's speed on an H200, benchmarks/RESULTS.md), sdpa otherwise (CPU, older "
         "GPUs, evaluation and export). Generation always decodes on sdpa.")
+    offload_embeddings: bool = _f(
+        False, "Training on a GPU: keep the input embedding table (frozen) in CPU memory and look each batch's "
+        "tokens up there, freeing its GPU memory (1 GiB for Llama-3-8B's 128k × 4096 in bf16) for a small copy per "
+        "forward. A table the LM head shares (tied embeddings) stays on the GPU; the run says which.")
 
 
 @dataclass

@@ -323,6 +323,8 @@ def _load_policy(recipe: Recipe, device: torch.device, dtype: torch.dtype, ctx: 
     where = f"{ctx.world} processes on {device.type}" if ctx.enabled else str(device)
     say(f"loading {recipe.model.name_or_path} ({kind}) on {where}")
     base = model_lib.load_base(recipe.model, q, dtype, device, tcfg.layout)
+    if recipe.model.offload_embeddings:
+        say(model_lib.offload_embeddings(base))
     share, why = tcfg.gradient_checkpointing_layers, ""
     if tcfg.gradient_checkpointing and share == "auto":
         share, why = _auto_checkpoint_share(recipe, base, device)

@@ -383,3 +383,27 @@ def test_log_prob_chunk_is_the_one_training_uses():
     from lora_dpo.logps import DEFAULT_CHUNK
 
     assert est_lib.LOGPS_CHUNK == DEFAULT_CHUNK
+
+
+def test_offloaded_embeddings_leave_the_gpu_unless_tied():
+    """model.offload_embeddings takes the V·H table out of the GPU's weights (Llama-3-8B: 128,256 × 4,096 in bf16),
+    not a table the LM head shares; when a recipe does not fit, the advice names it."""
+    from lora_dpo.known_models import known_config
+
+    def plan8b(gpu: int, **model) -> est_lib.Estimate:
+        r = recipe_from_dict({"model": {"name_or_path": "meta-llama/Llama-3.1-8B-Instruct", **model},
+                              "data": {"train": "t", "max_length": 1024},
+                              "train": {"per_device_train_batch_size": 1, "gradient_checkpointing": True},
+                              "output": {"dir": "x"}})
+        return estimate_for(r, gpu, arch=Arch.from_config(known_config(r.model.name_or_path)))
+
+    on, off = plan8b(8 << 30, offload_embeddings=True), plan8b(8 << 30)
+    assert off.weights - on.weights == 128_256 * 4_096 * 2 and on.embeddings_on_cpu
+    assert "embeddings on CPU" in format_table(on)
+    assert not off.fits and on.fits  # an 8 GiB GPU: 1 pair of 1024 tokens fits only with the table on the CPU
+    assert any(a.startswith("model.offload_embeddings=true") for a in off.advice)
+    assert not any("offload_embeddings" in a for a in on.advice)
+    tied = Arch.from_config(tiny_config("llama", tie_word_embeddings=True))
+    r = recipe_from_dict({"model": {"name_or_path": "x", "offload_embeddings": True}, "data": {"train": "t"},
+                          "output": {"dir": "x"}})
+    assert not estimate_for(r, 1 << 30, arch=tied).embeddings_on_cpu

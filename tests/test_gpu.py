@@ -81,3 +81,27 @@ def test_gpu_prefix_sharing_equals_plain(tiny_model_dir, attn):
     num = sum(float((a - b).norm() ** 2) for a, b in zip(g_got, g_want)) ** 0.5
     den = sum(float(b.norm() ** 2) for b in g_want) ** 0.5
     assert den > 0 and num / den < 5e-2, num / den
+
+
+def test_gpu_offloaded_embeddings(tiny_model_dir, recipe_dict, capsys):
+    """model.offload_embeddings on a GPU: the table leaves the GPU's memory, the log-probs do not change, and a run
+    trains with it; twin: test_model.test_host_embedding_lookup_changes_nothing_but_where_it_runs (CPU to CPU)."""
+    cuda = torch.device("cuda")
+    base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(), torch.bfloat16, cuda)
+    m = M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=True)
+    batch = build(PAIRS, 2, "packed").to(cuda)
+
+    def logps():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return batch_logps(m, batch)[0]
+
+    want = logps()
+    emb = base.get_input_embeddings()
+    table, before = emb.weight.numel() * emb.weight.element_size(), torch.cuda.memory_allocated()
+    assert "GiB kept in CPU memory" in M.offload_embeddings(base)
+    assert emb.weight.device.type == "cpu" and before - torch.cuda.memory_allocated() >= table
+    assert torch.allclose(logps(), want, atol=1e-3, rtol=0)
+    recipe_dict["model"]["offload_embeddings"] = True
+    recipe_dict["train"].update(max_steps=2, device="cuda")
+    _run_and_check(recipe_dict)
+    assert "GiB kept in CPU memory (model.offload_embeddings)" in capsys.readouterr().out

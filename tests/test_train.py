@@ -354,3 +354,11 @@ def test_step0_check_passes_a_fresh_adapter_and_fails_a_trained_one(tiny_model_d
                 p.normal_(0, 0.05)
     with pytest.raises(LoraDpoError, match=r"step-0 check failed: .*tolerance"):
         step0_check(m, batch, DpoConfig(), printed.append, dtype=dtype)
+
+
+def test_offload_embeddings_on_a_cpu_run_says_there_is_nothing_to_offload(recipe_dict, capsys):
+    recipe_dict["model"]["offload_embeddings"] = True
+    recipe_dict["train"]["max_steps"] = 1
+    result = train(recipe_from_dict(recipe_dict))
+    assert abs(result.step0_loss - math.log(2)) < 1e-4
+    assert "model.offload_embeddings: the model is on cpu: nothing to offload" in capsys.readouterr().out
