@@ -40,7 +40,6 @@ def _left_padded(chunk: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
 def _generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, reference: bool,
                   batch_size: int, sample: bool) -> list[list[int]]:
     """New token ids per prompt (cut after the first EOS), batched with left padding."""
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     # sampling from π_θ itself: the model's generation_config may carry top-k/top-p/temperature defaults
@@ -48,7 +47,8 @@ def _generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: in
                    repetition_penalty=1.0) if sample else dict(do_sample=False)
     out_ids = []
     ctx = model_lib.reference_mode if reference else _no_grad
-    with ctx(model), model_lib.sdpa_for_generation(model):
+    with ctx(model), model_lib.sdpa_for_generation(model), model_lib.embeddings_on_device(model):
+        device = next(model.parameters()).device
         for i in range(0, len(prompts), batch_size):
             ids, mask = _left_padded(prompts[i: i + batch_size], tokenizer.pad_token_id)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **options,
@@ -83,7 +83,7 @@ def kl_estimate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
     The global RNG state is left as it was (sampling runs under a forked, seeded RNG), so calling this in the
     middle of training changes nothing that follows.
     """
-    device = next(model.parameters()).device
+    device = model.get_output_embeddings().weight.device  # where it computes (the embeddings may be offloaded)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)

@@ -359,7 +359,25 @@ def offload_embeddings(model) -> str:
     emb.to("cpu")
     torch.cuda.empty_cache()
     lookup_on_host(emb)
+    emb.lora_dpo_offloaded = True
     return f"embeddings: {size / 2**30:.2f} GiB kept in CPU memory (model.offload_embeddings)"
+
+
+@contextlib.contextmanager
+def embeddings_on_device(model):
+    """An offloaded embedding table back on the GPU for the duration (generation: transformers' `generate` moves
+    each step's inputs to `model.device`, its first parameter's device, which is that table's); a no-op otherwise.
+    Training is over or not begun when lora-dpo generates, so the table's GiB are free again."""
+    emb = model.get_input_embeddings()
+    if not getattr(emb, "lora_dpo_offloaded", False):
+        yield
+        return
+    emb.to(model.get_output_embeddings().weight.device)
+    try:
+        yield
+    finally:
+        emb.to("cpu")
+        torch.cuda.empty_cache()
 
 
 def lookup_on_host(emb: torch.nn.Module) -> None:

@@ -101,7 +101,11 @@ def test_gpu_offloaded_embeddings(tiny_model_dir, recipe_dict, capsys):
     assert "GiB kept in CPU memory" in M.offload_embeddings(base)
     assert emb.weight.device.type == "cpu" and before - torch.cuda.memory_allocated() >= table
     assert torch.allclose(logps(), want, atol=1e-3, rtol=0)
+    with M.embeddings_on_device(m):  # generation: transformers moves inputs to the first parameter's device
+        assert emb.weight.device.type == "cuda"
+    assert emb.weight.device.type == "cpu"
     recipe_dict["model"]["offload_embeddings"] = True
     recipe_dict["train"].update(max_steps=2, device="cuda")
+    recipe_dict.setdefault("evaluation", {})["generations"] = 2  # generates before and after training
     _run_and_check(recipe_dict)
     assert "GiB kept in CPU memory (model.offload_embeddings)" in capsys.readouterr().out
