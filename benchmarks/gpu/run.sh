@@ -24,6 +24,8 @@
 #   long-sdpa  the long stage with lora-dpo on sdpa (its dense 4-D mask; measured 2.3× slower than flex on an H200)
 #   ckpt       the memory stage with all, half (train.gradient_checkpointing_layers 0.5), auto (the fewest that
 #              fit this GPU) and no layers checkpointed: s/step and peak of each, and the planner's prediction
+#   offload    the memory stage with the embedding table on the GPU and in CPU memory (model.offload_embeddings):
+#              the peak it saves (predicted: 1 GiB) and what it costs per step (table in kit.log only, no JSON)
 set -u
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/lora-dpo-gpu}
@@ -64,7 +66,7 @@ stage() {  # stage NAME LIMIT MIN_NEEDED command...
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$log"
 }
-want=" ${*:-model long short losses profile memory gpu-tests long-b16 long-sdpa ckpt} "
+want=" ${*:-model long short losses profile memory gpu-tests long-b16 long-sdpa ckpt offload} "
 on() { [[ $want == *" $1 "* ]]; }
 # KIT_* variables shrink the kit for a smoke run on a CPU (e.g. KIT_MODEL=demo KIT_WORDS=16 KIT_TOKENS=32)
 model="--model ${KIT_MODEL:-llama3-8b-random}"
@@ -90,6 +92,7 @@ on long-b16 && stage long-b16 240 150 $vs_trl --datasets long --long-prompt $((4
 on long-sdpa && stage long-sdpa 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --attn sdpa \
   --json "$out/long-sdpa.json"
 on ckpt && stage ckpt 240 150 $memory --checkpointing on,0.5,auto,off --json "$out/ckpt.json"
+on offload && stage offload 150 60 $memory --offload-embeddings off,on
 echo "=== done after $((SECONDS - start))s" | tee -a "$log"
 python3 benchmarks/gpu/targets.py "$out" 2>&1 | tee -a "$log"
 if ((${#skipped[@]})); then
