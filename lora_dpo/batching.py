@@ -121,12 +121,22 @@ class SharedBatch:
         if attn_implementation == "flex_attention":
             inputs["attention_mask"] = self._block_mask()
         elif attn_implementation == "eager":  # eager adds the mask to the scores
-            allowed = self.allowed()[:, None]  # (R, 1, T, T)
+            allowed = self.dense_mask()  # (R, 1, T, T)
             inputs["attention_mask"] = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
                 ~allowed, torch.finfo(dtype).min)
         else:  # sdpa takes a boolean mask, True = attend
-            inputs["attention_mask"] = self.allowed()[:, None]
+            inputs["attention_mask"] = self.dense_mask()
         return inputs
+
+    def dense_mask(self) -> torch.Tensor:
+        """(R, 1, T, T) bool, `allowed` filled a band of queries at a time: R·T² bytes, without the several
+        R·T²-sized temporaries that evaluating it at once takes."""
+        R, T = self.slot.shape
+        out = torch.empty(R, 1, T, T, dtype=torch.bool, device=self.slot.device)
+        band = max(1, blockmask.BAND_ELEMENTS // max(1, R * T))
+        for q0 in range(0, T, band):
+            out[:, 0, q0: q0 + band] = self.allowed(q0, min(T, q0 + band))
+        return out
 
     def mask_mod(self):
         """FlexAttention's form of `allowed`: one (row, head, query, key) at a time, inside the kernel."""

@@ -115,8 +115,8 @@ def test_policy_and_reference_passes_share_one_mask(model, monkeypatch):
     from lora_dpo.recipe import DpoConfig
 
     built = []
-    allowed = SharedBatch.allowed
-    monkeypatch.setattr(SharedBatch, "allowed", lambda self: built.append(1) or allowed(self))
+    dense = SharedBatch.dense_mask
+    monkeypatch.setattr(SharedBatch, "dense_mask", lambda self: built.append(1) or dense(self))
     batch = build(PAIRS, 2, "packed")
     loss, _ = dpo_forward(model, batch, DpoConfig())  # policy pass, then the reference pass (adapter off)
     assert len(built) == 1 and torch.isfinite(loss)
@@ -175,3 +175,13 @@ def test_flex_attention_block_mask_equals_dense(tiny_model_dir):
             want, _ = plain_batch_logps(m, collate(longer, 2))
         assert torch.allclose(got, want, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == graphs  # no recompilation for a new length
+
+
+def test_dense_mask_built_in_bands_equals_allowed(monkeypatch):
+    from lora_dpo import blockmask
+
+    for band in (1 << 24, 50):  # one band; a few query rows per band
+        monkeypatch.setattr(blockmask, "BAND_ELEMENTS", band)
+        for layout in ("packed", "shared"):
+            b = build(PAIRS + [Pair([], [3, 4], [5], 9)], 2, layout)
+            assert torch.equal(b.dense_mask(), b.allowed()[:, None])
