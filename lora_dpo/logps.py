@@ -48,7 +48,11 @@ def completion_logps(lm, hidden: torch.Tensor, input_ids: torch.Tensor, targets:
             pieces.append(_token_logps(hc, lc, head, softcap))
     token_logps = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
     sums = torch.zeros(n_seq, dtype=torch.float32, device=h.device).index_add(0, targets.seq, token_logps)
-    return sums, torch.bincount(targets.seq, minlength=n_seq)
+    # counted with index_add, not bincount: on a GPU bincount reads its input's maximum back to the host, a sync
+    # that would stall the step between the policy and reference passes
+    counts = torch.zeros(n_seq, dtype=torch.long, device=h.device).index_add_(0, targets.seq,
+                                                                             torch.ones_like(targets.seq))
+    return sums, counts
 
 
 def batch_logps(model, batch: Batch | SharedBatch,
