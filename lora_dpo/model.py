@@ -346,13 +346,24 @@ def _keep_cpu_4bit_differentiable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def _tied(model) -> bool:
+    """The LM head shares the input embedding table."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    return head is not None and head.weight.data_ptr() == emb.weight.data_ptr()
+
+
+def embeddings_movable(model) -> bool:
+    """Whether model.offload_embeddings would free GPU memory here: an untied table still on a GPU."""
+    return not _tied(model) and model.get_input_embeddings().weight.device.type == "cuda"
+
+
 def offload_embeddings(model) -> str:
     """model.offload_embeddings: move the frozen input embedding table of a model on a GPU into CPU memory; each
     forward then looks its token ids up on the CPU and copies the (tokens, hidden) result to the GPU. → the line to
     print. A table the LM head shares (tied embeddings) stays where it is: the head needs it on the GPU."""
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    emb = model.get_input_embeddings()
     size = emb.weight.numel() * emb.weight.element_size()
-    if head is not None and head.weight.data_ptr() == emb.weight.data_ptr():
+    if _tied(model):
         return "model.offload_embeddings: the LM head shares the embedding table (tied), so it stays on the GPU"
     if emb.weight.device.type != "cuda":
         return f"model.offload_embeddings: the model is on {emb.weight.device.type}: nothing to offload"

@@ -246,7 +246,7 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
                     step_meter.add(loss.detach(), metrics)
                     step_tokens += batch.num_tokens()
             except torch.cuda.OutOfMemoryError:
-                raise LoraDpoError(_oom_message(recipe, step)) from None
+                raise LoraDpoError(_oom_message(recipe, step, model_lib.embeddings_movable(policy))) from None
             ctx.average_grads(params)
             if scaler:
                 scaler.unscale_(optimizer)
@@ -421,14 +421,17 @@ def _nonfinite_message(step: int, count: int, last_ckpt: Path | None, start: int
             f"that breaks the model; {where}")
 
 
-def _oom_message(recipe: Recipe, step: int) -> str:
+def _oom_message(recipe: Recipe, step: int, embeddings_movable: bool = False) -> str:
     t = recipe.train
     hints = [f"train.per_device_train_batch_size={max(1, t.per_device_train_batch_size // 2)} with "
              f"train.gradient_accumulation_steps={t.gradient_accumulation_steps * 2}"]
     if not t.gradient_checkpointing:
         hints.append("train.gradient_checkpointing=true")
+    if embeddings_movable:
+        hints.append("model.offload_embeddings=true")
     hints.append(f"data.max_length={max(16, recipe.data.max_length // 2)}")
-    return f"out of GPU memory at step {step}; try " + ", or ".join(hints)
+    return (f"out of GPU memory at step {step}; try " + ", or ".join(hints)
+            + " (`lora-dpo estimate RECIPE.yaml --gpu-memory SIZE` plans what fits)")
 
 
 # ---------------------------------------------------------------- logging plumbing

@@ -279,6 +279,7 @@ def test_offload_embeddings_on_cpu_and_tied_tables(tiny_model_dir, tokenizer, tm
     base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(), torch.float32,
                        torch.device("cpu"))
     assert M.offload_embeddings(base) == "model.offload_embeddings: the model is on cpu: nothing to offload"
+    assert not M.embeddings_movable(base)  # no GPU memory to free
     tied = M.load_base(ModelConfig(name_or_path=str(build_tiny(tmp_path / "tied", tokenizer,
                                                                tie_word_embeddings=True))),
                        QuantizationConfig(), torch.float32, torch.device("cpu"))

@@ -148,6 +148,15 @@ def test_out_of_memory_names_what_to_change(recipe_dict, monkeypatch):
         train(recipe_from_dict(recipe_dict))
 
 
+def test_out_of_memory_suggests_offloading_an_untied_table_on_a_gpu(recipe_dict):
+    from lora_dpo.train import _oom_message
+
+    recipe = recipe_from_dict(recipe_dict)
+    assert "model.offload_embeddings=true" in _oom_message(recipe, 3, embeddings_movable=True)
+    assert "offload_embeddings" not in _oom_message(recipe, 3, embeddings_movable=False)
+    assert "lora-dpo estimate RECIPE.yaml" in _oom_message(recipe, 3)
+
+
 def test_save_total_limit_keeps_the_newest(recipe_dict):
     recipe_dict["data"].pop("eval")
     recipe_dict["train"].update(max_steps=9, save_steps=2, save_total_limit=2)
