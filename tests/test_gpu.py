@@ -98,7 +98,9 @@ def test_gpu_offloaded_embeddings(tiny_model_dir, recipe_dict, capsys):
     want = logps()
     emb = base.get_input_embeddings()
     table, before = emb.weight.numel() * emb.weight.element_size(), torch.cuda.memory_allocated()
+    assert M.embeddings_movable(base)
     assert "GiB kept in CPU memory" in M.offload_embeddings(base)
+    assert not M.embeddings_movable(base)
     assert emb.weight.device.type == "cpu" and before - torch.cuda.memory_allocated() >= table
     assert torch.allclose(logps(), want, atol=1e-3, rtol=0)
     with M.embeddings_on_device(m):  # generation: transformers moves inputs to the first parameter's device
