@@ -50,6 +50,7 @@ def main() -> None:
     from lora_dpo.objective import dpo_forward
     from lora_dpo.recipe import DpoConfig, LoraConfig, ModelConfig, QuantizationConfig
 
+    torch.set_flush_denormal(True)  # as training does (lora_dpo/train.py)
     settings = [s.split(":") for s in a.settings.split(",")]
     device, dtype = model_lib.device_and_dtype("auto", "auto")
     cfg = ModelConfig(name_or_path=resolve_model(a.model), attn_implementation="sdpa")

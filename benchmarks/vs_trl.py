@@ -215,6 +215,9 @@ def worker_trl(a, rows, order) -> dict:
 
     from lora_dpo.model import _keep_cpu_4bit_differentiable
 
+    # the process setting lora-dpo's training makes: subnormal floats (softmax tails in backward) flushed to zero,
+    # which x86 CPUs otherwise process ~100× slower; TRL runs under it too, so neither side pays for them
+    torch.set_flush_denormal(True)
     cuda = torch.cuda.is_available()
     half = cuda and a.precision != "fp32"  # lora-dpo's precision auto: bf16 on a GPU (the kit's are Hopper)
     dtype = torch.bfloat16 if half else torch.float32
