@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -393,11 +394,20 @@ def embeddings_on_device(model):
 
 def lookup_on_host(emb: torch.nn.Module) -> None:
     """Make `emb` run where its weight is and answer on the device its input ids came from (the module's own
-    forward, so scaled embeddings such as Gemma 3's keep their scale, and its state-dict keys do not change)."""
+    forward, so scaled embeddings such as Gemma 3's keep their scale, and its state-dict keys do not change).
+
+    The policy and reference passes of a micro-batch look up the same ids tensor: the second gets the first's
+    answer (the table is frozen), saving a host round trip of (tokens, hidden)."""
     forward = emb.forward
+    last: dict = {}
 
     def host_forward(input_ids, *args, **kwargs):
-        return forward(input_ids.to(emb.weight.device), *args, **kwargs).to(input_ids.device)
+        ids = last.get("ids")
+        if ids is not None and ids() is input_ids and not args and not kwargs:
+            return last["out"]
+        out = forward(input_ids.to(emb.weight.device), *args, **kwargs).to(input_ids.device)
+        last.update(ids=weakref.ref(input_ids), out=out)
+        return out
 
     emb.forward = host_forward
 

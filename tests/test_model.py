@@ -243,7 +243,7 @@ def test_attach_lora_turns_checkpointing_on_for_the_decoder_layers(tiny_model_di
     assert layers == M.decoder_layers(m) and [mod.gradient_checkpointing for mod in layers] == want
 
 
-def test_host_embedding_lookup_changes_nothing_but_where_it_runs(tiny_model_dir):
+def test_host_embedding_lookup_changes_nothing_but_where_it_runs(tiny_model_dir, monkeypatch):
     """model.offload_embeddings: the lookup runs where the table is and answers on the ids' device; log-probs, LoRA
     gradients and state-dict keys unchanged (here both are the CPU; tests/test_gpu.py moves the table off a GPU)."""
     from conftest import trained_lora
@@ -271,6 +271,16 @@ def test_host_embedding_lookup_changes_nothing_but_where_it_runs(tiny_model_dir)
     got, g_got = run()
     assert calls and torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(g_got, g_want))
     assert list(m.state_dict()) == keys
+
+    from lora_dpo.objective import dpo_forward
+    from lora_dpo.recipe import DpoConfig
+
+    looked_up = []
+    table = emb.weight
+    monkeypatch.setattr(torch.nn.functional, "embedding", lambda ids, w, *a, **kw: looked_up.append(
+        w is table) or torch.ops.aten.embedding(w, ids))
+    dpo_forward(m, build(PAIRS, 2, "packed"), DpoConfig())  # policy pass, then the reference pass
+    assert looked_up == [True]  # one host lookup serves both: same ids, frozen table
 
 
 def test_offload_embeddings_on_cpu_and_tied_tables(tiny_model_dir, tokenizer, tmp_path):
