@@ -14,7 +14,6 @@ import os
 import shutil
 import tempfile
 import warnings
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -345,71 +344,6 @@ def _keep_cpu_4bit_differentiable(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
-
-
-def _tied(model) -> bool:
-    """The LM head shares the input embedding table."""
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    return head is not None and head.weight.data_ptr() == emb.weight.data_ptr()
-
-
-def embeddings_movable(model) -> bool:
-    """Whether model.offload_embeddings would free GPU memory here: an untied table still on a GPU."""
-    return not _tied(model) and model.get_input_embeddings().weight.device.type == "cuda"
-
-
-def offload_embeddings(model) -> str:
-    """model.offload_embeddings: move the frozen input embedding table of a model on a GPU into CPU memory; each
-    forward then looks its token ids up on the CPU and copies the (tokens, hidden) result to the GPU. → the line to
-    print. A table the LM head shares (tied embeddings) stays where it is: the head needs it on the GPU."""
-    emb = model.get_input_embeddings()
-    size = emb.weight.numel() * emb.weight.element_size()
-    if _tied(model):
-        return "model.offload_embeddings: the LM head shares the embedding table (tied), so it stays on the GPU"
-    if emb.weight.device.type != "cuda":
-        return f"model.offload_embeddings: the model is on {emb.weight.device.type}: nothing to offload"
-    emb.to("cpu")
-    torch.cuda.empty_cache()
-    lookup_on_host(emb)
-    emb.lora_dpo_offloaded = True
-    return f"embeddings: {size / 2**30:.2f} GiB kept in CPU memory (model.offload_embeddings)"
-
-
-@contextlib.contextmanager
-def embeddings_on_device(model):
-    """An offloaded embedding table back on the GPU for the duration (generation: transformers' `generate` moves
-    each step's inputs to `model.device`, its first parameter's device, which is that table's); a no-op otherwise.
-    Training is over or not begun when lora-dpo generates, so the table's GiB are free again."""
-    emb = model.get_input_embeddings()
-    if not getattr(emb, "lora_dpo_offloaded", False):
-        yield
-        return
-    emb.to(model.get_output_embeddings().weight.device)
-    try:
-        yield
-    finally:
-        emb.to("cpu")
-        torch.cuda.empty_cache()
-
-
-def lookup_on_host(emb: torch.nn.Module) -> None:
-    """Make `emb` run where its weight is and answer on the device its input ids came from (the module's own
-    forward, so scaled embeddings such as Gemma 3's keep their scale, and its state-dict keys do not change).
-
-    The policy and reference passes of a micro-batch look up the same ids tensor: the second gets the first's
-    answer (the table is frozen), saving a host round trip of (tokens, hidden)."""
-    forward = emb.forward
-    last: dict = {}
-
-    def host_forward(input_ids, *args, **kwargs):
-        ids = last.get("ids")
-        if ids is not None and ids() is input_ids and not args and not kwargs:
-            return last["out"]
-        out = forward(input_ids.to(emb.weight.device), *args, **kwargs).to(input_ids.device)
-        last.update(ids=weakref.ref(input_ids), out=out)
-        return out
-
-    emb.forward = host_forward
 
 
 def attach_lora(base, cfg: LoraConfig, *, seed: int, gradient_checkpointing: bool, checkpoint_share: float = 1.0):

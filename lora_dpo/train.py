@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lora_dpo import batching, checkpoints, data, distributed, losses, refcache, tracking
+from lora_dpo import batching, checkpoints, data, distributed, losses, offload, refcache, tracking
 from lora_dpo import model as model_lib
 from lora_dpo.batching import Batch
 from lora_dpo.errors import LoraDpoError
@@ -246,7 +246,7 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
                     step_meter.add(loss.detach(), metrics)
                     step_tokens += batch.num_tokens()
             except torch.cuda.OutOfMemoryError:
-                raise LoraDpoError(_oom_message(recipe, step, model_lib.embeddings_movable(policy))) from None
+                raise LoraDpoError(_oom_message(recipe, step, offload.embeddings_movable(policy))) from None
             ctx.average_grads(params)
             if scaler:
                 scaler.unscale_(optimizer)
@@ -324,7 +324,7 @@ def _load_policy(recipe: Recipe, device: torch.device, dtype: torch.dtype, ctx: 
     say(f"loading {recipe.model.name_or_path} ({kind}) on {where}")
     base = model_lib.load_base(recipe.model, q, dtype, device, tcfg.layout)
     if recipe.model.offload_embeddings:
-        say(model_lib.offload_embeddings(base))
+        say(offload.offload_embeddings(base))
     share, why = tcfg.gradient_checkpointing_layers, ""
     if tcfg.gradient_checkpointing and share == "auto":
         share, why = _auto_checkpoint_share(recipe, base, device)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_dpo import model as M
-from lora_dpo import train
+from lora_dpo import offload, train
 from lora_dpo.batching import build, collate
 from lora_dpo.logps import batch_logps, plain_batch_logps
 from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig, recipe_from_dict
@@ -98,12 +98,12 @@ def test_gpu_offloaded_embeddings(tiny_model_dir, recipe_dict, capsys):
     want = logps()
     emb = base.get_input_embeddings()
     table, before = emb.weight.numel() * emb.weight.element_size(), torch.cuda.memory_allocated()
-    assert M.embeddings_movable(base)
-    assert "GiB kept in CPU memory" in M.offload_embeddings(base)
-    assert not M.embeddings_movable(base)
+    assert offload.embeddings_movable(base)
+    assert "GiB kept in CPU memory" in offload.offload_embeddings(base)
+    assert not offload.embeddings_movable(base)
     assert emb.weight.device.type == "cpu" and before - torch.cuda.memory_allocated() >= table
     assert torch.allclose(logps(), want, atol=1e-3, rtol=0)
-    with M.embeddings_on_device(m):  # generation: transformers moves inputs to the first parameter's device
+    with offload.embeddings_on_device(m):  # generation: transformers moves inputs to the first parameter's device
         assert emb.weight.device.type == "cuda"
     assert emb.weight.device.type == "cpu"
     recipe_dict["model"]["offload_embeddings"] = True
