@@ -21,7 +21,7 @@ def _ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(…, n) bool → (count of True, indices with the True ones first in ascending order), int32, as FlexAttention
     stores its block tables."""
     count = dense.sum(-1, dtype=torch.int32)
-    order = torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True)
+    order = torch.argsort(dense.to(torch.int32), dim=-1, descending=True, stable=True)  # as torch sorts them
     return count, order.to(torch.int32).contiguous()
 
 
