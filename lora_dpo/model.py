@@ -408,6 +408,35 @@ def sdpa_for_generation(model):
 
 @contextlib.contextmanager
 def reference_mode(model):
-    """π_ref: the same weights with the adapter switched off, and no autograd graph."""
-    with torch.no_grad(), model.disable_adapter():
-        yield model
+    """π_ref: the same weights with the adapter switched off, and no autograd graph.
+
+    It sets each adapter layer's own off switch — what peft's `disable_adapter()` does in the end — without that
+    context's survey of the whole model (every module, with its repr) and its requires_grad round trip (moot under
+    no_grad): ~45 ms per use on the 30-layer demo model, on every micro-batch's reference pass, against well under
+    1 ms here. The switches are put back as they were on exit (tests/test_model.py)."""
+    layers = _adapter_layers(model)
+    if layers is None:  # an adapter kind without the switch: peft's own context
+        with torch.no_grad(), model.disable_adapter():
+            yield model
+        return
+    was = [layer._disable_adapters for layer in layers]
+    with torch.no_grad():
+        try:
+            for layer in layers:
+                layer._disable_adapters = True
+            yield model
+        finally:
+            for layer, off in zip(layers, was):
+                layer._disable_adapters = off
+
+
+def _adapter_layers(model) -> list | None:
+    """The model's peft adapter layers (found once per model), or None where one lacks the `_disable_adapters`
+    switch that peft's LoRA layers read in forward."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = model.__dict__.get("_lora_dpo_adapter_layers")
+    if layers is None:
+        layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        model.__dict__["_lora_dpo_adapter_layers"] = layers
+    return layers if layers and all(hasattr(m, "_disable_adapters") for m in layers) else None

@@ -74,6 +74,32 @@ def test_reference_equals_bare_base_and_policy_differs(tiny_model_dir):
     assert torch.is_grad_enabled()  # reference_mode restores grad mode on exit
 
 
+def test_reference_mode_equals_peft_disable_adapter_and_switches_back(tiny_model_dir, monkeypatch):
+    """reference_mode sets each LoRA layer's off switch itself (peft's disable_adapter surveys the whole model
+    first: ~45 ms a use on the demo model): the same log-probs as peft's context, nested uses unwind, and on exit the
+    adapter is on again with its parameters still trainable."""
+    from peft import PeftModel
+
+    m = qlora(tiny_model_dir)
+    randomise_lora_b(m)
+    b = small_batch()
+    with torch.no_grad(), m.disable_adapter():
+        want, _ = batch_logps(m, b)
+    with torch.no_grad():
+        policy, _ = batch_logps(m, b)
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    monkeypatch.setattr(PeftModel, "get_model_status", lambda self: (_ for _ in ()).throw(AssertionError("slow")))
+    with M.reference_mode(m):
+        with M.reference_mode(m):
+            inner, _ = batch_logps(m, b)
+        outer, _ = batch_logps(m, b)  # still off after the inner use
+    assert torch.equal(inner, want) and torch.equal(outer, want)
+    with torch.no_grad():
+        again, _ = batch_logps(m, b)
+    assert torch.equal(again, policy) and (policy - want).abs().max() > 1e-3
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == trainable and trainable
+
+
 def test_qlora_gradients_match_the_dequantized_twin(tiny_model_dir):
     """bitsandbytes' CPU 4-bit path must pass correct gradients to LoRA layers below it."""
     m4 = qlora(tiny_model_dir)
