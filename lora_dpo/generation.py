@@ -84,6 +84,7 @@ def kl_estimate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
     middle of training changes nothing that follows.
     """
     device = model.get_output_embeddings().weight.device  # where it computes (the embeddings may be offloaded)
+    dtype = model.get_input_embeddings().weight.dtype  # the run's compute dtype
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -95,9 +96,10 @@ def kl_estimate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
     for i in range(0, len(kept), batch_size):
         chunk = kept[i: i + batch_size]
         batch = _completion_batch([p for p, _ in chunk], [c for _, c in chunk], tokenizer.pad_token_id).to(device)
-        policy, n_tokens = batch_logps(model, batch)                         # (2R,): the R rows twice
-        with model_lib.reference_mode(model):
-            reference, _ = batch_logps(model, batch)
+        with model_lib.autocast(device, dtype):  # as training computes (held-out eval does the same)
+            policy, n_tokens = batch_logps(model, batch)                     # (2R,): the R rows twice
+            with model_lib.reference_mode(model):
+                reference, _ = batch_logps(model, batch)
         R = len(chunk)
         diffs += (policy[:R] - reference[:R]).tolist()
         tokens += int(n_tokens[:R].sum())

@@ -316,9 +316,10 @@ def _compile_flex_for_any_length() -> None:
     seconds to a minute, mid-training, since lengths vary from batch to batch. Compiled for symbolic lengths from the
     start, it compiles once (tests/test_layouts.py counts).
 
-    It is still compiled once per state it runs in: grad on (policy) or off (reference, eval), under the training
-    autocast or not (held-out eval), for several rows and for one, … — up to ~12 kernels in a run with eval on a GPU,
-    and past torch's default limit of 8 torch silently runs flex_attention *uncompiled*, materialising every
+    It is still compiled once per state it runs in: grad on (policy) or off (reference, eval), under an autocast or
+    not (lora-dpo's own passes all run under the training autocast; a caller's may not), for several rows and for
+    one, … — easily past torch's default limit of 8, after which torch silently runs flex_attention *uncompiled*,
+    materialising every
     (query, key) score: slow, and enough memory to run out of it. The limit is raised for that
     (tests/test_attention.py). Both settings are process-wide; lora-dpo compiles nothing else."""
     import torch._dynamo
