@@ -319,8 +319,7 @@ def _compile_flex_for_any_length() -> None:
     It is still compiled once per state it runs in: grad on (policy) or off (reference, eval), under an autocast or
     not (lora-dpo's own passes all run under the training autocast; a caller's may not), for several rows and for
     one, … — easily past torch's default limit of 8, after which torch silently runs flex_attention *uncompiled*,
-    materialising every
-    (query, key) score: slow, and enough memory to run out of it. The limit is raised for that
+    materialising every (query, key) score: slow, and enough memory to run out of it. The limit is raised for that
     (tests/test_attention.py). Both settings are process-wide; lora-dpo compiles nothing else."""
     import torch._dynamo
 
