@@ -57,7 +57,7 @@ def worker(a) -> dict:
     result = probe.result(a.batch, [a.batch * (a.prompt_tokens + 2 * a.completion_tokens)] * a.steps)
     import torch
 
-    from lora_dpo.model import resolve_attention
+    from lora_dpo.attention import resolve_attention
 
     attn = resolve_attention(a.attn, torch.device(probe.device), a.layout)  # auto: the kernel it resolved to
     result.update(device=probe.device, attn=attn, predicted_bytes=est.allocated,
@@ -75,7 +75,7 @@ def main() -> None:
     p.add_argument("--completion-tokens", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--attn", default="auto", help="comma-separated: auto,sdpa,flex_attention,eager")
+    p.add_argument("--attn", default="auto", help="comma-separated: auto,sdpa,sdpa_causal,flex_attention,eager")
     p.add_argument("--layout", default="packed")
     p.add_argument("--reference", default="live", choices=["live", "precompute"])
     p.add_argument("--checkpointing", default="on",

@@ -15,6 +15,7 @@ count, is what makes a setting slow. Prints; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import sys
@@ -31,9 +32,11 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=96)
     p.add_argument("--completion-tokens", type=int, default=48)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--settings", default="packed:sdpa,concatenated:sdpa",
-                   help="comma-separated layout:attention (layouts packed, shared, concatenated; attention sdpa, "
-                        "flex_attention, eager)")
+    p.add_argument("--settings", default="packed:sdpa,packed:sdpa_causal,concatenated:sdpa",
+                   help="comma-separated layout:attention[:sdpa kernel] (layouts packed, shared, concatenated; "
+                        "attention sdpa, sdpa_causal, flex_attention, eager; the optional third part forces sdpa's "
+                        "kernel: efficient (the memory-efficient one, which older GPUs such as the T4 run), flash, "
+                        "math)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="timed steps per setting")
     p.add_argument("--rows", type=int, default=15, help="kernels listed per setting")
@@ -43,7 +46,7 @@ def main() -> None:
 
     import torch
 
-    from lora_dpo import batching
+    from lora_dpo import attention, batching
     from lora_dpo import model as model_lib
     from lora_dpo.data import Pair
     from lora_dpo.logps import causal_lm
@@ -69,7 +72,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step(batch):
-        with autocast:
+        with autocast, forced():
             loss, _ = dpo_forward(model, batch, DpoConfig())
         loss.backward()
         model.zero_grad(set_to_none=True)
@@ -77,13 +80,23 @@ def main() -> None:
     print(f"machine: {machine()}\nmodel: {a.model}, {dtype}, {a.batch} pairs of {a.prompt_tokens} prompt + 2 × "
           f"{a.completion_tokens} completion tokens, gradient checkpointing {'on' if a.checkpointing else 'off'}\n")
     summary = []
-    for layout, attn in settings:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernels = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+               "math": SDPBackend.MATH}
+    for layout, attn, *kernel in settings:
+        name = ":".join([layout, attn, *kernel])
         if attn == "flex_attention" and not cuda:
-            print(f"=== {layout}:{attn}: skipped (FlexAttention has no backward on a CPU)\n")
+            print(f"=== {name}: skipped (FlexAttention has no backward on a CPU)\n")
             continue
+        if kernel and kernel[0] == "efficient" and not cuda:
+            print(f"=== {name}: skipped (the memory-efficient kernel is CUDA's)\n")
+            continue
+        forced = (lambda k=kernels[kernel[0]]: sdpa_kernel(k)) if kernel else contextlib.nullcontext  # noqa: E731
+        attention.register(attn)
         lm.set_attn_implementation(attn)
         if attn == "flex_attention":
-            model_lib._compile_flex_for_any_length()
+            attention.compile_flex_for_any_length()
         batch = batching.build(pairs, tokenizer.pad_token_id, layout).to(device)
         tokens = int(batch.input_ids.numel())
         sync()
@@ -99,20 +112,20 @@ def main() -> None:
             step(batch)
         sync()
         seconds = (time.perf_counter() - t0) / a.steps
-        summary.append((layout, attn, tokens, seconds))
+        summary.append((name, tokens, seconds))
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         with torch.profiler.profile(activities=activities) as prof:
             step(batch)
             sync()
         from torch._dynamo.utils import counters
 
-        print(f"=== {layout}:{attn}: {seconds:.3f} s/step, {tokens} row tokens; building the mask took "
+        print(f"=== {name}: {seconds:.3f} s/step, {tokens} row tokens; building the mask took "
               f"{1e3 * t_mask:.1f} ms; {counters['stats']['unique_graphs']} compiled graphs so far")
         print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total",
                                         row_limit=a.rows, max_name_column_width=60))
-    print("| layout | attention | row tokens | s/step | ms per 1k row tokens |\n|---|---|---|---|---|")
-    for layout, attn, tokens, seconds in summary:
-        print(f"| {layout} | {attn} | {tokens} | {seconds:.3f} | {1e6 * seconds / tokens:.1f} |")
+    print("| layout:attention[:sdpa kernel] | row tokens | s/step | ms per 1k row tokens |\n|---|---|---|---|")
+    for name, tokens, seconds in summary:
+        print(f"| {name} | {tokens} | {seconds:.3f} | {1e6 * seconds / tokens:.1f} |")
 
 
 if __name__ == "__main__":

@@ -398,7 +398,7 @@ def main() -> None:
     p.add_argument("--long-prompt", type=int, default=160, help="words per prompt, long dataset")
     p.add_argument("--completion", type=int, default=48, help="words per completion")
     p.add_argument("--layout", default="packed", choices=["packed", "shared", "concatenated"])
-    p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flex_attention", "eager"],
+    p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "sdpa_causal", "flex_attention", "eager"],
                    help="lora-dpo's attention kernel, as model.attn_implementation (TRL runs sdpa, its default)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32"],
                    help="fp32: both trainers compute in fp32 on a GPU too (the losses must then agree as on a CPU)")
@@ -457,7 +457,7 @@ def attention(a) -> str:
     """The kernel lora-dpo trains with here (--attn auto resolved as lora-dpo resolves it)."""
     import torch
 
-    from lora_dpo.model import resolve_attention
+    from lora_dpo.attention import resolve_attention
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return resolve_attention(a.attn, device, a.layout)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_dpo import blockmask
+from lora_dpo import attention, blockmask
 from lora_dpo.data import Pair
 
 LAYOUTS = ("packed", "shared", "concatenated")
@@ -78,6 +78,7 @@ class SharedBatch:
     label: torch.Tensor
     seq: torch.Tensor
     indices: list[int]
+    seq_len: int                # the longest prompt + completion (a pair's chosen or rejected sequence)
 
     @property
     def num_pairs(self) -> int:
@@ -118,7 +119,13 @@ class SharedBatch:
 
     def _model_inputs(self, attn_implementation: str, dtype: torch.dtype) -> dict:
         inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids}
-        if attn_implementation == "flex_attention":
+        if attn_implementation == attention.SDPA_CAUSAL:  # no mask: a gather plan (lora_dpo/attention.py)
+            R = self.input_ids.shape[0]
+            inputs["attention_mask"] = torch.ones(R, 1, 0, 0, dtype=torch.bool, device=self.slot.device)  # unused;
+            # a 4-D mask keeps transformers from building one of its own from the restarting positions
+            inputs[attention.PLAN_KWARG] = attention.split_plan(self.slot, self.part, self.position_ids,
+                                                                self.num_pairs, self.seq_len)
+        elif attn_implementation == "flex_attention":
             inputs["attention_mask"] = self._block_mask()
         elif attn_implementation == "eager":  # eager adds the mask to the scores
             allowed = self.dense_mask()  # (R, 1, T, T)
@@ -225,7 +232,8 @@ def collate_shared(pairs: list[Pair], pad_token_id: int, pack: bool = True) -> S
                 seq.append(torch.full((length - skip,), out) if length > skip else lab[:0])
             o += n
     t = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)  # noqa: E731
-    return SharedBatch(ids, pos, slot, part, t(rows), t(pred), t(label), t(seq), [p.index for p in pairs])
+    return SharedBatch(ids, pos, slot, part, t(rows), t(pred), t(label), t(seq), [p.index for p in pairs],
+                       max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs))
 
 
 def build(pairs: list[Pair], pad_token_id: int, layout: str = "packed") -> Batch | SharedBatch:

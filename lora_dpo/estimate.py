@@ -23,6 +23,10 @@ activations  What autograd saves in the policy forward, per token per layer (the
                ones always pass a 4-D mask) transformers repeats k/v to A, and each layer's SDPA saves its own
                float copy of the boolean mask, rows·T²·b; eager attention saves q, k, v and the fp32 softmax
                (+ its 16-bit cast) rows·heads·T²·(4 [+ b]); flex_attention (block mask) has no T² term;
+               sdpa_causal has no mask: its sdpa saves q, k, v (k, v repeated to A: the larger case; Ampere+ GPUs
+               in 16 bit keep K) and the output over the pairs' gathered sequences, 2·batch × max_length tokens,
+               b·4·A + 4·heads each, plus the output merged back into the rows (o_proj's input) if o_proj is
+               targeted; the batch keeps two int64 gather indices (8 bytes per sequence and per row token);
                MLP input b·H (if gate/up targeted), gate, up and act(gate) 3·b·I, their product b·I (if down
                targeted); LoRA A's output b·r per targeted Linear; qwen3/gemma3 q/k norms 4·(A + K + heads + kv).
              tests/test_estimate.py checks this against the tensors autograd really saves (fp32, CPU, 4-bit and
@@ -219,8 +223,9 @@ def adapter_bytes(arch: Arch, r: int, target_modules, optim: str) -> int:
 
 
 def layer_activation_bytes(arch: Arch, rows: int, T: int, targets: list[str], r: int, b: int, *,
-                           masked: bool, eager: bool = False) -> int:
-    """Bytes autograd saves in one decoder layer's forward (see the module docstring)."""
+                           masked: bool, eager: bool = False, split: tuple[int, int] | None = None) -> int:
+    """Bytes autograd saves in one decoder layer's forward (see the module docstring). split: sdpa_causal's
+    (sequences, their length) when attention runs on the pairs' gathered sequences."""
     H, F, nh, nkv = arch.hidden, arch.intermediate, arch.heads, arch.kv_heads
     A, K = nh * arch.head_dim, nkv * arch.head_dim
     t = set(targets)
@@ -231,7 +236,11 @@ def layer_activation_bytes(arch: Arch, rows: int, T: int, targets: list[str], r:
         per_tok += b * H
     kv = 2 * A if masked or eager else 2 * K  # with a mask transformers repeats k/v to every head
     square = 0
-    if eager:
+    split_bytes = 0
+    if split:  # sdpa_causal: q, k, v (repeated), output and logsumexp over the gathered sequences
+        split_bytes = split[0] * split[1] * (b * 4 * A + 4 * nh)
+        per_tok += b * A if "o_proj" in t else 0  # the output merged back into the rows
+    elif eager:
         per_tok += b * (A + kv) + (b * A if "o_proj" in t else 0)  # q, k, v; o_proj's input is a fresh copy
         square = rows * nh * T * T * (4 if b == 4 else 4 + b)      # fp32 softmax (+ its 16-bit cast)
     else:
@@ -240,7 +249,7 @@ def layer_activation_bytes(arch: Arch, rows: int, T: int, targets: list[str], r:
     if t & {"gate_proj", "up_proj"}:
         per_tok += b * H
     per_tok += b * F * (4 if "down_proj" in t else 3) + b * r * len(t)
-    return rows * T * per_tok + square
+    return rows * T * per_tok + square + split_bytes
 
 
 def shapes(layout: str, batch: int, max_length: int, prompt: int) -> tuple[int, int, int]:
@@ -311,7 +320,7 @@ def _auto_attention(layout: str) -> str:
     prefix-shared); sdpa when planning for a GPU not here (its dense mask is the larger of the two)."""
     import torch
 
-    from lora_dpo.model import resolve_attention
+    from lora_dpo.attention import resolve_attention
 
     if not torch.cuda.is_available():
         return "sdpa"
@@ -332,15 +341,21 @@ def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str,
     attn = recipe.model.attn_implementation
     if attn == "auto":
         attn = _auto_attention(layout)
-    layer = layer_activation_bytes(arch, rows, T, targets, lora.r, b, masked=attn != "flex_attention",
-                                   eager=attn == "eager")
+    split = None  # sdpa_causal on prefix-shared rows: the pairs' 2·batch sequences of up to max_length tokens
+    if attn == "sdpa_causal" and layout == "prefix-shared":
+        split = shapes("concatenated", batch, max_length, prompt)[:2]
+    layer = layer_activation_bytes(arch, rows, T, targets, lora.r, b, masked=attn != "flex_attention" and not split,
+                                   eager=attn == "eager", split=split)
     residual = rows * T * arch.hidden * b
     # a checkpointed layer keeps only its input. The first layer's input norm saves nothing (frozen embeddings need
     # no gradient) and the final norm saves as much, so with the first layer kept whole they cancel out
     saved = (arch.layers - ckpt_layers) * layer
     if ckpt_layers:
         saved += ckpt_layers * residual + rows * T * (4 * arch.hidden + 4)
-    saved += rows * T * T if attn != "flex_attention" else 0  # the boolean mask, built once (padding / 4-D)
+    if split:  # the gather indices, int64
+        saved += 8 * (split[0] * split[1] + rows * T)
+    elif attn != "flex_attention":  # the boolean mask, built once (padding / 4-D)
+        saved += rows * T * T
     transient = layer * (2 if ckpt_layers else 1)  # recomputed layer (checkpointing) + its gradients
     if base != dtype:  # a quantized Linear is dequantized to 16 bit for its matmul, forward and backward
         transient += max(i * o for i, o in arch.linears().values()) * b

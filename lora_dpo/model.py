@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from lora_dpo import attention
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig, checkpointed_layers
 
@@ -246,32 +247,10 @@ def quantization_config(q: QuantizationConfig, compute_dtype: torch.dtype):
     return None
 
 
-def resolve_attention(name: str, device: torch.device, layout: str | None = None) -> str:
-    """model.attn_implementation → the kernel loaded. 'auto' is flex_attention for training in the prefix-shared
-    layouts (shared, packed) on a CUDA GPU of compute capability 8.0+ (Ampere, Hopper, …): its block mask skips the
-    masked blocks that sdpa's dense 4-D mask sends through the slower masked kernel — 2.3× the pairs/s of sdpa on an
-    H200, 8B model, long prompts (benchmarks/RESULTS.md). sdpa everywhere else: CPU (no FlexAttention backward),
-    older GPUs, machines without Triton (flex's compiler), TRL's concatenated layout (2-D padding masks), and
-    loading for evaluation or export (layout None)."""
-    if name != "auto":
-        return name
-    if (layout in ("shared", "packed") and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-            and _flex_compiles()):
-        return "flex_attention"
-    return "sdpa"
-
-
-def _flex_compiles() -> bool:
-    """FlexAttention exists in this torch and its kernels can be compiled: torch.compile generates them with Triton,
-    which torch's Linux CUDA wheels bring and Windows installs lack."""
-    return (importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
-            and importlib.util.find_spec("triton") is not None)
-
-
 def load_base(cfg: ModelConfig, q: QuantizationConfig, dtype: torch.dtype, device: torch.device,
               layout: str | None = None):
     """The (quantized) base model, frozen, in eval-free train mode; no adapter yet. `layout`: the training layout,
-    which model.attn_implementation 'auto' follows (resolve_attention)."""
+    which model.attn_implementation 'auto' follows (attention.resolve_attention)."""
     from transformers import AutoModelForCausalLM
 
     _drop_kernels_hub_notice()
@@ -281,7 +260,8 @@ def load_base(cfg: ModelConfig, q: QuantizationConfig, dtype: torch.dtype, devic
     if qc is not None:
         kwargs["quantization_config"] = qc
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    attn = resolve_attention(cfg.attn_implementation, device, layout)
+    attn = attention.resolve_attention(cfg.attn_implementation, device, layout)
+    attention.register(attn)
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn, **kwargs)
@@ -300,35 +280,11 @@ def load_base(cfg: ModelConfig, q: QuantizationConfig, dtype: torch.dtype, devic
         model.to(device)
     _keep_cpu_4bit_differentiable(model)
     if attn == "flex_attention":
-        _compile_flex_for_any_length()
+        attention.compile_flex_for_any_length()
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-FLEX_RECOMPILE_LIMIT = 64
-
-
-def _compile_flex_for_any_length() -> None:
-    """FlexAttention runs as a torch.compile'd kernel. Compiled for the first batch's exact length, it is compiled
-    again for the second batch's length (now for any length) and once more past some sizes: each a pause of
-    seconds to a minute, mid-training, since lengths vary from batch to batch. Compiled for symbolic lengths from the
-    start, it compiles once (tests/test_layouts.py counts).
-
-    It is still compiled once per state it runs in: grad on (policy) or off (reference, eval), under an autocast or
-    not (lora-dpo's own passes all run under the training autocast; a caller's may not), for several rows and for
-    one, … — easily past torch's default limit of 8, after which torch silently runs flex_attention *uncompiled*,
-    materialising every (query, key) score: slow, and enough memory to run out of it. The limit is raised for that
-    (tests/test_attention.py). Both settings are process-wide; lora-dpo compiles nothing else."""
-    import torch._dynamo
-
-    cfg = torch._dynamo.config
-    cfg.assume_static_by_default = False
-    if hasattr(cfg, "recompile_limit"):
-        cfg.recompile_limit = max(cfg.recompile_limit, FLEX_RECOMPILE_LIMIT)
-    else:  # its name before torch 2.6
-        cfg.cache_size_limit = max(cfg.cache_size_limit, FLEX_RECOMPILE_LIMIT)
 
 
 def _keep_cpu_4bit_differentiable(model) -> None:
@@ -388,22 +344,6 @@ def load(model_cfg: ModelConfig, q: QuantizationConfig, lora: LoraConfig, *, dty
     tokenizer = load_tokenizer(model_cfg)
     base = load_base(model_cfg, q, dtype, device)
     return attach_lora(base, lora, seed=seed, gradient_checkpointing=gradient_checkpointing), tokenizer
-
-
-@contextlib.contextmanager
-def sdpa_for_generation(model):
-    """Token-by-token decoding on sdpa: a flex_attention model would build a block mask and run its compiled kernel
-    for every new token. The same weights; the kernel is switched back afterwards."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    attn = lm.config._attn_implementation
-    if attn != "flex_attention" or not hasattr(lm, "set_attn_implementation"):
-        yield
-        return
-    lm.set_attn_implementation("sdpa")
-    try:
-        yield
-    finally:
-        lm.set_attn_implementation(attn)
 
 
 @contextlib.contextmanager

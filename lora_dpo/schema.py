@@ -38,8 +38,10 @@ class ModelConfig:
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) when name_or_path is a hub id.")
     tokenizer: str | None = _f(None, "Tokenizer source if it differs from the model's.")
     trust_remote_code: bool = _f(False, "Run model code shipped with a hub model. Off unless asked; announced when on.")
-    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = _f(
-        "auto", "Attention kernel; all three take the prefix-shared layouts' 4-D mask (flex as a block mask). auto = "
+    attn_implementation: Literal["auto", "sdpa", "sdpa_causal", "eager", "flex_attention"] = _f(
+        "auto", "Attention kernel. sdpa and eager take the prefix-shared layouts' dense 4-D mask, flex_attention a "
+        "block mask that skips the masked blocks; sdpa_causal (lora-dpo's) needs no mask: it runs each pair's prompt + "
+        "chosen and prompt + rejected sequences as plain causal sdpa, gathered from the rows in every layer. auto = "
         "flex_attention when training on a CUDA GPU of compute capability 8.0+ (Ampere or newer) with Triton, in the "
         "shared or packed layout (2.3× sdpa's speed on an H200, benchmarks/RESULTS.md), sdpa otherwise (CPU, older "
         "GPUs, evaluation and export). Generation always decodes on sdpa.")

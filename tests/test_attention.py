@@ -1,4 +1,4 @@
-"""model.attn_implementation 'auto' and the kernel generation decodes on."""
+"""model.attn_implementation: 'auto', the kernel generation decodes on, and lora-dpo's own sdpa_causal."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import trained_lora
 
+from lora_dpo import attention as A
 from lora_dpo import generation
 from lora_dpo import model as M
 from lora_dpo.recipe import ModelConfig, QuantizationConfig
@@ -21,8 +22,8 @@ CUDA = torch.device("cuda", 0)
 ])
 def test_auto_on_a_gpu(monkeypatch, capability, layout, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(M, "_flex_compiles", lambda: True)
-    assert M.resolve_attention("auto", CUDA, layout) == expected
+    monkeypatch.setattr(A, "_flex_compiles", lambda: True)
+    assert A.resolve_attention("auto", CUDA, layout) == expected
 
 
 def test_auto_needs_triton_for_flex(monkeypatch):
@@ -31,14 +32,14 @@ def test_auto_needs_triton_for_flex(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
-    assert M.resolve_attention("auto", CUDA, "packed") == "sdpa"  # e.g. Windows: torch without Triton
+    assert A.resolve_attention("auto", CUDA, "packed") == "sdpa"  # e.g. Windows: torch without Triton
 
 
 def test_auto_on_cpu_and_explicit_choices():
     cpu = torch.device("cpu")
-    assert M.resolve_attention("auto", cpu, "packed") == "sdpa"
-    for name in ("sdpa", "eager", "flex_attention"):
-        assert M.resolve_attention(name, cpu, "packed") == name
+    assert A.resolve_attention("auto", cpu, "packed") == "sdpa"
+    for name in ("sdpa", "sdpa_causal", "eager", "flex_attention"):
+        assert A.resolve_attention(name, cpu, "packed") == name
 
 
 def test_auto_loads_sdpa_on_cpu(tiny_model_dir):
@@ -70,7 +71,7 @@ def test_generation_decodes_on_sdpa_and_switches_back(tiny_model_dir, tokenizer)
 def test_auto_falls_back_to_sdpa_where_the_architecture_has_no_flex(tiny_model_dir, monkeypatch):
     from transformers import LlamaForCausalLM
 
-    monkeypatch.setattr(M, "resolve_attention", lambda name, device, layout=None: "flex_attention")
+    monkeypatch.setattr(A, "resolve_attention", lambda name, device, layout=None: "flex_attention")
     monkeypatch.setattr(LlamaForCausalLM, "_supports_flex_attn", False)
     base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(), torch.float32,
                        torch.device("cpu"), "packed")
@@ -94,7 +95,7 @@ def test_estimate_plans_for_the_kernel_auto_picks(monkeypatch, gpu, layout, expe
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu is not None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu)
-    monkeypatch.setattr(M, "_flex_compiles", lambda: True)
+    monkeypatch.setattr(A, "_flex_compiles", lambda: True)
     d = {"model": {"name_or_path": "meta-llama/Llama-3.1-8B-Instruct"}, "output": {"dir": "run"},
          "data": {"train": "t.jsonl", "max_length": 1024, "max_prompt_length": 512}}
     recipe = recipe_from_dict(d)
@@ -148,3 +149,89 @@ def test_flex_stays_compiled_across_the_states_a_run_uses(tiny_model_dir, monkey
         torch.use_deterministic_algorithms(deterministic)
         torch._dynamo.reset()
     assert not [w for w in caught if "without torch.compile" in str(w.message)]
+
+
+# ---------------------------------------------------------------- sdpa_causal
+
+
+def test_split_plan_gathers_each_pairs_two_sequences():
+    """The plan's sequences are exactly prompt + chosen and prompt + rejected, and merging them back gives every
+    row token its own sequence's output: checked on token ids, packed rows and one pair per row, an empty prompt."""
+    from lora_dpo.batching import PAD, build
+    from lora_dpo.data import Pair
+    from tests.test_layouts import PAIRS
+
+    pairs = PAIRS + [Pair([], [40, 41], [42, 43, 44], 5)]
+    for layout in ("packed", "shared"):
+        b = build(pairs, 2, layout)
+        plan = A.split_plan(b.slot, b.part, b.position_ids, b.num_pairs, b.seq_len)
+        S, L = plan["shape"]
+        assert (S, L) == (2 * len(pairs), max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
+                                             for p in pairs))
+        seqs = b.input_ids.reshape(-1)[plan["gather"]].view(S, L)
+        for k, p in enumerate(pairs):
+            for s, completion in ((k, p.chosen_ids), (len(pairs) + k, p.rejected_ids)):
+                n = len(p.prompt_ids) + len(completion)
+                assert seqs[s, :n].tolist() == p.prompt_ids + completion
+        merged = seqs.reshape(-1)[plan["merge"]].view(b.input_ids.shape)
+        real = b.slot != PAD
+        assert torch.equal(merged[real], b.input_ids[real])
+
+
+def test_sdpa_causal_runs_plain_causal_sdpa_and_builds_no_mask(tiny_model_dir, monkeypatch):
+    from lora_dpo.batching import SharedBatch, build
+    from lora_dpo.logps import batch_logps
+    from tests.test_layouts import PAIRS
+
+    m = trained_lora(tiny_model_dir, "sdpa_causal")
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((tuple(q.shape), attn_mask, kw.get("is_causal")))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(SharedBatch, "dense_mask", lambda self: pytest.fail("sdpa_causal built a dense mask"))
+    batch = build(PAIRS, 2, "packed")
+    with torch.no_grad():
+        batch_logps(m, batch)
+    layers = m.get_base_model().config.num_hidden_layers
+    heads = m.get_base_model().config.num_attention_heads
+    assert len(calls) == layers
+    assert all(shape[:3] == (2 * len(PAIRS), heads, batch.seq_len) and mask is None and causal
+               for shape, mask, causal in calls)
+
+
+def test_sdpa_causal_native_gqa_equals_repeated_heads(tiny_model_dir, monkeypatch):
+    """On Ampere+ GPUs in 16 bit sdpa gets enable_gqa; elsewhere keys and values are repeated per head. Both give the
+    same log-probs (the tiny model has 4 heads over 2 key/value heads)."""
+    from lora_dpo.batching import build
+    from lora_dpo.logps import batch_logps
+    from tests.test_layouts import PAIRS
+
+    m = trained_lora(tiny_model_dir, "sdpa_causal")
+    with torch.no_grad():
+        repeated, _ = batch_logps(m, build(PAIRS, 2, "packed"))
+        monkeypatch.setattr(A, "_native_gqa", lambda query: True)
+        native, _ = batch_logps(m, build(PAIRS, 2, "packed"))
+    assert torch.allclose(native, repeated, atol=1e-5, rtol=0)
+
+
+def test_sdpa_causal_generates_as_sdpa(tiny_model_dir, tokenizer):
+    """Without a gather plan (generation, 2-D masks) sdpa_causal is transformers' sdpa, masks included."""
+    prompts = [tokenizer("Name a colour.")["input_ids"], tokenizer("Hi")["input_ids"]]  # left-padded together
+    got = generation.generate(trained_lora(tiny_model_dir, "sdpa_causal"), tokenizer, prompts, max_new_tokens=6)
+    assert got == generation.generate(trained_lora(tiny_model_dir), tokenizer, prompts, max_new_tokens=6)
+
+
+@pytest.mark.parametrize("extra, needle", [({"sliding_window": 3}, "3-token sliding window to 4-token sequences"),
+                                           ({"softcap": 30.0}, "softcapping or sink tokens.*use flex_attention")])
+def test_sdpa_causal_refuses_what_plain_causal_sdpa_cannot_do(extra, needle):
+    from lora_dpo.errors import LoraDpoError
+
+    q = torch.zeros(1, 2, 4, 8)
+    plan = {"gather": torch.arange(4), "merge": torch.arange(4), "shape": (1, 4)}
+    assert A.sdpa_causal_forward(torch.nn.Module(), q, q, q, None, lora_dpo_split=plan)[0].shape == (1, 4, 2, 8)
+    with pytest.raises(LoraDpoError, match=f"model.attn_implementation: sdpa_causal .*{needle}"):
+        A.sdpa_causal_forward(torch.nn.Module(), q, q, q, None, lora_dpo_split=plan, **extra)

@@ -103,7 +103,7 @@ def test_4bit_weight_bytes_match_bitsandbytes(tmp_path, double_quant):
 
 # ---------------------------------------------------------------- activations: formula vs autograd's saved tensors
 
-def _saved_bytes(model, input_ids, attention_mask) -> int:
+def _saved_bytes(model, input_ids, attention_mask, **inputs) -> int:
     """Bytes of the tensors autograd saves in the decoder forward, each storage once, parameters excluded."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
@@ -115,7 +115,7 @@ def _saved_bytes(model, input_ids, attention_mask) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.get_base_model().model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        model.get_base_model().model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs)
     return sum(seen.values())
 
 
@@ -154,6 +154,70 @@ def test_activation_formula_equals_what_autograd_saves(tmp_path, model_type, tar
     predicted = arch.layers * layer_activation_bytes(arch, rows, T, arch.lora_targets(targets), 8, 4, masked=padded)
     # the formula leaves out RoPE's cos/sin (2·T·head_dim·4 bytes, shared by all layers)
     assert abs(predicted - measured) / measured < 0.01, (predicted, measured)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]])
+def test_sdpa_causal_formula_equals_what_autograd_saves(tmp_path, targets):
+    """sdpa_causal saves its attention tensors over the pairs' gathered sequences, not the rows; the formula with
+    split=(sequences, length) must predict the bytes, the batch's two gather indices included."""
+    import random
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lora_dpo import attention
+    from lora_dpo.batching import build
+    from lora_dpo.data import Pair
+
+    config = tiny_config("llama", hidden_size=96, intermediate_size=352, num_hidden_layers=3, head_dim=24)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    attention.register("sdpa_causal")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="sdpa_causal")
+    for p in base.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(base, LoraConfig(r=8, target_modules=targets, task_type="CAUSAL_LM"))
+    r = random.Random(0)
+    ids = lambda n: [r.randrange(5, config.vocab_size) for _ in range(n)]  # noqa: E731
+    batch = build([Pair(ids(20), ids(9), ids(12), 0), Pair(ids(7), ids(15), ids(4), 1),
+                   Pair(ids(11), ids(6), ids(6), 2)], 0, "shared")
+    inputs = batch.model_inputs("sdpa_causal", torch.float32)
+    measured = _saved_bytes(model, **inputs)
+    arch = Arch.from_config(config)
+    (rows, T), split = batch.input_ids.shape, (2 * batch.num_pairs, batch.seq_len)
+    predicted = arch.layers * layer_activation_bytes(arch, rows, T, arch.lora_targets(targets), 8, 4, masked=False,
+                                                     split=split) + 8 * (split[0] * split[1] + rows * T)
+    assert abs(predicted - measured) / measured < 0.01, (predicted, measured)
+
+
+def test_planner_counts_sdpa_causal_on_the_gathered_sequences_and_as_sdpa_elsewhere(monkeypatch):
+    """Prefix-shared rows: no T² mask, the attention tensors over 2·batch sequences of max_length (the formula tested
+    above) plus the two gather indices; the concatenated layout has no gather plan, so sdpa_causal is sdpa there."""
+    from lora_dpo import estimate
+
+    calls = []
+    formula = estimate.layer_activation_bytes
+    monkeypatch.setattr(estimate, "layer_activation_bytes",
+                        lambda *a, **kw: calls.append((a[2], kw)) or formula(*a, **kw))
+
+    def est(attn, layout):
+        raw = {"model": {"name_or_path": "org/model", "attn_implementation": attn},
+               "data": {"train": "t.jsonl", "max_length": 4096, "max_prompt_length": 2048},
+               "train": {"per_device_train_batch_size": 2, "gradient_checkpointing": False},
+               "output": {"dir": "runs/x"}}
+        calls.clear()
+        e = estimate_for(recipe_from_dict(raw), 80 << 30, layout=layout, reference="live", arch=DEMO_LIKE)
+        return e, calls[0]  # the recipe itself (the search for the largest batch and length follows)
+
+    (plain, (_, kw_plain)), (causal, (_, kw_causal)) = est("sdpa", "concatenated"), est("sdpa_causal", "concatenated")
+    assert causal.activations == plain.activations and kw_causal == kw_plain and kw_plain["masked"]
+    (sdpa, (T, kw_sdpa)), (causal, (_, kw)) = est("sdpa", "prefix-shared"), est("sdpa_causal", "prefix-shared")
+    assert kw_sdpa["split"] is None and kw == {"masked": False, "eager": False, "split": (4, 4096)}
+    rows = 2
+    layer = lambda **k: formula(DEMO_LIKE, rows, T, DEMO_LIKE.lora_targets("all-linear"), 16, 2, **k)  # noqa: E731
+    # no checkpointing: every layer saves, one more is the transient (the live reference pass's no-grad layer);
+    # the boolean mask goes, the gather indices come
+    per_layer = (DEMO_LIKE.layers + 1) * (layer(**kw) - layer(**kw_sdpa))
+    assert causal.activations - sdpa.activations == per_layer + 8 * (4 * 4096 + rows * T) - rows * T * T
 
 
 # ---------------------------------------------------------------- the planner

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lora_dpo import attention as A
 from lora_dpo import model as M
 from lora_dpo import offload, train
 from lora_dpo.batching import build, collate
@@ -46,14 +47,14 @@ def test_gpu_auto_attention_run(recipe_dict, capsys):
     trains and generates on it; twin: test_attention's resolution tests with faked GPUs."""
     recipe_dict["train"].update(max_steps=2, device="cuda")
     recipe_dict.setdefault("evaluation", {})["generations"] = 2
-    expected = M.resolve_attention("auto", torch.device("cuda"), "packed")
-    assert expected == ("flex_attention" if torch.cuda.get_device_capability() >= (8, 0) and M._flex_compiles()
+    expected = A.resolve_attention("auto", torch.device("cuda"), "packed")
+    assert expected == ("flex_attention" if torch.cuda.get_device_capability() >= (8, 0) and A._flex_compiles()
                         else "sdpa")
     _run_and_check(recipe_dict)
     assert f"\nattention: {expected} (auto)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+@pytest.mark.parametrize("attn", ["sdpa", "sdpa_causal", "flex_attention"])
 def test_gpu_prefix_sharing_equals_plain(tiny_model_dir, attn):
     """Packed prefix sharing vs the plain concatenated forward on a CUDA 4-bit base in bf16, values and LoRA
     gradients, within the documented bf16 tolerance (2e-2 absolute on summed log-probs); twin:

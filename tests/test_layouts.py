@@ -2,8 +2,8 @@
 
 Prefix sharing (one [prompt | chosen | rejected] segment per pair, 4-D mask, restarted positions) and packing
 (several pairs per row, block-diagonal mask) change the work done, never the maths: checked for the policy and
-the reference (adapter off), values and LoRA gradients, with gradient checkpointing on and off, for the sdpa and
-eager attention kernels, on a 4-bit base.
+the reference (adapter off), values and LoRA gradients, with gradient checkpointing on and off, for the sdpa,
+sdpa_causal (no mask: each pair's two sequences gathered, lora_dpo/attention.py) and eager kernels, on a 4-bit base.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ PAIRS = [Pair([1, 2, 3, 4, 5], [6, 7, 8], [9, 10], 0), Pair([11, 12], [13, 14, 1
          Pair([33, 34], [35], [36], 4)]
 
 
-@pytest.fixture(scope="module", params=["sdpa", "eager"])
+@pytest.fixture(scope="module", params=["sdpa", "sdpa_causal", "eager"])
 def model(request, tiny_model_dir):
     return trained_lora(tiny_model_dir, request.param)
 
@@ -66,10 +66,11 @@ def test_shared_layouts_equal_plain_reference(model, layout):
     assert not torch.allclose(policy_on, policy_off, atol=1e-3)  # the adapter matters: the check can fail
 
 
-def test_bf16_within_documented_tolerance(tiny_model_dir):
+@pytest.mark.parametrize("attn", ["sdpa", "sdpa_causal"])
+def test_bf16_within_documented_tolerance(tiny_model_dir, attn):
     """bf16 rounds differently when the prompt's keys are shared vs recomputed; the documented tolerance is 2e-2
     absolute on summed log-probs of ~1-5 tokens (bf16 has 8 mantissa bits: ~4e-3 relative per operation)."""
-    m = trained_lora(tiny_model_dir, "sdpa", torch.bfloat16)
+    m = trained_lora(tiny_model_dir, attn, torch.bfloat16)
     with torch.no_grad():
         want, _ = plain_batch_logps(m, collate(PAIRS, 2))
         got, _ = batch_logps(m, build(PAIRS, 2, "packed"))
@@ -110,13 +111,15 @@ def test_empty_prompt_matches_concatenated(model):
 
 
 def test_policy_and_reference_passes_share_one_mask(model, monkeypatch):
+    from lora_dpo import attention
     from lora_dpo.batching import SharedBatch
     from lora_dpo.objective import dpo_forward
     from lora_dpo.recipe import DpoConfig
 
     built = []
-    dense = SharedBatch.dense_mask
+    dense, plan = SharedBatch.dense_mask, attention.split_plan
     monkeypatch.setattr(SharedBatch, "dense_mask", lambda self: built.append(1) or dense(self))
+    monkeypatch.setattr(attention, "split_plan", lambda *a: built.append(1) or plan(*a))  # sdpa_causal's
     batch = build(PAIRS, 2, "packed")
     loss, _ = dpo_forward(model, batch, DpoConfig())  # policy pass, then the reference pass (adapter off)
     assert len(built) == 1 and torch.isfinite(loss)

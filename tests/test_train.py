@@ -233,6 +233,26 @@ def test_gradient_checkpointing_run_matches_plain_run(recipe_dict, tmp_path, cap
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
 
 
+def test_sdpa_causal_run_matches_sdpa_run(recipe_dict, tmp_path, capsys):
+    """A whole run on sdpa_causal (step-0 check, training with checkpointing, held-out eval, generations) gives the
+    sdpa run's losses, gradient norms and eval metrics."""
+    recipe_dict["train"].update(max_steps=2, eval_steps=2, gradient_checkpointing=True)
+    recipe_dict.setdefault("evaluation", {})["generations"] = 1
+    runs = []
+    for attn in ("sdpa", "sdpa_causal"):
+        recipe_dict.setdefault("model", {})["attn_implementation"] = attn
+        recipe_dict["output"]["dir"] = str(tmp_path / attn)
+        capsys.readouterr()
+        runs.append(train(recipe_from_dict(recipe_dict)))
+        assert f"\nattention: {attn}\n" in capsys.readouterr().out
+    sdpa, causal = runs
+    assert abs(causal.step0_loss - math.log(2)) < 1e-4
+    for a, b in zip(sdpa.history, causal.history, strict=True):
+        for key in ("loss", "grad_norm", "eval/loss", "eval/rewards/margins"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+
+
 def test_auto_checkpoint_share_plans_against_the_gpu(tiny_model_dir, recipe_dict, monkeypatch):
     """train.gradient_checkpointing_layers auto on a GPU: the estimate's fewest layers (of the tiny model's 2) that
     fit with memory to spare, or all of them when nothing does; faked GPU sizes (the real one: test_gpu)."""

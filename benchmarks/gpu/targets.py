@@ -1,7 +1,7 @@
 """The speed-and-memory targets of the issue (the GPU ones, or the CPU ones for results from a CPU), checked against
 the GPU kit's results: reads the JSON files `run.sh` wrote (long.json, short.json, long-b16.json, long-sdpa.json,
-losses.json from vs_trl.py; memory.json, ckpt.json from memory.py) and prints one markdown line per target with the
-measured value and ✓ / ✗, or "not measured" where a stage did not run. Prints; asserts nothing.
+short-causal.json, losses.json from vs_trl.py; memory.json, ckpt.json from memory.py) and prints one markdown line
+per target with the measured value and ✓ / ✗, or "not measured" where a stage did not run. Prints; asserts nothing.
 
     python3 benchmarks/gpu/targets.py "$OUT"
 """
@@ -123,7 +123,8 @@ def main() -> None:
     lines = ["| target | measured | met |", "|---|---|---|"]
     for name, file, label in (("long", "long.json", "long prompts"), ("short", "short.json", "short prompts"),
                               ("long", "long-b16.json", "long prompts, 16 pairs per step"),
-                              ("long", "long-sdpa.json", "long prompts, lora-dpo on sdpa")):
+                              ("long", "long-sdpa.json", "long prompts, lora-dpo on sdpa"),
+                              ("short", "short-causal.json", "short prompts, lora-dpo on sdpa_causal")):
         doc = _load(out / file)
         lines += vs_trl_lines(name, doc, label + (f" ({doc['meta']['attn']})" if doc and "sdpa" not in file else ""))
     for name in ("short", "long"):
