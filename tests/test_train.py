@@ -271,7 +271,7 @@ def test_auto_checkpoint_share_plans_against_the_gpu(tiny_model_dir, recipe_dict
                             lambda device, n=gib: SimpleNamespace(total_memory=int(n * 2**30)))
         got, why = _auto_checkpoint_share(recipe, base, torch.device("cuda"))
         assert got == share and said in why
-    monkeypatch.setattr("lora_dpo.estimate.FAMILIES", {})  # a family the planner does not model
+    monkeypatch.setattr("lora_dpo.memory_model.FAMILIES", {})  # a family the planner does not model
     got, why = _auto_checkpoint_share(recipe, base, torch.device("cuda"))
     assert got == 1.0 and "auto: all, since estimate models the" in why and "'llama' is not one of them" in why
 
