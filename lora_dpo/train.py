@@ -23,13 +23,12 @@ import torch
 
 from lora_dpo import batching, checkpoints, data, distributed, losses, offload, refcache, tracking
 from lora_dpo import model as model_lib
-from lora_dpo.batching import Batch
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.evaluate import evaluate_pairs, print_before_after, snapshot, snapshots_json
 from lora_dpo.logps import causal_lm
-from lora_dpo.objective import MetricMeter, dpo_forward
+from lora_dpo.objective import MetricMeter, dpo_forward, step0_check
 from lora_dpo.optim import make_optimizer, make_scheduler, total_steps  # noqa: F401 (public here too)
-from lora_dpo.recipe import DpoConfig, Recipe
+from lora_dpo.recipe import Recipe
 from lora_dpo.report import write_report
 
 RUN_FILES = ("recipe.yaml", "metrics.jsonl", "adapter", "checkpoints", "data_report.json", "data_report.txt",
@@ -85,50 +84,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def step0_tolerance(dtype: torch.dtype, beta: float, tokens: int) -> float:
-    """How far the step-0 loss and margins may stray from their exact values. In fp32, 1e-4. In bf16/fp16 the policy
-    and reference passes do not round alike (the adapter branch, kernels picked per shape): each token's log-prob
-    carries an error of about the dtype's epsilon, and a sequence's sum of n of them grows like √n, so β·√n·eps
-    (measured on an H200, 8B model, bf16, 2048-token completions: margins up to 1.5e-3; this gives 0.035). A
-    trained or perturbed adapter moves the margins by far more."""
-    if dtype == torch.float32 or dtype == torch.float64:
-        return 1e-4
-    return max(1e-4, beta * math.sqrt(max(tokens, 1)) * torch.finfo(dtype).eps)
-
-
-def step0_check(model, batch: Batch, cfg: DpoConfig, say=print, reference_logps: tuple | None = None,
-                dtype: torch.dtype = torch.float32) -> float | None:
-    """With a fresh adapter (B = 0) policy == reference, so the loss is the loss at zero margin (ln 2 for DPO),
-    within step0_tolerance of the compute dtype."""
-    if cfg.loss_type in losses.REFERENCE_FREE:
-        say(f"step-0 check: not applicable to the reference-free loss '{cfg.loss_type}'")
-        return None
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        loss, metrics = dpo_forward(model, batch, cfg, reference_logps)
-    model.train(was_training)
-    z = torch.zeros(1)
-    expected = float(losses.preference_loss(z, z, z, z, z + 1, z + 1, loss_type=cfg.loss_type, beta=cfg.beta,
-                                            label_smoothing=cfg.label_smoothing).losses[0])
-    margin = float(metrics["rewards/margins"].abs().max())
-    # the RPO term adds the chosen NLL, which is not zero at step 0
-    if cfg.rpo_alpha:
-        expected += float((cfg.rpo_alpha * -metrics["logps/chosen"]
-                           / batch.token_counts().chunk(2)[0].clamp(min=1)).mean())
-    name = "ln 2" if abs(expected - math.log(2)) < 1e-6 else f"{expected:.6f}"
-    if cfg.rpo_alpha and cfg.loss_type in ("sigmoid", "robust"):
-        name = f"ln 2 + RPO NLL {expected - math.log(2):.6f}"
-    tol = step0_tolerance(dtype, cfg.beta, int(batch.token_counts().max()))
-    if abs(float(loss) - expected) > tol or margin > tol:
-        raise LoraDpoError(f"step-0 check failed: loss {float(loss):.6f} ≠ {name}, max |margin| {margin:.2e} "
-                           f"(tolerance {tol:.1e}); the reference is not the policy with its adapter off (a model "
-                           "with dropout or a non-fresh adapter?)")
-    within = "" if tol <= 1e-4 else f" (within {tol:.1e}, {str(dtype).removeprefix('torch.')} rounding)"
-    say(f"step-0 check: loss {float(loss):.6f} = {name} ✓, margins 0 ✓{within}")
-    return float(loss)
 
 
 # ---------------------------------------------------------------- the run

@@ -119,7 +119,7 @@ def _inject(monkeypatch, bad_calls: set[int], exc: type[BaseException] | None = 
 def test_nonfinite_steps_are_skipped_with_a_warning(recipe_dict, tmp_path, monkeypatch, capsys):
     recipe_dict["data"].pop("eval")
     recipe_dict["train"].update(max_steps=5, logging_steps=1)
-    _inject(monkeypatch, {3, 4})  # training steps 2 and 3 (call 1 is the step-0 check)
+    _inject(monkeypatch, {2, 3})  # training steps 2 and 3 (the step-0 check runs its own forward)
     result = train(recipe_from_dict(recipe_dict))
     printed = capsys.readouterr().out
     assert "warning: step 2: non-finite loss or gradient" in printed and "step skipped (2/5)" in printed
@@ -132,7 +132,7 @@ def test_nonfinite_steps_are_skipped_with_a_warning(recipe_dict, tmp_path, monke
 def test_too_many_nonfinite_steps_stop_the_run_and_keep_the_checkpoint(recipe_dict, monkeypatch):
     recipe_dict["data"].pop("eval")
     recipe_dict["train"].update(max_steps=8, save_steps=2, max_nonfinite_steps=2)
-    _inject(monkeypatch, {4, 5})  # steps 3 and 4
+    _inject(monkeypatch, {3, 4})  # steps 3 and 4
     with pytest.raises(LoraDpoError, match=r"stopped at step 4: 2 steps .*learning_rate too high.*"
                                            r"checkpoint .*step-00000002 is intact"):
         train(recipe_from_dict(recipe_dict))
@@ -142,7 +142,7 @@ def test_too_many_nonfinite_steps_stop_the_run_and_keep_the_checkpoint(recipe_di
 
 def test_out_of_memory_names_what_to_change(recipe_dict, monkeypatch):
     recipe_dict["data"].pop("eval")
-    _inject(monkeypatch, {2}, exc=torch.cuda.OutOfMemoryError)
+    _inject(monkeypatch, {1}, exc=torch.cuda.OutOfMemoryError)  # step 1
     with pytest.raises(LoraDpoError, match=r"out of GPU memory at step 1; try train.per_device_train_batch_size=2 "
                                            r"with train.gradient_accumulation_steps=2.*gradient_checkpointing=true"):
         train(recipe_from_dict(recipe_dict))

@@ -341,7 +341,7 @@ def test_gpu_bf16_paged_adamw_run(recipe_dict):
 
 
 def test_step0_tolerance_follows_the_dtype():
-    from lora_dpo.train import step0_tolerance
+    from lora_dpo.objective import step0_tolerance
 
     assert step0_tolerance(torch.float32, 0.1, 2048) == 1e-4
     bf16 = step0_tolerance(torch.bfloat16, 0.1, 2048)
@@ -357,8 +357,8 @@ def test_step0_check_passes_a_fresh_adapter_and_fails_a_trained_one(tiny_model_d
     from lora_dpo.batching import build
     from lora_dpo.data import Pair
     from lora_dpo.errors import LoraDpoError
+    from lora_dpo.objective import step0_check
     from lora_dpo.recipe import DpoConfig, LoraConfig, ModelConfig, QuantizationConfig
-    from lora_dpo.train import step0_check
 
     base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(), torch.float32,
                        torch.device("cpu"))
