@@ -28,8 +28,9 @@ activations  What autograd saves in the policy forward, per token per layer (the
                in 16 bit keep K) and the output over the pairs' gathered sequences, 2·batch × max_length tokens,
                b·4·A + 4·heads each, plus the output merged back into the rows (o_proj's input) if o_proj is
                targeted; the batch keeps two int64 gather indices (8 bytes per sequence and per row token);
-               MLP input b·H (if gate/up targeted), gate, up and act(gate) 3·b·I, their product b·I (if down
-               targeted); LoRA A's output b·r per targeted Linear; qwen3/gemma3 q/k norms 4·(A + K + heads + kv).
+               MLP input b·H (if gate/up targeted), gate and up 2·b·I (act(gate) is recomputed in backward:
+               lora_dpo/mlp.py), their product b·I (if down targeted); LoRA A's output b·r per targeted Linear;
+               qwen3/gemma3 q/k norms 4·(A + K + heads + kv).
              tests/test_estimate.py checks this against the tensors autograd really saves (fp32, CPU, 4-bit and
              16-bit bases, with and without padding): equal to 0.3 % (RoPE's shared cos/sin are left out). On a GPU
              the same Python modules run; that the CUDA SDPA kernels save the same tensors is an assumption.
@@ -191,7 +192,7 @@ def layer_activation_bytes(arch: Arch, rows: int, T: int, targets: list[str], r:
         square = rows * T * T * b if masked else 0                  # this layer's float copy of the mask
     if t & {"gate_proj", "up_proj"}:
         per_tok += b * H
-    per_tok += b * F * (4 if "down_proj" in t else 3) + b * r * len(t)
+    per_tok += b * F * (3 if "down_proj" in t else 2) + b * r * len(t)  # gate, up (lora_dpo/mlp.py), product
     return rows * T * per_tok + square + split_bytes
 
 

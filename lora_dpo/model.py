@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lora_dpo import attention
+from lora_dpo import attention, mlp
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig, checkpointed_layers
 
@@ -279,6 +279,7 @@ def load_base(cfg: ModelConfig, q: QuantizationConfig, dtype: torch.dtype, devic
     if qc is None:
         model.to(device)
     _keep_cpu_4bit_differentiable(model)
+    mlp.lean_gated_mlps(model)
     if attn == "flex_attention":
         attention.compile_flex_for_any_length()
     model.config.use_cache = False

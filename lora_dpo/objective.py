@@ -17,10 +17,10 @@ from lora_dpo.recipe import DpoConfig
 
 
 def dpo_forward(model, batch: Batch, cfg: DpoConfig, reference_logps: tuple | None = None) -> tuple[torch.Tensor, dict]:
-    """Policy (adapter on) and reference (adapter off, no grad) log-probs → loss and metric tensors."""
-    policy, n_tokens = batch_logps(model, batch)                      # (2B,)
-    pc, pr = policy.chunk(2)
-    nc, nr = n_tokens.chunk(2)
+    """Reference (adapter off, no grad) and policy (adapter on) log-probs → loss and metric tensors.
+
+    The reference pass runs first: its activations are freed as it goes, so the policy pass's saved activations
+    (kept for backward) never share the peak with them."""
     if cfg.loss_type in losses.REFERENCE_FREE:
         rc = rr = None
     elif reference_logps is not None:
@@ -28,6 +28,9 @@ def dpo_forward(model, batch: Batch, cfg: DpoConfig, reference_logps: tuple | No
     else:
         with model_lib.reference_mode(model):
             rc, rr = batch_logps(model, batch)[0].chunk(2)
+    policy, n_tokens = batch_logps(model, batch)                      # (2B,)
+    pc, pr = policy.chunk(2)
+    nc, nr = n_tokens.chunk(2)
     out = losses.preference_loss(pc, pr, rc, rr, nc, nr, loss_type=cfg.loss_type, beta=cfg.beta,
                                  label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
                                  rpo_alpha=cfg.rpo_alpha)

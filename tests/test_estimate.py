@@ -131,6 +131,7 @@ def test_activation_formula_equals_what_autograd_saves(tmp_path, model_type, tar
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from lora_dpo.mlp import lean_gated_mlps
     from lora_dpo.model import _keep_cpu_4bit_differentiable
 
     config = tiny_config(model_type, hidden_size=96, intermediate_size=352, num_hidden_layers=3, head_dim=24)
@@ -141,6 +142,7 @@ def test_activation_formula_equals_what_autograd_saves(tmp_path, model_type, tar
                   device_map={"": "cpu"})
     base = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, **kw)
     _keep_cpu_4bit_differentiable(base)
+    assert lean_gated_mlps(base) == config.num_hidden_layers  # as lora-dpo loads models
     for p in base.parameters():
         p.requires_grad_(False)
     model = get_peft_model(base, LoraConfig(r=8, target_modules=targets, task_type="CAUSAL_LM"))
@@ -168,11 +170,13 @@ def test_sdpa_causal_formula_equals_what_autograd_saves(tmp_path, targets):
     from lora_dpo import attention
     from lora_dpo.batching import build
     from lora_dpo.data import Pair
+    from lora_dpo.mlp import lean_gated_mlps
 
     config = tiny_config("llama", hidden_size=96, intermediate_size=352, num_hidden_layers=3, head_dim=24)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     attention.register("sdpa_causal")
     base = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="sdpa_causal")
+    lean_gated_mlps(base)
     for p in base.parameters():
         p.requires_grad_(False)
     model = get_peft_model(base, LoraConfig(r=8, target_modules=targets, task_type="CAUSAL_LM"))

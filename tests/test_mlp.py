@@ -1,0 +1,78 @@
+"""lora_dpo/mlp.py: the gated MLP's product keeps gate and up for backward and recomputes act(gate) — the same
+values and gradients as the model's own forward, and one (tokens, intermediate) tensor less saved per layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_estimate import tiny_config
+
+from lora_dpo import mlp
+
+
+def _lora_model(model_type: str, lean: bool, seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(tiny_config(model_type, hidden_size=64, intermediate_size=176,
+                                                        num_hidden_layers=2))
+    for p in base.parameters():
+        p.requires_grad_(False)
+    switched = mlp.lean_gated_mlps(base) if lean else 0
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(hash(n) % 2**31))
+    return model, switched
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma"])  # SiLU; SiLU with q/k norms; tanh-GELU
+def test_lean_product_changes_no_value_or_gradient(model_type):
+    ids = torch.randint(0, 100, (3, 17), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for lean in (False, True):
+        model, switched = _lora_model(model_type, lean)
+        assert switched == (2 if lean else 0)
+        logits = model(input_ids=ids).logits
+        (logits.float().square().mean()).backward()
+        out[lean] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (plain, g_plain), (lean_, g_lean) = out[False], out[True]
+    assert torch.equal(plain, lean_)  # the forward computes the very same ops
+    assert g_plain.keys() == g_lean.keys() and g_plain
+    for n, g in g_plain.items():
+        assert torch.allclose(g_lean[n], g, rtol=1e-5, atol=1e-7), n
+
+
+def test_one_intermediate_tensor_less_is_saved():
+    from test_estimate import _saved_bytes
+
+    ids = torch.randint(0, 100, (2, 13), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    saved = [_saved_bytes(_lora_model("llama", lean)[0], ids, mask) for lean in (False, True)]
+    layers, tokens, intermediate = 2, ids.numel(), 176
+    assert saved[0] - saved[1] == layers * tokens * intermediate * 4  # act(gate), fp32
+
+
+def test_an_mlp_whose_forward_differs_is_left_alone():
+    class Other(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj = self.up_proj = self.down_proj = torch.nn.Linear(4, 4)
+            self.act_fn = torch.nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
+
+    m = torch.nn.Sequential(Other())
+    assert mlp.lean_gated_mlps(m) == 0 and "forward" not in vars(m[0])
+
+
+def test_loaded_models_use_it(tiny_model_dir):
+    from lora_dpo import model as M
+    from lora_dpo.recipe import ModelConfig, QuantizationConfig
+
+    base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(), torch.float32,
+                       torch.device("cpu"))
+    assert all(m.forward.__func__ is mlp._lean_forward for m in base.modules() if hasattr(m, "gate_proj"))
