@@ -35,13 +35,14 @@ def exact_rows(n: int, prompt_tokens: int, completion_tokens: int, seed: int) ->
 
 def recipe_dict(a) -> dict:
     return {"model": {"name_or_path": a.model_dir, "attn_implementation": a.attn,
-                      "offload_embeddings": a.offload_embeddings == "on"},
+                      "offload_embeddings": a.offload in ("embeddings", "both")},
             "data": {"train": "train.jsonl", "max_prompt_length": a.prompt_tokens,
                      "max_length": a.prompt_tokens + a.completion_tokens},
             "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
             "dpo": {"beta": 0.1, "reference": a.reference},
             "train": {"max_steps": a.steps, "learning_rate": 1e-4, "per_device_train_batch_size": a.batch,
                       "gradient_checkpointing": a.checkpointing != "off", "seed": 42, "layout": a.layout,
+                      "offload_activations": a.offload in ("activations", "both") and a.checkpointing != "off",
                       "gradient_checkpointing_layers": 1.0 if a.checkpointing in ("on", "off") else
                       a.checkpointing if a.checkpointing == "auto" else float(a.checkpointing)},
             "evaluation": {"generations": 0}, "output": {"dir": "run"}}
@@ -81,14 +82,15 @@ def main() -> None:
     p.add_argument("--checkpointing", default="on",
                    help="comma-separated: on | off | auto | a share of the layers "
                         "(train.gradient_checkpointing_layers)")
-    p.add_argument("--offload-embeddings", default="off",
-                   help="comma-separated: off | on (model.offload_embeddings: the embedding table in CPU memory)")
+    p.add_argument("--offload", default="off",
+                   help="comma-separated: off | embeddings (model.offload_embeddings: the embedding table in CPU "
+                        "memory) | activations (train.offload_activations: the checkpointed layers' inputs) | both")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     a = p.parse_args()
-    if set(a.offload_embeddings.split(",")) - {"on", "off"}:
-        p.error(f"--offload-embeddings '{a.offload_embeddings}': expected on, off or on,off")
+    if set(a.offload.split(",")) - {"off", "embeddings", "activations", "both"}:
+        p.error(f"--offload '{a.offload}': expected off, embeddings, activations or both (comma-separated)")
     for c in a.checkpointing.split(","):
         if c not in ("on", "off", "auto") and not (c.replace(".", "", 1).isdigit() and 0 < float(c) <= 1):
             p.error(f"--checkpointing '{c}': expected on, off, auto or a share of the layers in (0, 1]")
@@ -99,11 +101,11 @@ def main() -> None:
         return
     model_dir = resolve_model(a.model)
     results = []
-    settings = [(attn, ckpt, emb) for attn in a.attn.split(",") for ckpt in a.checkpointing.split(",")
-                for emb in a.offload_embeddings.split(",")]
-    for attn, ckpt, emb in settings:
+    settings = [(attn, ckpt, off) for attn in a.attn.split(",") for ckpt in a.checkpointing.split(",")
+                for off in a.offload.split(",")]
+    for attn, ckpt, off in settings:
         cmd = [sys.executable, __file__, "--worker", "--model-dir", model_dir, "--attn", attn,
-               "--checkpointing", ckpt, "--offload-embeddings", emb, "--prompt-tokens", str(a.prompt_tokens),
+               "--checkpointing", ckpt, "--offload", off, "--prompt-tokens", str(a.prompt_tokens),
                "--completion-tokens", str(a.completion_tokens), "--batch", str(a.batch), "--steps", str(a.steps),
                "--layout", a.layout, "--reference", a.reference]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -111,9 +113,9 @@ def main() -> None:
         if proc.returncode != 0 or not lines:
             print(f"{attn}, checkpointing {ckpt}: worker failed\n{proc.stderr[-3000:]}", flush=True)
             continue
-        r = {"attn": attn} | json.loads(lines[-1][7:]) | {"checkpointing": ckpt, "offload_embeddings": emb}
+        r = {"attn": attn} | json.loads(lines[-1][7:]) | {"checkpointing": ckpt, "offload": off}
         results.append(r)
-        print(f"{r['attn']}, checkpointing {ckpt}, embeddings offloaded {emb}: peak "
+        print(f"{r['attn']}, checkpointing {ckpt}, offloaded {off}: peak "
               f"{r['peak_bytes'] / 2**30:.2f} GiB, predicted {r['predicted_bytes'] / 2**30:.2f} GiB, "
               f"{r['seconds_per_step']:.2f} s/step, "
               f"losses {[round(x, 4) for x in r['losses']]}", flush=True)
@@ -121,13 +123,13 @@ def main() -> None:
     print(f"\nmachine: {machine()}\nmodel: {a.model}, {a.batch} pair(s) per step of {a.prompt_tokens} prompt + 2 × "
           f"{a.completion_tokens} completion tokens (chosen and rejected {a.prompt_tokens + a.completion_tokens} "
           f"each), layout {a.layout}, reference {a.reference}, {a.steps} steps (peak over 2..{a.steps})\n")
-    print(f"| attention | checkpointing | embeddings offloaded | measured peak ({'CUDA allocated' if gpu else 'RSS'}) "
-          "| predicted by estimate | predicted / measured | s/step |")
+    print(f"| attention | checkpointing | offloaded to CPU memory | measured peak "
+          f"({'CUDA allocated' if gpu else 'RSS'}) | predicted by estimate | predicted / measured | s/step |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         ratio = f"{r['predicted_bytes'] / r['peak_bytes']:.2f}" if gpu else "n/a (CPU RSS)"
         ckpt = r["checkpointing"] + (f" ({r['checkpointed_layers']})" if r["checkpointing"] == "auto" else "")
-        print(f"| {r['attn']} | {ckpt} | {r['offload_embeddings']} | {r['peak_bytes'] / 2**30:.2f} GiB | "
+        print(f"| {r['attn']} | {ckpt} | {r['offload']} | {r['peak_bytes'] / 2**30:.2f} GiB | "
               f"{r['predicted_bytes'] / 2**30:.2f} GiB | {ratio} | {r['seconds_per_step']:.2f} |")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1, default=str))

@@ -126,12 +126,14 @@ def _pair_len(p) -> int:
 
 
 def _recipe_dict(a) -> dict:
-    return {"model": {"name_or_path": a.model_dir, "attn_implementation": a.attn},
+    return {"model": {"name_or_path": a.model_dir, "attn_implementation": a.attn,
+                      "offload_embeddings": a.offload in ("embeddings", "both")},
             "data": {"train": "train.jsonl", "max_length": 8192, "max_prompt_length": 4096},
             "lora": LORA, "dpo": {"beta": 0.1, "reference": "live"},
             "train": {"max_steps": a.steps, "learning_rate": 1e-4, "precision": a.precision,
                       "per_device_train_batch_size": a.batch,
                       "gradient_checkpointing": a.checkpointing, "seed": 42, "layout": a.layout,
+                      "offload_activations": a.offload in ("activations", "both"),
                       "group_by_length": a.group},
             "evaluation": {"generations": 0}, "output": {"dir": "run"}}
 
@@ -403,6 +405,9 @@ def main() -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32"],
                    help="fp32: both trainers compute in fp32 on a GPU too (the losses must then agree as on a CPU)")
     p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--offload", default="off", choices=["off", "embeddings", "activations", "both"],
+                   help="lora-dpo's memory savers: model.offload_embeddings, train.offload_activations (needs "
+                        "--checkpointing) or both (TRL has neither)")
     p.add_argument("--no-group", dest="group", action="store_false",
                    help="plainly shuffled batches instead of lora-dpo's default train.group_by_length (both sides get "
                         "the same order either way)")
@@ -417,6 +422,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if a.offload in ("activations", "both") and not a.checkpointing:
+        p.error(f"--offload {a.offload}: train.offload_activations moves what checkpointing keeps; add --checkpointing")
     if a.steps <= a.warmup:
         p.error(f"--steps {a.steps} leaves no timed step after --warmup {a.warmup}")
     Probe.warmup = a.warmup
@@ -448,6 +455,7 @@ def main() -> None:
         meta = {"machine": machine(), "cuda": torch.cuda.is_available(), "model": a.model, "n_params": a.n_params,
                 "batch": a.batch, "steps": a.steps,
                 "checkpointing": a.checkpointing, "grouped": a.group, "layout": a.layout, "attn": attention(a),
+                "offload": a.offload,
                 "precision": a.precision,
                 "command": sys.argv}
         Path(a.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
@@ -469,7 +477,8 @@ def report(a, results: dict) -> None:
           f"batch {a.batch} pairs, {a.steps} steps (timed: {a.warmup + 1}..{a.steps}), "
           f"layout {a.layout}, lora-dpo attention {attention(a)} (TRL: sdpa), precision {a.precision}, "
           f"batches {'grouped by length' if a.group else 'shuffled'} (the same on both sides), "
-          f"gradient checkpointing {'on' if a.checkpointing else 'off'}, {a.repeats} repeats\n")
+          f"gradient checkpointing {'on' if a.checkpointing else 'off'}, lora-dpo offloading {a.offload}, "
+          f"{a.repeats} repeats\n")
     print("| data | TRL pairs/s | lora-dpo pairs/s | speed-up | TRL peak | lora-dpo peak | memory ratio | "
           "max |Δ loss| steps 1-3 | MFU TRL / lora-dpo | lora-dpo padding | tokens TRL / lora-dpo |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

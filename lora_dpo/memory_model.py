@@ -36,7 +36,7 @@ activations  What autograd saves in the policy forward, per token per layer (the
              the same Python modules run; that the CUDA SDPA kernels save the same tensors is an assumption.
              With gradient checkpointing each layer keeps only its input, b·H per token, plus the final norm;
              with train.gradient_checkpointing_layers < 1 only the first ⌈share·layers⌉ do, the others save as
-             without checkpointing.
+             without checkpointing; with train.offload_activations those inputs are in CPU memory (0 here).
              On top of the saved graph: one layer's activations as a transient (its gradients in backward, or the
              no-grad reference forward), two with checkpointing (the recomputed layer), and the largest quantized
              Linear dequantized to 16 bit (bitsandbytes' matmul).

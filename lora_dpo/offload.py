@@ -1,8 +1,11 @@
-"""model.offload_embeddings: the frozen input embedding table of a model on a GPU kept in CPU memory.
+"""GPU memory handed to CPU memory, for a copy each way.
 
-Each forward looks its token ids up on the CPU and copies the (tokens, hidden) result to the GPU: 1 GiB of GPU
-memory freed on Llama-3-8B (128k × 4096 in bf16) for one host round trip per micro-batch. A table the LM head
-shares (tied embeddings) stays on the GPU: the head needs it there.
+- model.offload_embeddings: the frozen input embedding table of a model on a GPU kept in CPU memory. Each forward
+  looks its token ids up on the CPU and copies the (tokens, hidden) result to the GPU: 1 GiB of GPU memory freed on
+  Llama-3-8B (128k × 4096 in bf16) for one host round trip per micro-batch. A table the LM head shares (tied
+  embeddings) stays on the GPU: the head needs it there.
+- train.offload_activations: with gradient checkpointing, the input each checkpointed decoder layer keeps for
+  backward is copied to pinned CPU memory in the forward pass and back when backward reaches the layer.
 """
 
 from __future__ import annotations
@@ -76,3 +79,52 @@ def lookup_on_host(emb: torch.nn.Module) -> None:
         return out
 
     emb.forward = host_forward
+
+
+MIN_OFFLOAD_BYTES = 1 << 20  # smaller saved tensors stay: a copy would cost more than it frees
+
+
+def offload_checkpointed_inputs(model, layers: list, device: torch.device) -> str:
+    """train.offload_activations: each checkpointed layer of `layers` keeps its saved input in pinned CPU memory.
+    → the line to print."""
+    if device.type != "cuda":
+        return "train.offload_activations: a CPU run keeps activations in CPU memory already: nothing to offload"
+    keep = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    n = 0
+    for layer in layers:
+        if layer.gradient_checkpointing:
+            layer._gradient_checkpointing_func = inputs_on_host(layer._gradient_checkpointing_func, keep, device)
+            n += 1
+    return (f"activations: the inputs {n} checkpointed layers keep for backward wait in CPU memory "
+            "(train.offload_activations)")
+
+
+def inputs_on_host(checkpoint, keep: set[int], source: torch.device, min_bytes: int = MIN_OFFLOAD_BYTES,
+                   moved: list | None = None):
+    """`checkpoint` (a layer's checkpoint function) whose saved tensors — a non-reentrant checkpoint saves only its
+    inputs — move from `source` to CPU memory: tensors of at least `min_bytes`, not parameters or buffers (storages
+    in `keep`); the shape of each is appended to `moved` if given. On a GPU both copies are asynchronous and in
+    stream order, so the GPU memory is reused only after the copy out has read it, and backward's kernels read the
+    copy back only after it has landed."""
+    cuda = source.type == "cuda"
+
+    def pack(t: torch.Tensor):
+        if t.device != source or t.numel() * t.element_size() < min_bytes or t.untyped_storage().data_ptr() in keep:
+            return t
+        host = torch.empty(t.size(), dtype=t.dtype, pin_memory=cuda)
+        host.copy_(t, non_blocking=cuda)
+        if moved is not None:
+            moved.append(tuple(t.shape))
+        return host, t.device
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        host, device = packed
+        return host.to(device, non_blocking=cuda)
+
+    def run(*args, **kwargs):
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            return checkpoint(*args, **kwargs)
+
+    return run

@@ -153,6 +153,9 @@ def _cross_checks(r: Recipe) -> None:
             re.compile(r.evaluation.behaviour_regex)
         except re.error as e:
             raise _err("evaluation.behaviour_regex", f"is not a valid regular expression ({e})") from None
+    if r.train.offload_activations and not r.train.gradient_checkpointing:
+        raise _err("train.offload_activations", "moves the layer inputs gradient checkpointing keeps; set "
+                   "train.gradient_checkpointing: true as well, or remove it")
     if r.train.report_to and len(set(r.train.report_to)) != len(r.train.report_to):
         raise _err("train.report_to", "lists a tracker twice")
 

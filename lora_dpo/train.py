@@ -293,6 +293,8 @@ def _load_policy(recipe: Recipe, device: torch.device, dtype: torch.dtype, ctx: 
     if tcfg.gradient_checkpointing:
         flags = [layer.gradient_checkpointing for layer in model_lib.decoder_layers(policy)]
         say(f"gradient checkpointing: {sum(flags)} of {len(flags)} decoder layers recompute in backward{why}")
+    if tcfg.offload_activations:
+        say(offload.offload_checkpointed_inputs(policy, model_lib.decoder_layers(policy), device))
     return policy
 
 

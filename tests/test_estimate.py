@@ -11,7 +11,15 @@ import torch
 from lora_dpo import estimate as est_lib
 from lora_dpo.cli import main
 from lora_dpo.errors import LoraDpoError
-from lora_dpo.estimate import Arch, estimate_for, format_table, layer_activation_bytes, parse_size, weight_bytes
+from lora_dpo.estimate import (
+    Arch,
+    estimate_for,
+    format_table,
+    gib,
+    layer_activation_bytes,
+    parse_size,
+    weight_bytes,
+)
 from lora_dpo.recipe import recipe_from_dict
 
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -475,3 +483,15 @@ def test_offloaded_embeddings_leave_the_gpu_unless_tied():
     r = recipe_from_dict({"model": {"name_or_path": "x", "offload_embeddings": True}, "data": {"train": "t"},
                           "output": {"dir": "x"}})
     assert not estimate_for(r, 1 << 30, arch=tied).embeddings_on_cpu
+
+
+def test_offloaded_activations_leave_the_checkpointed_inputs_out_and_are_advised():
+    on = plan(layout="prefix-shared", gradient_checkpointing=True)
+    off = plan(layout="prefix-shared", gradient_checkpointing=True, offload_activations=True)
+    rows, T = on.rows, on.seq_len
+    assert on.activations - off.activations == DEMO_LIKE.layers * rows * T * DEMO_LIKE.hidden * 2
+    big = plan(on.total - (50 << 20), layout="prefix-shared", gradient_checkpointing=True)  # does not fit: advised
+    assert not big.fits
+    inputs = DEMO_LIKE.layers * rows * T * DEMO_LIKE.hidden * 2
+    assert f"train.offload_activations=true: the {gib(inputs)} of layer inputs" in "\n".join(big.advice)
+    assert not any("offload_activations" in a for a in on.advice)  # it fits: no advice

@@ -16,6 +16,7 @@ from lora_dpo.batching import build, collate
 from lora_dpo.logps import batch_logps, plain_batch_logps
 from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig, recipe_from_dict
 from tests.test_layouts import PAIRS
+from tests.test_offload import grads_without_and_with_offload
 
 pytestmark = pytest.mark.gpu
 
@@ -112,3 +113,20 @@ def test_gpu_offloaded_embeddings(tiny_model_dir, recipe_dict, capsys):
     recipe_dict.setdefault("evaluation", {})["generations"] = 2  # generates before and after training
     _run_and_check(recipe_dict)
     assert "GiB kept in CPU memory (model.offload_embeddings)" in capsys.readouterr().out
+
+
+def test_gpu_offloaded_activations(tiny_model_dir, recipe_dict, capsys):
+    """train.offload_activations on a GPU: each checkpointed layer's input goes to pinned CPU memory and comes back
+    (asynchronous copies in stream order), the gradients exactly as without, and a run trains with it; twin:
+    test_offload.test_checkpointed_inputs_move_out_and_back_without_changing_gradients (CPU to CPU)."""
+    cuda = torch.device("cuda")
+    base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(), torch.bfloat16, cuda)
+    m = M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=True)
+    batch = build(PAIRS, 2, "packed").to(cuda)
+    want, got, moved = grads_without_and_with_offload(m, batch, cuda, torch.autocast("cuda", dtype=torch.bfloat16))
+    assert len(moved) == len(M.decoder_layers(m))
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    recipe_dict["train"].update(max_steps=2, device="cuda", gradient_checkpointing=True, offload_activations=True)
+    _run_and_check(recipe_dict)
+    assert "checkpointed layers keep for backward wait in CPU memory" in capsys.readouterr().out

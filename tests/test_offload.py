@@ -1,7 +1,9 @@
-"""model.offload_embeddings (lora_dpo/offload.py) on a CPU; tests/test_gpu.py has the GPU twin that moves the table."""
+"""model.offload_embeddings and train.offload_activations (lora_dpo/offload.py) on a CPU; tests/test_gpu.py has the
+GPU twins that move the table and the activations."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lora_dpo import model as M
@@ -61,3 +63,84 @@ def test_offload_embeddings_on_cpu_and_tied_tables(tiny_model_dir, tokenizer, tm
                        QuantizationConfig(), torch.float32, torch.device("cpu"))
     assert "tied" in offload.offload_embeddings(tied)
     assert tied.get_input_embeddings().forward.__func__ is torch.nn.Embedding.forward  # left as it was
+
+
+# ---------------------------------------------------------------- train.offload_activations
+
+
+def grads_without_and_with_offload(m, batch, device: torch.device, autocast=None) -> tuple[list, list, list]:
+    """The LoRA gradients of one backward through `m` (gradient checkpointing on), then again with every layer's
+    checkpoint function moving its saved tensors (any size) from `device` to CPU memory, and the shapes moved."""
+    import contextlib
+
+    from lora_dpo.logps import batch_logps
+
+    m.train()
+
+    def grads():
+        m.zero_grad()
+        with autocast or contextlib.nullcontext():
+            logps, _ = batch_logps(m, batch)
+        logps.sum().backward()
+        return [p.grad.clone() for p in m.parameters() if p.requires_grad]
+
+    want = grads()
+    keep, moved = {t.untyped_storage().data_ptr() for t in m.parameters()}, []
+    for layer in M.decoder_layers(m):
+        layer._gradient_checkpointing_func = offload.inputs_on_host(layer._gradient_checkpointing_func, keep, device,
+                                                                    min_bytes=0, moved=moved)
+    return want, grads(), moved
+
+
+def test_checkpointed_inputs_move_out_and_back_without_changing_gradients(tiny_model_dir):
+    """The mechanism with CPU standing in for the GPU (the copies are then CPU to CPU): each checkpointed layer's
+    saved input goes through the hooks — and nothing else — and the gradients are the plain run's. The GPU twin is
+    tests/test_gpu.py::test_gpu_offloaded_activations."""
+    from conftest import trained_lora
+
+    from lora_dpo.batching import build
+    from tests.test_layouts import PAIRS
+
+    m = trained_lora(tiny_model_dir)
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = build(PAIRS, 2, "packed")
+    want, got, moved = grads_without_and_with_offload(m, batch, torch.device("cpu"))
+    layers = len(M.decoder_layers(m))
+    assert moved == [tuple(batch.input_ids.shape) + (m.config.hidden_size,)] * layers  # each layer's input only
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_inputs_on_host_packs_only_large_non_parameter_tensors():
+    weight = torch.nn.Parameter(torch.randn(64, 64))
+    seen = []
+
+    def checkpoint(fn, *inputs):
+        return torch.utils.checkpoint.checkpoint(fn, *inputs, use_reentrant=False)
+
+    hooked = offload.inputs_on_host(checkpoint, {weight.untyped_storage().data_ptr()}, torch.device("cpu"),
+                                    min_bytes=1024, moved=seen)
+    x_small, x_big = torch.randn(2, 64, requires_grad=True), torch.randn(64, 64, requires_grad=True)
+    for x in (x_small, x_big):
+        hooked(lambda t, w: (t @ w).sum(), x, weight).backward()  # the weight is saved as an input too
+    assert seen == [(64, 64)]  # the big input; not the small one, not the weight
+    assert torch.allclose(x_big.grad, weight.sum(1).expand(64, 64)) and x_small.grad is not None
+
+
+def test_offload_activations_on_a_cpu_run_says_there_is_nothing_to_offload(recipe_dict, capsys):
+    from lora_dpo import train
+    from lora_dpo.recipe import recipe_from_dict
+
+    recipe_dict["train"].update(max_steps=1, gradient_checkpointing=True, offload_activations=True)
+    recipe_dict["data"].pop("eval", None)
+    train(recipe_from_dict(recipe_dict))
+    assert "train.offload_activations: a CPU run keeps activations in CPU memory already" in capsys.readouterr().out
+
+
+def test_offload_activations_needs_gradient_checkpointing(recipe_dict):
+    from lora_dpo.errors import LoraDpoError
+    from lora_dpo.recipe import recipe_from_dict
+
+    recipe_dict["train"].update(offload_activations=True, gradient_checkpointing=False)
+    with pytest.raises(LoraDpoError, match="offload_activations': moves .*set train.gradient_checkpointing: true"):
+        recipe_from_dict(recipe_dict)

@@ -1,7 +1,8 @@
 """The speed-and-memory targets of the issue (the GPU ones, or the CPU ones for results from a CPU), checked against
 the GPU kit's results: reads the JSON files `run.sh` wrote (long.json, short.json, long-b16.json, long-sdpa.json,
-short-causal.json, losses.json from vs_trl.py; memory.json, ckpt.json from memory.py) and prints one markdown line
-per target with the measured value and ✓ / ✗, or "not measured" where a stage did not run. Prints; asserts nothing.
+short-causal.json, long-offload.json, losses.json from vs_trl.py; memory.json, ckpt.json from memory.py) and prints
+one markdown line per target with the measured value and ✓ / ✗, or "not measured" where a stage did not run. Prints;
+asserts nothing.
 
     python3 benchmarks/gpu/targets.py "$OUT"
 """
@@ -124,7 +125,8 @@ def main() -> None:
     for name, file, label in (("long", "long.json", "long prompts"), ("short", "short.json", "short prompts"),
                               ("long", "long-b16.json", "long prompts, 16 pairs per step"),
                               ("long", "long-sdpa.json", "long prompts, lora-dpo on sdpa"),
-                              ("short", "short-causal.json", "short prompts, lora-dpo on sdpa_causal")):
+                              ("short", "short-causal.json", "short prompts, lora-dpo on sdpa_causal"),
+                              ("long", "long-offload.json", "long prompts, lora-dpo offloading to CPU memory")):
         doc = _load(out / file)
         lines += vs_trl_lines(name, doc, label + (f" ({doc['meta']['attn']})" if doc and "sdpa" not in file else ""))
     for name in ("short", "long"):
