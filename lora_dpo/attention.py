@@ -83,11 +83,12 @@ def split_plan(slot: torch.Tensor, part: torch.Tensor, position_ids: torch.Tenso
     R, T = slot.shape
     S = 2 * num_pairs
     flat = torch.arange(R * T, device=slot.device)
-    dump = S * seq_len  # one spare cell that the tokens outside a sequence are written to, then cut off
-    gather = torch.zeros(dump + 1, dtype=torch.long, device=slot.device)
+    dump = S * seq_len  # spare cells, one per row token, for the tokens outside a sequence; cut off after: every
+    gather = torch.zeros(dump + R * T, dtype=torch.long, device=slot.device)  # index is written once (deterministic)
     for seq_of, member in ((slot, (part == PROMPT) | (part == CHOSEN)),
                            (slot + num_pairs, (part == PROMPT) | (part == REJECTED))):
-        gather.scatter_(0, torch.where(member, seq_of * seq_len + position_ids, dump).reshape(-1), flat)
+        where = torch.where(member.reshape(-1), (seq_of * seq_len + position_ids).reshape(-1), dump + flat)
+        gather.scatter_(0, where, flat)
     seq = torch.where(part == REJECTED, slot + num_pairs, slot)
     merge = torch.where(slot == PAD, 0, seq * seq_len + position_ids).reshape(-1)
     return {"gather": gather[:dump], "merge": merge, "shape": (S, seq_len)}
@@ -95,8 +96,8 @@ def split_plan(slot: torch.Tensor, part: torch.Tensor, position_ids: torch.Tenso
 
 def _native_gqa(query: torch.Tensor) -> bool:
     """sdpa's own grouped-query attention (enable_gqa) where the flash kernel takes it: CUDA compute capability 8.0+
-    in 16 bit. Elsewhere enable_gqa would send sdpa to its math kernel, so keys and values are repeated per head
-    instead, as transformers does."""
+    in 16 bit. Elsewhere enable_gqa could send sdpa to its math kernel, so keys and values are repeated per head
+    instead, as transformers does with a mask."""
     return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
             and torch.cuda.get_device_capability(query.device) >= (8, 0))
 
