@@ -91,7 +91,7 @@ def split_plan(slot: torch.Tensor, part: torch.Tensor, position_ids: torch.Tenso
         gather.scatter_(0, where, flat)
     seq = torch.where(part == REJECTED, slot + num_pairs, slot)
     merge = torch.where(slot == PAD, 0, seq * seq_len + position_ids).reshape(-1)
-    return {"gather": gather[:dump], "merge": merge, "shape": (S, seq_len)}
+    return {"gather": gather[:dump].clone(), "merge": merge, "shape": (S, seq_len)}  # without the spare cells
 
 
 def _native_gqa(query: torch.Tensor) -> bool:

@@ -179,14 +179,15 @@ def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str,
     chunk = min(LOGPS_CHUNK, N)
     logps = N * arch.hidden * b + chunk * arch.vocab * (b + 12)
     needs_reference = reference == "live" and recipe.dpo.loss_type != "simpo"
-    if needs_reference:  # no-grad forward while the policy graph is alive: hidden states and one layer
-        transient = max(transient, layer + 2 * residual)
+    activations = saved + transient
+    if needs_reference:  # its no-grad forward runs before the policy's (objective.py), alone: hidden states, a layer
+        activations = max(activations, layer + 2 * residual)
     offload = recipe.model.offload_embeddings and not arch.tied  # a tied table stays: the LM head needs it
     weights = weight_bytes(arch, base, b, q.bnb_4bit_use_double_quant) - (arch.vocab * arch.hidden * b if offload
                                                                           else 0)
     return dict(dtype=dtype, base=base, attention=attn, rows=rows, seq_len=T, weights=weights,
                 embeddings_on_cpu=offload, adapters=adapter_bytes(arch, lora.r, lora.target_modules, t.optim),
-                activations=saved + transient, logps=logps)
+                activations=activations, logps=logps)
 
 
 def _total(parts: dict) -> int:

@@ -37,9 +37,10 @@ activations  What autograd saves in the policy forward, per token per layer (the
              With gradient checkpointing each layer keeps only its input, b·H per token, plus the final norm;
              with train.gradient_checkpointing_layers < 1 only the first ⌈share·layers⌉ do, the others save as
              without checkpointing; with train.offload_activations those inputs are in CPU memory (0 here).
-             On top of the saved graph: one layer's activations as a transient (its gradients in backward, or the
-             no-grad reference forward), two with checkpointing (the recomputed layer), and the largest quantized
-             Linear dequantized to 16 bit (bitsandbytes' matmul).
+             On top of the saved graph: one layer's activations as a transient (its gradients in backward), two
+             with checkpointing (the recomputed layer), and the largest quantized Linear dequantized to 16 bit
+             (bitsandbytes' matmul). The no-grad reference forward runs first, with no graph alive: its peak, the
+             hidden states and one layer, counts when it is the larger.
 log-prob     The completion hidden states gathered for the LM head (N·H·b, N = completion tokens) and one chunk of
              logits (lora_dpo.logps: chunk = min(256, N) tokens) at its backward peak: 16-bit logits + fp32
              logits, softmax and gradient, chunk·V·(b + 12).
