@@ -144,12 +144,17 @@ def _auto_attention(layout: str) -> str:
     return resolve_attention("auto", torch.device("cuda"), "shared" if layout == "prefix-shared" else layout)
 
 
+def _value_bytes(dtype: str) -> int:
+    """Bytes of one value in the training dtype ('fp32', 'bf16', 'fp16')."""
+    return 4 if dtype == "fp32" else 2
+
+
 def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str, reference: str,
            ckpt_layers: int) -> dict:
     """ckpt_layers: how many decoder layers recompute in backward (0 = no checkpointing, arch.layers = all)."""
     q, lora, t = recipe.quantization, recipe.lora, recipe.train
     dtype = "bf16" if t.precision == "auto" else t.precision
-    b = 4 if dtype == "fp32" else 2
+    b = _value_bytes(dtype)
     base = q.bnb_4bit_quant_type if q.load_in_4bit else "int8" if q.load_in_8bit else dtype
     # max_prompt_length null: prompts are not cut, so the worst case is the shortest prompt (most completion tokens)
     prompt = recipe.data.max_prompt_length if recipe.data.max_prompt_length is not None else 1
@@ -273,12 +278,12 @@ def _advice(est: Estimate, recipe: Recipe, arch: Arch, layout: str, reference: s
         saved = est.adapters - adapter_bytes(arch, recipe.lora.r, recipe.lora.target_modules, "paged_adamw_8bit")
         out.append(f"train.optim=paged_adamw_8bit: saves {gib(saved)} of optimizer state (LoRA state is small)")
     if not est.fits and not est.embeddings_on_cpu and not arch.tied:
-        table = arch.vocab * arch.hidden * (4 if est.dtype == "fp32" else 2)
+        table = arch.vocab * arch.hidden * _value_bytes(est.dtype)
         out.append(f"model.offload_embeddings=true: the {gib(table)} embedding table moves to CPU memory")
     if not est.fits and t.gradient_checkpointing and not t.offload_activations and est.checkpointed_layers:
         rows, T, _ = shapes(layout, t.per_device_train_batch_size, d.max_length,
                             d.max_prompt_length if d.max_prompt_length is not None else 1)
-        inputs = est.checkpointed_layers * rows * T * arch.hidden * (4 if est.dtype == "fp32" else 2)
+        inputs = est.checkpointed_layers * rows * T * arch.hidden * _value_bytes(est.dtype)
         out.append(f"train.offload_activations=true: the {gib(inputs)} of layer inputs checkpointing keeps move to "
                    "CPU memory")
     if not est.fits and est.max_batch_size >= 1:
