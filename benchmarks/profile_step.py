@@ -126,6 +126,9 @@ def main() -> None:
     print("| layout:attention[:sdpa kernel] | row tokens | s/step | ms per 1k row tokens |\n|---|---|---|---|")
     for name, tokens, seconds in summary:
         print(f"| {name} | {tokens} | {seconds:.3f} | {1e6 * seconds / tokens:.1f} |")
+    shared = [(seconds, name) for name, _, seconds in summary if not name.startswith("concatenated")]
+    if shared:  # the same pairs in the same rows: s/step compares the kernels directly
+        print(f"\nfastest prefix-shared setting here: {min(shared)[1]} ({min(shared)[0]:.3f} s/step)")
 
 
 if __name__ == "__main__":

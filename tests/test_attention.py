@@ -235,3 +235,29 @@ def test_sdpa_causal_refuses_what_plain_causal_sdpa_cannot_do(extra, needle):
     assert A.sdpa_causal_forward(torch.nn.Module(), q, q, q, None, lora_dpo_split=plan)[0].shape == (1, 4, 2, 8)
     with pytest.raises(LoraDpoError, match=f"model.attn_implementation: sdpa_causal .*{needle}"):
         A.sdpa_causal_forward(torch.nn.Module(), q, q, q, None, lora_dpo_split=plan, **extra)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral", "gemma"])
+def test_sdpa_causal_equals_the_plain_forward_on_other_families(tmp_path, model_type):
+    """Biased q/k/v (qwen2), per-head q/k norms (qwen3), GELU and a query scale of its own (gemma), all on a 4-bit
+    base with GQA: sdpa_causal's log-probs equal the plain concatenated forward's."""
+    from test_estimate import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from lora_dpo.batching import build, collate
+    from lora_dpo.logps import batch_logps, plain_batch_logps
+    from lora_dpo.recipe import LoraConfig
+    from tests.test_layouts import PAIRS
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config(model_type, num_key_value_heads=2)).save_pretrained(tmp_path)
+    base = M.load_base(ModelConfig(name_or_path=str(tmp_path), attn_implementation="sdpa_causal"),
+                       QuantizationConfig(), torch.float32, torch.device("cpu"))
+    m = M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=False)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+        want, _ = plain_batch_logps(m, collate(PAIRS, 2))
+        got, _ = batch_logps(m, build(PAIRS, 2, "packed"))
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
