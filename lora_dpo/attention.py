@@ -94,12 +94,18 @@ def split_plan(slot: torch.Tensor, part: torch.Tensor, position_ids: torch.Tenso
     return {"gather": gather[:dump].clone(), "merge": merge, "shape": (S, seq_len)}  # without the spare cells
 
 
-def _native_gqa(query: torch.Tensor) -> bool:
-    """sdpa's own grouped-query attention (enable_gqa) where the flash kernel takes it: CUDA compute capability 8.0+
-    in 16 bit. Elsewhere enable_gqa could send sdpa to its math kernel, so keys and values are repeated per head
-    instead, as transformers does with a mask."""
-    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
-            and torch.cuda.get_device_capability(query.device) >= (8, 0))
+def _native_gqa(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """sdpa's own grouped-query attention (enable_gqa), where its flash kernel takes these very tensors (CUDA,
+    Ampere or newer, 16 bit; torch says so per call). Elsewhere enable_gqa could send sdpa to its math kernel, so
+    keys and values are repeated per head instead, as transformers does with a mask."""
+    if not query.is_cuda:
+        return False
+    try:
+        from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+        return bool(can_use_flash_attention(SDPAParams(query, key, key, None, 0.0, True, True), False))
+    except (ImportError, TypeError, RuntimeError):  # a torch without these (or with another signature)
+        return False
 
 
 def sdpa_causal_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
@@ -131,7 +137,7 @@ def sdpa_causal_forward(module, query: torch.Tensor, key: torch.Tensor, value: t
     q, k, v = sequences(query), sequences(key), sequences(value)
     gqa = {}
     if k.shape[1] != heads:
-        if _native_gqa(query):
+        if _native_gqa(q, k):
             gqa["enable_gqa"] = True
         else:
             k = k.repeat_interleave(heads // k.shape[1], dim=1)

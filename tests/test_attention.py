@@ -204,8 +204,9 @@ def test_sdpa_causal_runs_plain_causal_sdpa_and_builds_no_mask(tiny_model_dir, m
 
 
 def test_sdpa_causal_native_gqa_equals_repeated_heads(tiny_model_dir, monkeypatch):
-    """On Ampere+ GPUs in 16 bit sdpa gets enable_gqa; elsewhere keys and values are repeated per head. Both give the
-    same log-probs (the tiny model has 4 heads over 2 key/value heads)."""
+    """Where sdpa's flash kernel takes it (Ampere+ GPUs, 16 bit) sdpa gets enable_gqa; elsewhere keys and values are
+    repeated per head. Both give the same log-probs (the tiny model has 4 heads over 2 key/value heads); on a CPU
+    the flash check says no."""
     from lora_dpo.batching import build
     from lora_dpo.logps import batch_logps
     from tests.test_layouts import PAIRS
@@ -213,9 +214,12 @@ def test_sdpa_causal_native_gqa_equals_repeated_heads(tiny_model_dir, monkeypatc
     m = trained_lora(tiny_model_dir, "sdpa_causal")
     with torch.no_grad():
         repeated, _ = batch_logps(m, build(PAIRS, 2, "packed"))
-        monkeypatch.setattr(A, "_native_gqa", lambda query: True)
+        monkeypatch.setattr(A, "_native_gqa", lambda query, key: True)
         native, _ = batch_logps(m, build(PAIRS, 2, "packed"))
     assert torch.allclose(native, repeated, atol=1e-5, rtol=0)
+    monkeypatch.undo()
+    q, k = torch.zeros(2, 4, 8, 16), torch.zeros(2, 2, 8, 16)
+    assert not A._native_gqa(q, k)
 
 
 def test_sdpa_causal_generates_as_sdpa(tiny_model_dir, tokenizer):
