@@ -333,12 +333,7 @@ def random_llama3_8b(path: Path) -> Path:
 
 def run_worker(a, which: str, dataset: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", which, "--dataset", dataset, "--model-dir", a.model_dir,
-           "--init-adapter", a.init_adapter, "--steps", str(a.steps), "--warmup", str(a.warmup),
-           "--batch", str(a.batch), "--layout", a.layout, "--attn", a.attn, "--precision", a.precision,
-           "--short-prompt", str(a.short_prompt),
-           "--long-prompt", str(a.long_prompt), "--completion", str(a.completion)] \
-        + (["--checkpointing"] if a.checkpointing else []) \
-        + ([] if a.group else ["--no-group"])
+           "--init-adapter", a.init_adapter, *a.worker_args]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -389,7 +384,7 @@ def machine() -> str:
            f"{platform.python_version()}"
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="demo", help="demo | llama3-8b-random | a local HF directory")
     p.add_argument("--steps", type=int, default=6)
@@ -418,7 +413,33 @@ def main() -> None:
     p.add_argument("--dataset", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--init-adapter", help=argparse.SUPPRESS)
+    return p
+
+
+# options only the controller reads; a worker gets every other option it was given (worker_args)
+CONTROLLER_ONLY = {"help", "model", "repeats", "datasets", "json", "build_only", "worker", "dataset", "model_dir",
+                   "init_adapter"}
+
+
+def worker_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> list[str]:
+    """The options a worker must see, as command-line arguments: all of `a` but the controller's own — so a new
+    option cannot be left behind (as --offload once was: its stage measured lora-dpo without offloading)."""
+    args = []
+    for act in p._actions:
+        if act.dest in CONTROLLER_ONLY:
+            continue
+        value = getattr(a, act.dest)
+        if act.nargs == 0:  # a flag: given only where it differs from its default
+            args += [act.option_strings[0]] if value != act.default else []
+        else:
+            args += [act.option_strings[0], str(value)]
+    return args
+
+
+def main() -> None:
+    p = parser()
     a = p.parse_args()
+    a.worker_args = worker_args(p, a)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
