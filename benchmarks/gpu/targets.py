@@ -67,10 +67,10 @@ def vs_trl_lines(name: str, doc: dict | None, label: str, losses_only: bool = Fa
            _line(f"{label}: peak {'' if cuda else 'RSS '}≤ {memory_target}× TRL",
                  f"{mem:.2f} ({med('ours', 'peak_bytes') / GiB:.2f} vs {med('trl', 'peak_bytes') / GiB:.2f} GiB)",
                  mem <= memory_target),
-           *([_line(f"{label}: step memory (peak − resident between steps) vs TRL", f"{work:.2f} ("
+           *([_line(f"{label}: step memory (peak − resident between steps) vs TRL", f"{step:.2f} ("
                      f"{med('ours', 'peak_bytes') / GiB - med('ours', 'resident_bytes') / GiB:.2f} vs "
                      f"{med('trl', 'peak_bytes') / GiB - med('trl', 'resident_bytes') / GiB:.2f} GiB)", None)]
-             if (work := _step_memory_ratio(r)) is not None else []),
+             if (step := _step_memory_ratio(r)) is not None else []),
            losses_line(label, meta, r),
            _line(f"{label}: MFU TRL / lora-dpo", " / ".join(
                mfu(meta["n_params"], med(side, "tokens_per_s"), meta["machine"]) if cuda else "n/a (CPU)"
