@@ -59,6 +59,9 @@ def _describe(tp: Any) -> str:
         tp, str(tp))
 
 
+_YAML12_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; return it converted (int → float where a float is wanted)."""
     origin = typing.get_origin(tp)
@@ -101,6 +104,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # 5e-5: a number in YAML 1.2 (and to TRL users), a string to PyYAML's YAML 1.1
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     elif tp is str:

@@ -89,6 +89,19 @@ def test_overrides_are_typed_like_the_schema(tmp_path):
             load_recipe(p, [bad])
 
 
+def test_exponent_notation_is_a_number(tmp_path):
+    """`5e-5` is a number in YAML 1.2 and to TRL users; PyYAML (YAML 1.1) reads it as a string."""
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(BASE) + "lora: {lora_alpha: 3E+1}\n")
+    r = load_recipe(p, ["train.learning_rate=5e-5", "dpo.beta=1e-1", "train.adam_epsilon=1e-08",
+                        "data.eval_split=2.5e-1"])
+    assert (r.train.learning_rate, r.dpo.beta, r.train.adam_epsilon, r.lora.lora_alpha, r.data.eval_split) == \
+        (5e-5, 0.1, 1e-8, 30.0, 0.25)
+    for bad in ("train.learning_rate=5e-x", "train.learning_rate=e-5", "lora.r=1e1", "dpo.beta=-1e-1"):
+        with pytest.raises(LoraDpoError, match=r"'(train\.learning_rate|lora\.r|dpo\.beta)'"):
+            load_recipe(p, [bad])
+
+
 def test_yaml_errors_name_file_and_line(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("model:\n  name_or_path: [unclosed\n")
