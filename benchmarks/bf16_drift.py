@@ -8,6 +8,7 @@ the largest difference per precision. Prints; asserts nothing.
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 
@@ -18,6 +19,7 @@ from lora_dpo.train import run
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     with open("recipes/quickstart.yaml") as f:
         base = yaml.safe_load(f)
     losses = {}

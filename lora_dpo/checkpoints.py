@@ -82,6 +82,44 @@ def resolve(run_dir: Path, which: str) -> Path:
     return path
 
 
+# what a resumed run may set differently from the run it continues: how it runs, logs, checkpoints and evaluates —
+# never what it computes (the data, the model, the adapter's shape, the loss, the optimizer and its schedule)
+RESUME_MAY_CHANGE = ("output.dir", "output.overwrite", "output.export", "train.resume_from_checkpoint",
+                     "train.save_steps", "train.save_total_limit", "train.logging_steps", "train.eval_steps",
+                     "train.report_to",
+                     "train.max_nonfinite_steps", "train.per_device_eval_batch_size", "train.device",
+                     "train.gradient_checkpointing", "train.gradient_checkpointing_layers",
+                     "train.offload_activations", "train.layout", "model.attn_implementation",
+                     "model.offload_embeddings", "data.on_problem", "evaluation.")
+
+
+def check_resumable(recipe, path: Path, run_dir: Path) -> None:
+    """Refuse to resume checkpoint `path` with a recipe that changes what the run computes: the checkpoint's
+    optimizer state and schedule belong to its own settings (a new learning rate or max_steps would be silently
+    ignored, a new LoRA shape would not load). Reads the recipe saved in the checkpoint, else the run's recipe.yaml
+    (checkpoints written before the recipe was saved in them)."""
+    import yaml
+
+    try:
+        saved = json.loads((path / STATE).read_text()).get("recipe")
+        if saved is None and (run_dir / "recipe.yaml").is_file():
+            saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        saved = None  # unreadable: checkpoints.load says so
+    if not isinstance(saved, dict):
+        return
+    now = recipe.to_dict()
+    for section, values in now.items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            before = (saved.get(section) or {}).get(key, value)
+            if before != value and not any(name == k or (k.endswith(".") and name.startswith(k))
+                                           for k in RESUME_MAY_CHANGE):
+                raise LoraDpoError(f"{name}: {value!r} differs from {before!r} in the run being resumed ({path}); "
+                                   f"a resumed run continues the same training: set {name} back, or start a new "
+                                   "run in another output.dir")
+
+
 def load(path: Path, model, optimizer, scheduler) -> dict:
     """Restore everything saved by `save` into live objects; → the trainer state dict."""
     from peft import set_peft_model_state_dict

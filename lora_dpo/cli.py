@@ -14,10 +14,11 @@ User errors print one line on stderr and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 
-from lora_dpo.errors import LoraDpoError
+from lora_dpo.errors import LoraDpoError, TrainingStopped
 
 COMMANDS = ("train", "validate", "eval", "export", "keys", "inspect", "estimate")
 
@@ -79,11 +80,21 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        typo = difflib.get_close_matches(argv[0], COMMANDS, n=1, cutoff=0.75)
+        if typo and not os.path.exists(argv[0]):
+            print(f"lora-dpo: error: unknown command '{argv[0]}'; did you mean '{typo[0]}'? (commands: "
+                  f"{', '.join(COMMANDS)}, or a recipe file to train)", file=sys.stderr)
+            return 2
         argv.insert(0, "train")
     parser = _parser()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # key=value overrides may also follow the options (estimate R.yaml --gpu-memory 24GiB train.x=1)
+        if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides += extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # argparse already printed a one-line usage error; normalise its code to 2
         return 0 if e.code == 0 else 2
     try:
@@ -91,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     except LoraDpoError as e:
         print(f"lora-dpo: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:  # already said: where the checkpoint is and how to resume
+        return {"SIGINT": 130, "SIGTERM": 143}[e.result.stopped]
     except KeyboardInterrupt:
         print("lora-dpo: interrupted", file=sys.stderr)
         return 130
@@ -118,6 +131,8 @@ def _dispatch(args) -> int:
     if args.command == "validate":
         print(f"{args.recipe}: valid ({r.dpo.loss_type}, β={r.dpo.beta}, LoRA r={r.lora.r}, "
               f"model {r.model.name_or_path})")
+        for note in recipe_lib.recipe_notes(r):
+            print(f"note: {note}")
         return 0
     if args.command == "estimate":
         from lora_dpo.estimate import run as estimate
@@ -131,8 +146,8 @@ def _dispatch(args) -> int:
         return 0
     from lora_dpo.train import run
 
-    result = run(r)
-    return {"SIGINT": 130, "SIGTERM": 143}.get(result.stopped, 0)
+    run(r)
+    return 0
 
 
 if __name__ == "__main__":

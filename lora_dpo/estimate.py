@@ -117,7 +117,7 @@ def gpu_memory_default() -> tuple[int, str]:
     return DEFAULT_GPU_BYTES, "default"
 
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "kb": 10**3, "mb": 10**6,
+_UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "kb": 10**3, "mb": 10**6,
           "gb": 10**9, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
 
@@ -125,8 +125,11 @@ def parse_size(text: str) -> int:
     """'16GiB' / '24GB' / '80G' / '16000MiB' → bytes (G and GiB are 2**30, GB is 10**9)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
     unit = m.group(2).lower() if m else None
-    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
-        raise LoraDpoError(f"--gpu-memory '{text}': expected a size like 16GiB, 24GB, 80G or 40000MiB")
+    if m and unit == "":  # a bare 16 would be 16 bytes: almost surely meant as GiB, so ask rather than guess
+        raise LoraDpoError(f"--gpu-memory '{text}': give a unit, e.g. {m.group(1)}GiB (or GB, MiB)")
+    if not m or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1 << 20:
+        raise LoraDpoError(f"--gpu-memory '{text}': expected a size of at least 1 MiB, like 16GiB, 24GB, 80G or "
+                           "40000MiB")
     return int(float(m.group(1)) * _UNITS[unit])
 
 

@@ -201,8 +201,8 @@ def load_tokenizer(cfg: ModelConfig):
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
     except OSError as e:
-        raise LoraDpoError(f"model.tokenizer: cannot load a tokenizer from '{path}' "
-                           f"({str(e).splitlines()[0]})") from None
+        key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+        raise LoraDpoError(f"{key}: cannot load a tokenizer from '{path}' ({str(e).splitlines()[0]})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # pad positions are masked out, the id only has to exist
     return tok

@@ -161,8 +161,31 @@ def _cross_checks(r: Recipe) -> None:
     if r.train.offload_activations and not r.train.gradient_checkpointing:
         raise _err("train.offload_activations", "moves the layer inputs gradient checkpointing keeps; set "
                    "train.gradient_checkpointing: true as well, or remove it")
-    if r.train.report_to and len(set(r.train.report_to)) != len(r.train.report_to):
-        raise _err("train.report_to", "lists a tracker twice")
+    for key, items in (("train.report_to", r.train.report_to), ("output.export", r.output.export)):
+        if len(set(items)) != len(items):
+            raise _err(key, f"lists {sorted(i for i in set(items) if items.count(i) > 1)[0]!r} twice; list it once")
+    if isinstance(r.lora.target_modules, str) and r.lora.target_modules != "all-linear":
+        raise _err("lora.target_modules", f"got {r.lora.target_modules!r}: give 'all-linear' or a list of module "
+                   f"names, e.g. [{r.lora.target_modules.strip('[]').split(',')[0].strip() or 'q_proj'}, v_proj]")
+
+
+def recipe_notes(r: Recipe) -> list[str]:
+    """Values the recipe sets that this run will not use, said rather than silently ignored (not errors: a recipe
+    switching a feature off with one override keeps its other settings)."""
+    notes = []
+    if r.dpo.simpo_gamma != DpoConfig.simpo_gamma and r.dpo.loss_type != "simpo":
+        notes.append(f"dpo.simpo_gamma ({r.dpo.simpo_gamma}) is used by loss_type simpo only; ignored with "
+                     f"{r.dpo.loss_type}")
+    t = r.train
+    if t.gradient_checkpointing_layers != TrainConfig.gradient_checkpointing_layers and not t.gradient_checkpointing:
+        notes.append(f"train.gradient_checkpointing_layers ({t.gradient_checkpointing_layers}) is ignored: "
+                     "train.gradient_checkpointing is off")
+    if t.eval_steps is not None and r.data.eval is None and r.data.eval_split is None:
+        notes.append("train.eval_steps is ignored: there is no held-out data (set data.eval or data.eval_split)")
+    if t.max_steps > 0 and max(t.warmup_steps, t.warmup_ratio * t.max_steps) >= t.max_steps:
+        notes.append(f"the warmup ({t.warmup_steps or f'{t.warmup_ratio:g} ×'} steps) is not shorter than "
+                     f"train.max_steps ({t.max_steps}): the learning rate never reaches train.learning_rate")
+    return notes
 
 
 def _check_data_sources(d: DataConfig) -> None:
@@ -205,8 +228,38 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
+        if text.strip()[:1] in "[{":  # meant as a list or mapping: a string would be a silent misreading
+            raise LoraDpoError(f"override '{item}': the value is not a valid YAML list/mapping; write it like "
+                               f"{key.strip()}=[a, b] (quote the whole argument in the shell)") from None
         value = text
     return parts, value
+
+
+class _RepeatedKey(yaml.constructor.ConstructorError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: PyYAML would keep the last one
+    silently, and the first may be the one the user reads."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _RepeatedKey(None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _safe_load_unique(text: str):
+    """yaml.safe_load with _UniqueKeyLoader (a SafeLoader: plain data only, never objects or code)."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -215,14 +268,15 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise LoraDpoError(f"recipe file '{path}' not found; pass the path to a .yaml recipe (see recipes/)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = _safe_load_unique(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise LoraDpoError(f"recipe file '{path}' is not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
-        raise LoraDpoError(f"recipe file '{path}': {problem}{where}; fix the YAML syntax there") from None
+        fix = "keep one of them" if isinstance(e, _RepeatedKey) else "fix the YAML syntax there"
+        raise LoraDpoError(f"recipe file '{path}': {problem}{where}; {fix}") from None
     if raw is None:
         raise LoraDpoError(f"recipe file '{path}' is empty; start from recipes/quickstart.yaml")
     if isinstance(raw, dict):
@@ -240,6 +294,13 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return recipe_from_dict(raw, source=str(path))
 
 
+def _yaml_value(value: Any) -> str:
+    """A default as it would be written in a recipe (null, true, 5.0e-05), so it can be copied into one."""
+    if value == "(required)":
+        return value
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("\n...\n").strip()
+
+
 def describe_keys() -> str:
     """The reference documentation of every recipe key, generated from the schema."""
     lines = []
@@ -250,12 +311,14 @@ def describe_keys() -> str:
             default = "(required)" if f.default is _REQUIRED else (
                 f.default if f.default is not dataclasses.MISSING else f.default_factory())
             check = f" [{f.metadata['check'][0]}]" if f.metadata.get("check") else ""
-            lines.append(f"  {f.name}: {default!r}  — {_describe(hints[f.name])}{check}. {f.metadata['doc']}")
+            lines.append(f"  {f.name}: {_yaml_value(default)}  — {_describe(hints[f.name])}{check}. "
+                         f"{f.metadata['doc']}")
         if cls is DataConfig:
             lines.append("  [train/eval as a list] — each entry is a mapping with these keys:")
             for f in dataclasses.fields(DataSource):
                 default = "(required)" if f.default is _REQUIRED else f.default
                 check = f" [{f.metadata['check'][0]}]" if f.metadata.get("check") else ""
-                lines.append(f"    {f.name}: {default!r}  — {_describe(typing.get_type_hints(DataSource)[f.name])}"
+                lines.append(f"    {f.name}: {_yaml_value(default)}  — "
+                             f"{_describe(typing.get_type_hints(DataSource)[f.name])}"
                              f"{check}. {f.metadata['doc']}")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ Read top to bottom: this is the order things happen in.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -23,16 +24,16 @@ import torch
 
 from lora_dpo import batching, checkpoints, data, distributed, losses, offload, refcache, tracking
 from lora_dpo import model as model_lib
-from lora_dpo.errors import LoraDpoError
+from lora_dpo.errors import LoraDpoError, TrainingStopped
 from lora_dpo.evaluate import evaluate_pairs, print_before_after, snapshot, snapshots_json
 from lora_dpo.logps import causal_lm
 from lora_dpo.objective import MetricMeter, dpo_forward, step0_check
 from lora_dpo.optim import make_optimizer, make_scheduler, total_steps  # noqa: F401 (public here too)
-from lora_dpo.recipe import Recipe
+from lora_dpo.recipe import Recipe, recipe_from_dict, recipe_notes
 from lora_dpo.report import write_report
 
 RUN_FILES = ("recipe.yaml", "metrics.jsonl", "adapter", "checkpoints", "data_report.json", "data_report.txt",
-             "export")
+             "export", "eval.json", "report.html", "tensorboard", "wandb")
 
 
 @dataclass
@@ -56,10 +57,13 @@ def _prepare_output_dir(recipe: Recipe) -> Path:
     out = Path(recipe.output.dir)
     resuming = recipe.train.resume_from_checkpoint is not None
     holds_run = out.is_dir() and any((out / f).exists() for f in RUN_FILES)
-    if holds_run and not resuming:
-        if not recipe.output.overwrite:
+    if holds_run and not resuming and not recipe.output.overwrite:
+        if checkpoints.list_checkpoints(out):
             raise LoraDpoError(f"output.dir '{out}' already holds a run; choose another directory, resume it with "
                                "train.resume_from_checkpoint=latest, or replace it with output.overwrite=true")
+        state = "a finished run" if (out / "adapter").is_dir() else "a run that stopped before its first checkpoint"
+        raise LoraDpoError(f"output.dir '{out}' already holds {state} (no checkpoint to resume); choose another "
+                           "directory, or replace it with output.overwrite=true")
     if out.exists() and not out.is_dir():
         raise LoraDpoError(f"output.dir '{out}' is a file; choose a directory path")
     parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
@@ -89,13 +93,37 @@ def peak_memory_mb(device: torch.device) -> float:
 # ---------------------------------------------------------------- the run
 
 def run(recipe: Recipe) -> RunResult:
+    """Train as the recipe says. Raises LoraDpoError on bad input (before any model loads, where it can be known),
+    TrainingStopped when Ctrl-C / SIGTERM stopped it after a checkpoint. Leaves the process as it found it: warning
+    filters and the CPU's subnormal-float mode are restored on return."""
+    # the recipe may have been edited in Python since it was loaded: check it again, as loading did
+    recipe = recipe_from_dict(recipe.to_dict())
+    with warnings.catch_warnings(), _flushing_denormals():
+        # bitsandbytes' CPU 4-bit kernel has no registered autograd kernel; the gradient w.r.t. its input is still
+        # correct (tests/test_model.py compares against the dequantized twin), so the warning is noise for users
+        warnings.filterwarnings("ignore", message=r"bitsandbytes::gemv_4bit: an autograd kernel")
+        # a skipped step (fp16 overflow, non-finite loss) still advances the schedule, on purpose: torch's warning
+        # about the scheduler stepping before the optimizer would only alarm
+        warnings.filterwarnings("ignore",
+                                message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+        return _setup_and_run(recipe)
+
+
+@contextlib.contextmanager
+def _flushing_denormals():
+    """Once the loss is near 0, backward carries subnormal floats, which x86 CPUs process ~100× slower; flushing
+    them to zero changes nothing measurable (they are below 1e-38) and keeps late steps as fast as early ones. torch
+    has no getter for the mode, so whether it was on is read from a product."""
+    was_on = float(torch.tensor([1e-39]) * torch.tensor([1.0])) == 0.0
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was_on)
+
+
+def _setup_and_run(recipe: Recipe) -> RunResult:
     tcfg = recipe.train
-    # bitsandbytes' CPU 4-bit kernel has no registered autograd kernel; the gradient w.r.t. its input is still
-    # correct (tests/test_model.py compares against the dequantized twin), so the warning is noise for users
-    warnings.filterwarnings("ignore", message=r"bitsandbytes::gemv_4bit: an autograd kernel")
-    # a skipped step (fp16 overflow, non-finite loss) still advances the schedule, on purpose: torch's warning about
-    # the scheduler stepping before the optimizer would only alarm
-    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
     device, dtype = model_lib.device_and_dtype(tcfg.precision, tcfg.device)
     if recipe.model.attn_implementation == "flex_attention" and device.type == "cpu":
         raise LoraDpoError("model.attn_implementation: flex_attention cannot train on CPU (torch has no FlexAttention "
@@ -106,18 +134,22 @@ def run(recipe: Recipe) -> RunResult:
     tracking.check_available(tcfg.report_to)
     if device.type == "cuda" and ctx.enabled:
         device = torch.device("cuda", ctx.local_rank)
+    ckpt = None  # found and checked against this recipe before any model loads
+    if tcfg.resume_from_checkpoint:
+        ckpt = checkpoints.resolve(out, tcfg.resume_from_checkpoint)
+        checkpoints.check_resumable(recipe, ckpt, out)
     try:
-        return _run(recipe, out, device, dtype, ctx)
+        return _run(recipe, out, device, dtype, ctx, ckpt)
     finally:
         ctx.close()
 
 
-def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ctx: distributed.Context) -> RunResult:
+def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ctx: distributed.Context,
+         ckpt: Path | None) -> RunResult:
     tcfg, dcfg = recipe.train, recipe.dpo
     say = ctx.print
-    # once the loss is near 0, backward carries subnormal floats, which x86 CPUs process ~100× slower; flushing
-    # them to zero changes nothing measurable (they are below 1e-38) and keeps late steps as fast as early ones
-    torch.set_flush_denormal(True)
+    for note in recipe_notes(recipe):
+        say(f"note: {note}")
     random.seed(tcfg.seed)
     torch.manual_seed(tcfg.seed)
 
@@ -148,8 +180,7 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     pad_id = tokenizer.pad_token_id
 
     start, history, resumed = 0, [], {}
-    if tcfg.resume_from_checkpoint:
-        ckpt = checkpoints.resolve(out, tcfg.resume_from_checkpoint)
+    if ckpt:
         resumed = checkpoints.load(ckpt, policy, optimizer, scheduler)
         start = resumed["step"]
         history = [m for m in tracking.read_metrics(out) if m["step"] <= start]
@@ -246,17 +277,21 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
             stopping = ctx.sum([float(stop.requested is not None)], device)[0] > 0 and step != steps
             if ((tcfg.save_steps and step % tcfg.save_steps == 0 and step != steps) or stopping) and ctx.main:
                 last_ckpt = checkpoints.save(out, step, policy, optimizer, scheduler,
-                                             {"steps": steps, "grad_scaler": scaler.state_dict() if scaler else None},
+                                             {"steps": steps, "grad_scaler": scaler.state_dict() if scaler else None,
+                                              "recipe": recipe.to_dict()},
                                              tcfg.save_total_limit)
                 bar.write(f"checkpoint {last_ckpt}")
             if stopping:
                 bar.close()
-                say(f"stopped by {stop.requested} at step {step}/{steps}; checkpoint {last_ckpt}. Resume with: "
-                    f"lora-dpo RECIPE.yaml train.resume_from_checkpoint=latest")
+                message = (f"stopped by {stop.requested} at step {step}/{steps}; checkpoint {last_ckpt}. Resume with: "
+                           f"lora-dpo RECIPE.yaml train.resume_from_checkpoint=latest")
+                say(message)
                 if ctx.main:
                     write_report(out)  # the curves so far
                 ctx.barrier()
-                return RunResult(out, out / "adapter", steps, step0, history, {}, stopped=stop.requested)
+                adapter = checkpoints.checkpoint_dir(out, step) / "adapter"
+                raise TrainingStopped(message, RunResult(out, adapter, step, step0, history, {},
+                                                         stopped=stop.requested))
     bar.close()
 
     eval_metrics = {}

@@ -361,7 +361,7 @@ def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["16 gigs", "", "-4GiB", "GiB"])
+@pytest.mark.parametrize("bad", ["16 gigs", "", "-4GiB", "GiB", "16", "0.0000001b", "1000KB"])
 def test_parse_size_rejects(bad):
     with pytest.raises(LoraDpoError, match="--gpu-memory"):
         parse_size(bad)
@@ -395,9 +395,15 @@ def test_cli_prints_the_table(recipe_file, capsys):
     assert main(["estimate", str(recipe_file), "--json", "--gpu-memory", "8GiB", "--layout", "concatenated"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["gpu_memory"] == 8 << 30 and d["layout"] == "concatenated" and d["max_batch_size"] > 0
+    # overrides may also follow the options
+    args = ["estimate", str(recipe_file), "--json", "--gpu-memory", "8GiB", "train.per_device_train_batch_size=3"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["batch_size"] == 3
 
 
 @pytest.mark.parametrize("args,needle", [(["--gpu-memory", "lots"], "--gpu-memory 'lots'"),
+                                         (["--gpu-memory", "16"], "give a unit, e.g. 16GiB"),
+                                         (["--gpu-memory", "8GiB", "--bogus"], "unrecognized arguments: --bogus"),
                                          ([], "not found")])
 def test_cli_errors_are_one_line_exit_2(recipe_file, tmp_path, capsys, args, needle):
     path = str(recipe_file) if args else str(tmp_path / "missing.yaml")

@@ -102,6 +102,61 @@ def test_exponent_notation_is_a_number(tmp_path):
             load_recipe(p, [bad])
 
 
+def test_a_key_given_twice_is_an_error(tmp_path):
+    """PyYAML keeps the last of two equal keys silently; the first may be the one the user reads."""
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(BASE) + "train:\n  learning_rate: 1.0e-4\n  learning_rate: 1.0e-3\n")
+    with pytest.raises(LoraDpoError, match=r"r\.yaml': key 'learning_rate' appears twice in one mapping at line 9, "
+                                           r"column 3; keep one"):
+        load_recipe(p)
+    p.write_text(yaml.safe_dump(BASE) + "model: {name_or_path: other}\n")
+    with pytest.raises(LoraDpoError, match="key 'model' appears twice"):
+        load_recipe(p)
+
+
+def test_target_modules_as_a_bare_string_says_how_to_write_a_list(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(BASE))
+    with pytest.raises(LoraDpoError, match=r"'lora\.target_modules'.*'q_proj'.*e\.g\. \[q_proj, v_proj\]"):
+        load_recipe(p, ["lora.target_modules=q_proj"])  # peft would read it as a regular expression
+    with pytest.raises(LoraDpoError, match=r"override 'lora.target_modules=\[q_proj'.*not a valid YAML list"):
+        load_recipe(p, ["lora.target_modules=[q_proj"])
+    assert load_recipe(p, ["lora.target_modules=[q_proj]"]).lora.target_modules == ["q_proj"]
+
+
+def test_an_export_listed_twice_is_an_error():
+    with pytest.raises(LoraDpoError, match=r"'output\.export'.*lists 'gguf' twice"):
+        recipe_from_dict({**BASE, "output": {"dir": "x", "export": ["gguf", "adapter", "gguf"]}})
+
+
+def test_settings_this_run_will_not_use_are_said():
+    from lora_dpo.recipe import recipe_notes
+
+    assert recipe_notes(recipe_from_dict(BASE)) == []
+    notes = recipe_notes(recipe_from_dict(with_("train", gradient_checkpointing_layers=0.5, eval_steps=5,
+                                                max_steps=5, warmup_steps=10) | {"dpo": {"simpo_gamma": 1.0}}))
+    assert len(notes) == 4
+    for needle in ("dpo.simpo_gamma (1.0) is used by loss_type simpo only", "gradient_checkpointing_layers (0.5) is "
+                   "ignored", "eval_steps is ignored: there is no held-out data", "never reaches train.learning_rate"):
+        assert any(needle in n for n in notes), needle
+    assert recipe_notes(recipe_from_dict(with_("dpo", loss_type="simpo", simpo_gamma=1.0))) == []
+
+
+def test_keys_prints_defaults_as_yaml_so_they_can_be_copied(tmp_path):
+    text = describe_keys()
+    assert "  eval_steps: null  — " in text and "  trust_remote_code: false  — " in text
+    assert "None" not in text.replace("None)", "")  # no Python spellings of defaults
+    defaults = {}
+    for line in text.splitlines():
+        if line.startswith("  ") and not line.startswith("   ") and " — " in line and "(required)" not in line:
+            key, _, value = line.strip().partition(": ")
+            defaults[key] = value.split("  — ")[0]
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(BASE) + "train:\n" + "".join(
+        f"  {k}: {defaults[k]}\n" for k in ("eval_steps", "learning_rate", "resume_from_checkpoint", "report_to")))
+    assert load_recipe(p) == recipe_from_dict(BASE)
+
+
 def test_yaml_errors_name_file_and_line(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("model:\n  name_or_path: [unclosed\n")
@@ -147,6 +202,8 @@ def test_validate_cli_loads_no_model(tmp_path):
     (["validate", "{d}/r.yaml", "dpo.bta=1"], "did you mean 'beta'"),
     (["{d}/r.yaml", "train.max_steps=abc"], "train.max_steps"),
     (["validate"], "recipe"),
+    (["valdate", "{d}/r.yaml"], "unknown command 'valdate'; did you mean 'validate'?"),
+    (["validate", "{d}/r.yaml", "lora.target_modules=[q_proj"], "not a valid YAML list"),
 ])
 def test_cli_errors_are_one_line_exit_2(tmp_path, args, needle):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(BASE))

@@ -177,6 +177,80 @@ def test_corrupt_checkpoint_is_detected_and_the_previous_one_offered(recipe_dict
         train(recipe_from_dict(recipe_dict))
 
 
+def _refuse_model_loads(monkeypatch):
+    def refuse(*args, **kw):
+        raise AssertionError("the base model was loaded before the error")
+    monkeypatch.setattr(TRAIN_MODULE.model_lib, "load_base", refuse)
+
+
+def test_resume_refuses_a_recipe_that_changes_the_training_before_loading_the_model(recipe_dict, monkeypatch):
+    """The checkpoint's optimizer state and schedule belong to its settings: a new learning rate or max_steps would
+    be silently ignored, a new LoRA rank would not load. Settings of how it runs may change."""
+    recipe_dict["data"].pop("eval")
+    recipe_dict["train"].update(max_steps=3, save_steps=2)
+    train(recipe_from_dict(recipe_dict))
+    resume = {**recipe_dict["train"], "resume_from_checkpoint": "latest"}
+    ckpt = Path(recipe_dict["output"]["dir"]) / "checkpoints" / "step-00000002"
+    with pytest.MonkeyPatch.context() as m:
+        _refuse_model_loads(m)
+        for section, key, value in [("train", "learning_rate", 5e-3), ("train", "max_steps", 9), ("lora", "r", 8),
+                                    ("dpo", "beta", 0.5), ("data", "max_length", 60)]:
+            changed = {**recipe_dict, "train": dict(resume)}
+            changed[section] = {**changed.get(section, {}), key: value}
+            with pytest.raises(LoraDpoError, match=rf"^{section}\.{key}: {value!r} differs from .* in the run being "
+                                                   rf"resumed \(.*step-00000002\); .*set {section}\.{key} back"):
+                train(recipe_from_dict(changed))
+        # a checkpoint written before checkpoints held their recipe: the run's recipe.yaml is the reference
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        (ckpt / "trainer_state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "recipe"}))
+        with pytest.raises(LoraDpoError, match=r"^train\.learning_rate: "):
+            train(recipe_from_dict({**recipe_dict, "train": {**resume, "learning_rate": 5e-3}}))
+    resumed = train(recipe_from_dict({**recipe_dict, "train": {**resume, "logging_steps": 2, "save_steps": 1},
+                                      "model": {**recipe_dict["model"], "attn_implementation": "eager"}}))
+    assert resumed.steps == 3
+
+
+def test_resume_errors_come_before_the_model_loads(recipe_dict, tmp_path, monkeypatch):
+    _refuse_model_loads(monkeypatch)
+    fresh = {**recipe_dict, "output": {"dir": str(tmp_path / "fresh")}}
+    with pytest.raises(LoraDpoError, match="holds no checkpoint"):
+        train(recipe_from_dict({**fresh, "train": {**recipe_dict["train"], "resume_from_checkpoint": "latest"}}))
+    with pytest.raises(LoraDpoError, match="is not a checkpoint directory"):
+        train(recipe_from_dict({**fresh, "train": {**recipe_dict["train"],
+                                                   "resume_from_checkpoint": str(tmp_path / "nothing")}}))
+    r = recipe_from_dict(fresh)
+    r.train.per_device_train_batch_size = 0  # edited in Python after loading: checked again
+    with pytest.raises(LoraDpoError, match=r"train\.per_device_train_batch_size.*> 0"):
+        train(r)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_not_offered_for_resuming(recipe_dict, tmp_path):
+    out = tmp_path / "early"
+    out.mkdir()
+    (out / "recipe.yaml").write_text("{}")  # what a run interrupted during its step-0 check leaves
+    (out / "metrics.jsonl").write_text("")
+    recipe_dict["output"] = {"dir": str(out)}
+    with pytest.raises(LoraDpoError, match=r"stopped before its first checkpoint \(no checkpoint to resume\).*"
+                                           r"output\.overwrite=true") as e:
+        train(recipe_from_dict(recipe_dict))
+    assert "resume_from_checkpoint" not in str(e.value)
+
+
+def test_training_leaves_the_process_as_it_found_it(recipe_dict):
+    """A notebook keeps computing after train(): its warning filters and the CPU's subnormal-float mode are the
+    user's."""
+    import warnings
+
+    def subnormals_kept() -> bool:
+        return float(torch.tensor([1e-39]) * torch.tensor([1.0])) != 0.0
+
+    filters, kept = list(warnings.filters), subnormals_kept()
+    recipe_dict["data"].pop("eval")
+    recipe_dict["train"].update(max_steps=1)
+    train(recipe_from_dict(recipe_dict))
+    assert warnings.filters == filters and subnormals_kept() == kept
+
+
 # ---------------------------------------------------------------- loading safety, enforced on the source
 
 def _calls(name: str):
@@ -210,8 +284,13 @@ def test_no_pickle_is_ever_unpickled():
 
 
 def test_yaml_only_through_safe_load():
+    import yaml
+
+    from lora_dpo import recipe
+
     assert list(_calls("yaml.safe_load"))
     assert not [c for c in _calls("yaml.load")]
+    assert issubclass(recipe._UniqueKeyLoader, yaml.SafeLoader)  # recipes: safe_load that refuses repeated keys
 
 
 def test_trust_remote_code_is_off_unless_asked(tiny_model_dir, monkeypatch, capsys):

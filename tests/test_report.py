@@ -176,6 +176,7 @@ def test_an_interrupted_run_writes_its_report(recipe_dict, monkeypatch):
     """A run stopped by a signal (here: the stop already requested when the loop starts) still leaves report.html
     with the curves so far."""
     from lora_dpo import train
+    from lora_dpo.errors import TrainingStopped
     from lora_dpo.recipe import recipe_from_dict
 
     train_mod = sys.modules["lora_dpo.train"]
@@ -188,7 +189,10 @@ def test_an_interrupted_run_writes_its_report(recipe_dict, monkeypatch):
 
     monkeypatch.setattr(train_mod, "_StopSignal", StopAtOnce)
     recipe_dict["train"].update(max_steps=4, logging_steps=1)
-    run = train(recipe_from_dict(recipe_dict))
-    assert run.stopped == "SIGTERM" and not run.adapter_dir.exists()
+    with pytest.raises(TrainingStopped, match=r"stopped by SIGTERM at step 1/4; checkpoint .*step-00000001") as e:
+        train(recipe_from_dict(recipe_dict))  # an interrupt, so a script or a sweep loop stops too
+    run = e.value.result
+    assert run.stopped == "SIGTERM" and run.steps == 1 and not (run.output_dir / "adapter").exists()
+    assert (run.adapter_dir / "adapter_model.safetensors").is_file()  # the checkpoint's adapter
     html = (run.output_dir / "report.html").read_text()
     assert "No final adapter" in html and "last logged training step: <b>1</b>" in html and "<img" in html

@@ -115,7 +115,7 @@ def test_existing_run_is_refused_and_untouched(recipe_dict):
     recipe_dict["data"].pop("eval")
     first = train(recipe_from_dict(recipe_dict))
     before = (first.output_dir / "metrics.jsonl").read_bytes()
-    with pytest.raises(LoraDpoError, match="already holds a run.*overwrite=true"):
+    with pytest.raises(LoraDpoError, match=r"already holds a finished run \(no checkpoint to resume\).*overwrite=true"):
         train(recipe_from_dict(recipe_dict))
     assert (first.output_dir / "metrics.jsonl").read_bytes() == before
     with pytest.raises(LoraDpoError, match="holds no checkpoint"):
@@ -156,7 +156,7 @@ def test_cli_trains_and_refuses_to_overwrite(recipe_dict, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
-    assert "already holds a run" in res.stderr and "Traceback" not in res.stderr
+    assert "already holds a finished run" in res.stderr and "Traceback" not in res.stderr
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
