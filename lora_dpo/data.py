@@ -56,16 +56,16 @@ def read_rows(spec: str | list | None, key: str, cfg: DataConfig | None = None) 
         raw = data_sources.read_source(s, skey)
         fmt = s["format"] or cfg.format
         rows, used = data_formats.normalise(raw, fmt, s["columns"], skey, data_sources.label(s))
-        parts.append((s, rows, used))
+        parts.append((s, rows, used, data_formats.unused_columns(raw, used, s["columns"])))
     chosen = data_sources.take([len(p[1]) for p in parts], specs, cfg.split_seed)
     many = len(parts) > 1
-    out = Rows(label=" + ".join(data_sources.label(s) for s, _, _ in parts))
-    for (s, rows, used), idx in zip(parts, chosen):
+    out = Rows(label=" + ".join(data_sources.label(p[0]) for p in parts))
+    for (s, rows, used, unused), idx in zip(parts, chosen):
         out.extend(rows[i] for i in idx)
         out.origins.extend(f"{data_sources.label(s)}:{i}" if many else i for i in idx)
         detected = (s["format"] or cfg.format) == "auto"
         out.sources.append({"label": data_sources.label(s), "format": used, "detected": detected,
-                            "read": len(rows), "taken": len(idx)})
+                            "read": len(rows), "taken": len(idx), "unused": unused})
     return out
 
 
@@ -81,8 +81,9 @@ def read_data(cfg: DataConfig) -> tuple[Rows, Rows | None]:
     parts = []
     for keep in (False, True):
         idx = [i for i in range(len(train)) if (i in held) == keep]
+        # both labels name the held-out rows (the training part is "minus" them), never the part's own size
         part = Rows([train[i] for i in idx], [train.origins[i] for i in idx], train.sources,
-                    f"{train.label} ({'held-out' if keep else 'minus held-out'} {len(idx)} rows, "
+                    f"{train.label} ({'held-out' if keep else 'minus held-out'} {len(held)} rows, "
                     f"split_seed {cfg.split_seed})")
         parts.append(part)
     return parts[0], parts[1]
@@ -135,6 +136,8 @@ def tokenize_row(row: dict, tokenizer, system_prompt: str | None = None, as_chat
     `as_chat` renders string rows as a one-turn conversation (data.apply_chat_template)."""
     if row.get(DROP):
         raise ValueError(row[DROP])
+    if row.get("system") is not None and not isinstance(row["system"], str):  # rows given directly (Python API)
+        raise ValueError("wrong type (system must be a string or null)")
     prompt, chosen, rejected = (row[c] for c in COLUMNS)
     if as_chat and all(isinstance(x, str) for x in (prompt, chosen, rejected)):
         prompt = [{"role": "user", "content": prompt.strip()}]
@@ -179,7 +182,7 @@ def tokenize_rows(rows: list[dict], tokenizer, cfg: DataConfig, source: Any, spl
     pairs: list[Pair] = []
     seen: set[str] = set()
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    text_rows = 0
+    text_rows = two_systems = 0
     for i, (row, where) in enumerate(zip(rows, origins)):
         try:
             p, c, r, boundary_ok = tokenize_row(row, tokenizer, cfg.system_prompt, cfg.apply_chat_template)
@@ -198,6 +201,7 @@ def tokenize_rows(rows: list[dict], tokenizer, cfg: DataConfig, source: Any, spl
         # a system message (the row's or data.system_prompt) has no place in plain text: counted, not hidden
         text_rows += (isinstance(row["prompt"], str) and not cfg.apply_chat_template
                       and bool(row.get("system") or cfg.system_prompt))
+        two_systems += _system_overridden(row)
         if not p:
             report.drop("empty prompt after tokenisation (the first completion token could not be scored)", where)
             continue
@@ -229,7 +233,16 @@ def tokenize_rows(rows: list[dict], tokenizer, cfg: DataConfig, source: Any, spl
         report.notes.append(f"{text_rows} text rows have a system message (system column or data.system_prompt) "
                             "that plain text cannot carry; set data.apply_chat_template: true to render them as "
                             "conversations")
+    if two_systems:
+        report.notes.append(f"{two_systems} conversational rows have a system column and a different system "
+                            "message in the prompt; the prompt's was used, the column's was not")
     return pairs, report
+
+
+def _system_overridden(row: dict) -> bool:
+    """A row's system column that loses to the system message its conversation already opens with."""
+    first = row["prompt"][0] if data_formats.is_messages(row["prompt"]) else {}
+    return bool(row.get("system")) and first.get("role") == "system" and first["content"] != row["system"]
 
 
 def apply_chat_template(cfg: DataConfig, tokenizer) -> None:

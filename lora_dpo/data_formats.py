@@ -10,13 +10,15 @@
     auto            hh or implicit when there is no prompt column, else standard/conversational by value type
 
 A `columns` mapping renames the source's columns (e.g. {prompt: question}); a `system` column, when present,
-gives a per-row system message. A row that cannot be used is not thrown away here: it carries `"__drop__"`
-with the reason, and the tokeniser counts it in the data report.
+gives a per-row system message (a string; null or blank = none). A row that cannot be used is not thrown away
+here: it carries `"__drop__"` with the reason, and the tokeniser counts it in the data report. Columns the format
+does not read are counted (`unused_columns`) and named in the data report.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Any
 
 from lora_dpo.errors import LoraDpoError
@@ -64,7 +66,29 @@ def normalise(rows: list[dict], fmt: str, columns: dict | None, key: str, name: 
     return [canonical(row, used) for row in renamed], used
 
 
+def unused_columns(rows: list[dict], fmt: str, columns: dict | None) -> dict[str, int]:
+    """Columns of the source (as named there) that format `fmt` does not read → how many rows have each.
+
+    Nothing reads them, so they are named in the data report: a prompt column under another name ('question',
+    or 'prompt' behind a byte order mark) would otherwise vanish, and implicit detection would train without
+    it."""
+    columns = columns or {}
+    roles = ("chosen", "rejected", "system") if fmt in ("implicit", "hh") else (*ROLES, "system")
+    read = {columns.get(role, role) for role in roles}
+    counts: Counter = Counter(k for row in rows for k in row if k not in read)
+    return dict(counts)
+
+
 def canonical(row: dict, fmt: str) -> dict:
+    out = _canonical(row, fmt)
+    system = row.get("system")
+    if system is not None and not isinstance(system, str) and DROP not in out:
+        # a number or a list would otherwise be left out of the prompt without a word
+        out[DROP] = "wrong type (system must be a string or null)"
+    return out
+
+
+def _canonical(row: dict, fmt: str) -> dict:
     out = {"system": row["system"]} if isinstance(row.get("system"), str) and row["system"].strip() else {}
     if fmt in ("standard", "conversational"):
         out.update({r: row[r] for r in ROLES})

@@ -40,7 +40,7 @@ class DataReport:
     problems: Counter = field(default_factory=Counter)
     problem_examples: dict[str, list] = field(default_factory=dict)
     lengths: dict[str, list[int]] = field(default_factory=lambda: {"prompt": [], "chosen": [], "rejected": []})
-    sources: list[dict] = field(default_factory=list)  # label, format, rows read, rows taken
+    sources: list[dict] = field(default_factory=list)  # label, format, rows read, rows taken, unused columns
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -64,14 +64,22 @@ class DataReport:
         for k, n in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
             self.lengths[k].append(n)
 
+    def source_problems(self) -> list[str]:
+        """Sources detected as implicit (no prompt column) that also have columns nothing reads: the prompt is
+        probably one of them, and training would go on with only the start chosen and rejected share."""
+        return [f"{s['label']}: no prompt column (format implicit detected) and columns not used: "
+                f"{_names(s['unused'])} — map the prompt column with columns: {{prompt: NAME}}, or set format: implicit"
+                for s in self.sources if s.get("detected") and s["format"] == "implicit" and s.get("unused")]
+
     def problem_count(self) -> int:
-        return sum(self.dropped.values()) + sum(self.problems.values())
+        return sum(self.dropped.values()) + sum(self.problems.values()) + len(self.source_problems())
 
     def problem_summary(self, limit: int = 3) -> str:
+        parts = self.source_problems()
         items = [(n, r, self.examples[r]) for r, n in self.dropped.most_common()]
         items += [(n, k, self.problem_examples[k]) for k, n in self.problems.most_common()]
-        parts = [f"{n} × {r} ({_rows(ex, n)})" for n, r, ex in items[:limit]]
-        return "; ".join(parts) + ("; …" if len(items) > limit else "")
+        parts += [f"{n} × {r} ({_rows(ex, n)})" for n, r, ex in items]
+        return "; ".join(parts[:limit]) + ("; …" if len(parts) > limit else "")
 
     def lines(self) -> list[str]:
         out = [f"data.{self.split}: {self.source}: {self.rows} rows read, {self.kept} pairs kept, "
@@ -82,6 +90,9 @@ class DataReport:
                 out.append(f"  source {s['label']} ({_fmt(s)}): {s['read']} rows read, {s['taken']} taken")
         elif self.sources:
             out[0] += f"; format {_fmt(self.sources[0])}"
+        for s in self.sources:
+            if s.get("unused"):
+                out.append(f"  {'source ' + s['label'] + ': ' if len(self.sources) > 1 else ''}{_unused(s)}")
         for reason, n in sorted(self.dropped.items()):
             out.append(f"  dropped {n} × {reason} ({_rows(self.examples[reason], n)})")
         for kind, n in sorted(self.problems.items()):
@@ -106,6 +117,31 @@ class DataReport:
 
 def _fmt(source: dict) -> str:
     return source["format"] + (", detected" if source.get("detected") else "")
+
+
+def _names(unused: dict[str, int]) -> str:
+    return ", ".join(repr(c) if c != c.strip() or not c.isprintable() else c for c in unused)
+
+
+def _unused(source: dict) -> str:
+    """Which columns of a source nothing reads, and the `columns` mapping that would read one."""
+    unused = source["unused"]
+    cols = ", ".join(f"{_names({c: n})} ({n} rows)" for c, n in unused.items())
+    system = next((c for c in unused if "system" in c.lower()), None)
+    other = next((c for c in unused if c != system), None)
+    hints = []
+    if source["format"] == "implicit" and other is not None:
+        hints.append(f"format implicit{' (detected: no prompt column)' if source.get('detected') else ''} takes "
+                     "the prompt from the start chosen and rejected share; if a column holds the prompt, map it in "
+                     f"a data source mapping with columns: {{prompt: {other}}}"
+                     + (", else set format: implicit" if source.get("detected") else ""))
+    if system is not None:
+        hints.append(f"if {system} holds the system message, map it in a data source mapping with columns: "
+                     f"{{system: {system}}}")
+    if not hints:
+        hints.append("nothing reads them; to use one, map it in a data source mapping with columns: "
+                     "{prompt|chosen|rejected|system: NAME}")
+    return f"columns not used: {cols} — " + "; ".join(hints)
 
 
 def _rows(examples: list, n: int) -> str:

@@ -3,7 +3,8 @@ sources by weight or count; holding an eval split out of the training sources.
 
 A source is a mapping (see `recipe.DataSource`); a plain string in the recipe is the mapping `{path: STRING}`.
 Rows are returned raw (whatever columns the source has): `data_formats` turns them into (prompt, chosen, rejected).
-Every error names the recipe key and the file (and line or row where there is one) and says what to do.
+Every error names the recipe key and the file (and line or row where there is one) and says what to do; a
+setting a source cannot use (split, name or revision of a local file) is refused, never ignored.
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ def label(spec: dict) -> str:
 def source_kind(path: str) -> str:
     """'file' | 'disk' (a save_to_disk directory) | 'hub' (a dataset id); a missing local path is still 'file'."""
     p = Path(path).expanduser()
+    if p.is_dir():  # before the suffix: a directory named train.jsonl is not a file ("not found" would mislead)
+        return "disk"
     if p.suffix.lower() in FILE_TYPES or p.is_file():
         return "file"
-    if p.is_dir():
-        return "disk"
     if path.startswith((".", "/", "~")) or not _HUB_ID.match(path):
         return "file"
     return "hub"
@@ -56,10 +57,9 @@ def read_source(spec: dict, key: str) -> list[dict]:
     kind = source_kind(path)
     if kind == "hub":
         rows = _read_hub(spec, key)
-    elif kind == "disk":
-        rows = _read_saved(spec, key)
     else:
-        rows = _read_file(Path(path).expanduser(), path, key)
+        _refuse_hub_settings(spec, kind, key)
+        rows = _read_saved(spec, key) if kind == "disk" else _read_file(Path(path).expanduser(), path, key)
     if not rows:
         raise LoraDpoError(f"{key}: '{label(spec)}' holds no rows; give a source with prompt/chosen/rejected rows")
     for i, row in enumerate(rows):
@@ -67,6 +67,24 @@ def read_source(spec: dict, key: str) -> list[dict]:
             raise LoraDpoError(f"{key}: '{label(spec)}' row {i} is a {type(row).__name__}, not an object with "
                                "prompt, chosen, rejected; fix that row")
     return rows
+
+
+def _setting_key(key: str, setting: str) -> str:
+    """data.train[0].path → data.train[0].split: errors name the setting the user wrote."""
+    return (key[: -len(".path")] if key.endswith(".path") else key) + "." + setting
+
+
+def _refuse_hub_settings(spec: dict, kind: str, key: str) -> None:
+    """name and revision pick a hub dataset's config and commit, split one of its splits: a local source has none
+    of them, and a setting that does nothing is refused rather than ignored."""
+    what = "local file" if kind == "file" else "local directory"
+    for setting in ("name", "revision"):
+        if spec[setting] is not None:
+            raise LoraDpoError(f"{_setting_key(key, setting)}: '{spec['path']}' is a {what}, and {setting} applies "
+                               f"to hub datasets only; remove {setting}")
+    if kind == "file" and spec["split"] != "train":  # "train" is the default, so it cannot be told from unset
+        raise LoraDpoError(f"{_setting_key(key, 'split')}: '{spec['path']}' is a local file, which has no splits; "
+                           "remove split (give each split's file as a source of its own)")
 
 
 def _read_file(p: Path, path: str, key: str) -> list[Any]:
@@ -86,6 +104,9 @@ def _read_file(p: Path, path: str, key: str) -> list[Any]:
         raise LoraDpoError(f"{key}: '{path}' line {line} is not UTF-8 text; re-encode the file as UTF-8") from None
     except OSError as e:
         raise LoraDpoError(f"{key}: cannot read '{path}' ({e.strerror}); check its permissions") from None
+    # Excel's "CSV UTF-8" and some editors start the file with a byte order mark: left in, it would rename the first
+    # CSV column ('\ufeffprompt', so the prompt went unused) and break the first JSON line
+    text = text.removeprefix("\ufeff")
     if suffix == ".csv":
         return _read_csv(text, path, key)
     if suffix == ".json" and not text.lstrip().startswith("{"):
@@ -97,6 +118,9 @@ def _read_file(p: Path, path: str, key: str) -> list[Any]:
         if not isinstance(rows, list):
             raise LoraDpoError(f"{key}: '{path}' must hold a JSON list of rows; wrap the rows in [ ]")
         return rows
+    whole = _one_object(text)
+    if whole is not None:
+        return _object_rows(whole, text, p, path, key)
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -107,6 +131,40 @@ def _read_file(p: Path, path: str, key: str) -> list[Any]:
             raise LoraDpoError(f"{key}: '{path}' line {n} is not valid JSON ({e.msg}); fix or remove that "
                                "line") from None
     return rows
+
+
+def _one_object(text: str) -> dict | None:
+    """The file's whole text as one JSON object, or None (JSON Lines, or broken: read line by line, which names
+    the bad line)."""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        whole = json.loads(text)  # JSON Lines fails fast here, with "Extra data" after its first row
+    except json.JSONDecodeError:
+        return None
+    return whole if isinstance(whole, dict) else None
+
+
+def _holds_rows(value: Any) -> bool:
+    """A list of objects that are not chat messages (a row's conversation is a list of {role, content} too)."""
+    return (isinstance(value, list) and bool(value) and all(isinstance(x, dict) for x in value)
+            and not any("role" in x for x in value))
+
+
+def _object_rows(whole: dict, text: str, p: Path, path: str, key: str) -> list[dict]:
+    """A file that is one JSON object: a one-row JSON Lines file, or an export that keeps its rows under a key
+    ({"data": [...]}) — read as one row, that would only fail later as "no 'chosen' column"."""
+    holder = next((k for k, v in whole.items() if _holds_rows(v)), None)
+    if holder is not None and "chosen" not in whole:  # a row may carry a list of objects too (scores, ratings)
+        out = p.with_suffix(".jsonl") if p.suffix.lower() == ".json" else p.with_name(p.stem + "_rows.jsonl")
+        query = f".{holder}[]" if holder.isidentifier() else f'.["{holder}"][]'
+        raise LoraDpoError(f"{key}: '{path}' is a JSON object, not a list of rows or JSON Lines; its rows are under "
+                           f"the key '{holder}' ({len(whole[holder])} rows): write them one per line, e.g. "
+                           f"jq -c '{query}' {path} > {out}, and give that file")
+    if sum(1 for line in text.splitlines() if line.strip()) > 1:
+        raise LoraDpoError(f"{key}: '{path}' is one JSON object over several lines, not a list of rows or JSON "
+                           "Lines; wrap the rows in [ ] (.json) or write one object per line (.jsonl)")
+    return [whole]
 
 
 def _read_parquet(p: Path, path: str, key: str) -> list[dict]:
@@ -154,6 +212,9 @@ def _read_saved(spec: dict, key: str) -> list[dict]:
             raise LoraDpoError(f"{key}: saved dataset '{path}' has no split '{spec['split']}' (it has "
                                f"{', '.join(ds)}); set split to one of them")
         ds = ds[spec["split"]]
+    elif spec["split"] != "train":  # the default; any other split would be ignored (the report even showed it)
+        raise LoraDpoError(f"{_setting_key(key, 'split')}: '{path}' is a single saved Dataset with no splits; "
+                           "remove split")
     return ds.to_list()
 
 

@@ -385,3 +385,62 @@ def test_conversations_without_a_chat_template_ask_for_one(tokenizer):
                                            r"chat template\); set data.chat_template"):
         data.load(cfg(), tok, rows=rows)
     assert data.load(cfg(chat_template=tokenizer.chat_template), tok, rows=rows)[1].kept == 1
+
+
+# ---------------------------------------------------------------- nothing read is left out without a word
+
+def test_system_that_is_not_a_string_is_dropped_with_its_reason(tmp_path, tokenizer):
+    """system: 123 (or a list) cannot be a system message: the row is dropped and counted, never trained
+    without it in silence; a null system is no system."""
+    conv = {"prompt": [user("Hi")], "chosen": [assistant("Hello.")], "rejected": [assistant("Go away.")]}
+    text = {"prompt": "Hi", "chosen": " Hello.", "rejected": " Go away."}
+    reason = "wrong type (system must be a string or null)"
+    for name, row in (("text", text), ("conversational", conv)):
+        f = write_jsonl(tmp_path / f"{name}.jsonl", [{**row, "system": 123}, {**row, "system": None},
+                                                     {**row, "system": ["Be kind."]}])
+        pairs, rep = data.load(DataConfig(train=str(f)), tokenizer)
+        assert rep.dropped == {reason: 2} and rep.examples[reason] == [0, 2] and [p.index for p in pairs] == [1]
+        assert f"dropped 2 × {reason} (rows 0, 2)" in "\n".join(rep.lines()), name
+    # rows given to load directly (the Python API) are checked too
+    _, rep = data.load(cfg(), tokenizer, rows=data.Rows([{**conv, "system": 7}, conv]))
+    assert rep.dropped == {reason: 1} and rep.examples[reason] == [0]
+
+
+def test_system_column_beaten_by_the_prompts_own_system_message_is_noted(tokenizer):
+    conv = {"prompt": [{"role": "system", "content": "Be brief."}, user("Hi")], "chosen": [assistant("Hello.")],
+            "rejected": [assistant("Go away.")]}
+    same = {**conv, "chosen": [assistant("Hi.")], "system": "Be brief."}  # the same message twice: nothing lost
+    _, rep = data.load(cfg(), tokenizer, rows=data.Rows([{**conv, "system": "Be kind."}, same]))
+    assert any(n.startswith("1 conversational rows have a system column and a different system message")
+               for n in rep.notes)
+
+
+def test_unused_columns_are_named_in_the_report(tmp_path, tokenizer, capsys):
+    """A prompt column under another name ('question') made the source implicit and vanished without a word: the
+    report names every column nothing reads, with the mapping that would read it, and data.on_problem=error stops
+    on a detected implicit source that has one."""
+    rows = [{"question": f"What is {i}+{i}?", "chosen": f"The answer is {2 * i}.",
+             "rejected": f"The answer is {2 * i + 1}."} for i in range(4)]
+    f = write_jsonl(tmp_path / "q.jsonl", rows)
+    train, _ = data.read_data(DataConfig(train=str(f)))
+    assert train.sources[0]["format"] == "implicit" and train.sources[0]["unused"] == {"question": 4}
+    data.prepare(DataConfig(train=str(f)), tokenizer, train, None)
+    out = capsys.readouterr().out
+    assert "columns not used: question (4 rows) — format implicit (detected: no prompt column)" in out
+    assert "map it in a data source mapping with columns: {prompt: question}" in out
+    with pytest.raises(LoraDpoError, match=r"data.train: 1 data problems .*q\.jsonl: no prompt column \(format "
+                                           r"implicit detected\) and columns not used: question"):
+        data.prepare(DataConfig(train=str(f), on_problem="error"), tokenizer, train, None)
+    # declared implicit: said, not a problem
+    declared = data.read_rows(str(f), "data.train", DataConfig(train=str(f), format="implicit"))
+    assert data.prepare(DataConfig(train=str(f), on_problem="error"), tokenizer, declared, None).train_pairs
+    # extra columns of a standard source, a system_prompt column, and a prompt column shadowed by a mapping
+    extra = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "Hi", "chosen": " a", "rejected": " b", "score": 1,
+                                                "system_prompt": "Be kind.", "question": "Hello"}])
+    dcfg = recipe_from_dict({"model": {"name_or_path": "m"}, "output": {"dir": "o"},
+                             "data": {"train": [{"path": str(extra), "columns": {"prompt": "question"}}]}}).data
+    rows, _ = data.read_data(dcfg)
+    assert rows.sources[0]["unused"] == {"prompt": 1, "score": 1, "system_prompt": 1}
+    text = "\n".join(data.load(dcfg, tokenizer, rows=rows)[1].lines())
+    assert "columns not used: prompt (1 rows), score (1 rows), system_prompt (1 rows)" in text
+    assert "columns: {system: system_prompt}" in text

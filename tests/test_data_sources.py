@@ -149,3 +149,91 @@ def test_bare_strings_in_a_source_list(tmp_path):
     cfg = data_cfg(train=[str(a)])
     assert cfg.train[0]["path"] == str(a) and cfg.train[0]["split"] == "train"
     assert len(data.read_data(cfg)[0]) == 2
+
+
+def test_utf8_bom_is_stripped_from_csv_and_json(tmp_path):
+    """Excel's "CSV UTF-8" starts the file with a BOM: the first column must still be 'prompt' (it was
+    '\ufeffprompt', detected as implicit and trained without its prompt), and JSON/JSONL must still parse."""
+    rows = arithmetic_rows(3)
+    bom = "\ufeff"
+    (tmp_path / "a.csv").write_text(bom + "prompt,chosen,rejected\n" + "".join(
+        f'"{r["prompt"]}","{r["chosen"]}","{r["rejected"]}"\n' for r in rows), encoding="utf-8")
+    (tmp_path / "a.jsonl").write_text(bom + "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (tmp_path / "a.json").write_text(bom + json.dumps(rows), encoding="utf-8")
+    for name in ("a.csv", "a.jsonl", "a.json"):
+        got = data.read_rows(str(tmp_path / name), "data.train")
+        assert plain(got) == rows and got.sources[0]["format"] == "standard", name
+        assert not got.sources[0]["unused"], name
+
+
+def test_json_object_file_is_named_as_such(tmp_path):
+    """{"data": [rows]} (pretty-printed or on one line) is a JSON object, not JSON Lines with a bad line 1 or one
+    row without a 'chosen' column; the message names the key that holds the rows and how to convert it."""
+    rows = arithmetic_rows(3)
+    (tmp_path / "pretty.json").write_text(json.dumps({"data": rows}, indent=1))
+    (tmp_path / "one_line.json").write_text(json.dumps({"version": 1, "data": rows}))
+    for name in ("pretty.json", "one_line.json"):
+        with pytest.raises(LoraDpoError) as e:
+            data.read_rows(str(tmp_path / name), "data.train")
+        msg = str(e.value)
+        assert "is a JSON object, not a list of rows or JSON Lines" in msg and "under the key 'data' (3 rows)" in msg
+        assert "jq -c '.data[]'" in msg and "line 1" not in msg, name
+    (tmp_path / "row.json").write_text(json.dumps(rows[0], indent=1))
+    with pytest.raises(LoraDpoError, match="is one JSON object over several lines, not a list of rows"):
+        data.read_rows(str(tmp_path / "row.json"), "data.train")
+    # one conversational row on one line is JSON Lines: its message lists are not mistaken for rows
+    conv = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}]}
+    assert list(data.read_rows(str(write_jsonl(tmp_path / "c.jsonl", [conv])), "data.train")) == [conv]
+
+
+def test_directory_named_like_a_file_is_a_directory(tmp_path):
+    import datasets
+
+    (tmp_path / "dir.jsonl").mkdir()
+    assert data_sources.source_kind(str(tmp_path / "dir.jsonl")) == "disk"
+    with pytest.raises(LoraDpoError, match=r"directory '.*dir\.jsonl' is not a saved dataset"):
+        data.read_rows(str(tmp_path / "dir.jsonl"), "data.train")
+    rows = arithmetic_rows(4)
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "saved.jsonl")
+    assert plain(data.read_rows(str(tmp_path / "saved.jsonl"), "data.train")) == rows
+
+
+def test_hub_only_settings_on_local_sources_are_refused(tmp_path):
+    """split/name/revision that a local source cannot use are refused naming the key, never ignored."""
+    import datasets
+
+    f = write_jsonl(tmp_path / "a.jsonl", arithmetic_rows(4))
+    datasets.Dataset.from_list(arithmetic_rows(4)).save_to_disk(tmp_path / "ds")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(arithmetic_rows(4))}).save_to_disk(tmp_path / "dd")
+    cases = [
+        ({"path": str(tmp_path / "ds"), "split": "test"},
+         r"data.train\[0\].split: '.*ds' is a single saved Dataset with no splits; remove split"),
+        ({"path": str(f), "split": "test"}, r"data.train\[0\].split: '.*a.jsonl' is a local file, which has no "
+                                            r"splits; remove split"),
+        ({"path": str(f), "name": "cfg"}, r"data.train\[0\].name: '.*a.jsonl' is a local file, and name applies "
+                                          r"to hub datasets only; remove name"),
+        ({"path": str(f), "revision": "main"}, r"data.train\[0\].revision: .*remove revision"),
+        ({"path": str(tmp_path / "dd"), "name": "cfg"}, r"data.train\[0\].name: '.*dd' is a local directory"),
+    ]
+    for source, message in cases:
+        with pytest.raises(LoraDpoError, match=message):
+            data.read_data(data_cfg(train=[source]))
+    assert len(data.read_data(data_cfg(train=[{"path": str(tmp_path / "ds")}]))[0]) == 4  # default split: fine
+
+
+def test_eval_split_labels_name_the_held_out_count(tmp_path, tokenizer):
+    """24 rows, eval_split 6: training is '24 minus 6 held out', eval is '6 held out' — in the printed report and
+    in data_report.txt / .json (the training label said 'minus held-out 18 rows')."""
+    f = write_jsonl(tmp_path / "t.jsonl", arithmetic_rows(24))
+    dcfg = data_cfg(train=str(f), eval_split=6)
+    train, eval_ = data.read_data(dcfg)
+    assert train.label == f"{f} (minus held-out 6 rows, split_seed 42)" and len(train) == 18
+    assert eval_.label == f"{f} (held-out 6 rows, split_seed 42)" and len(eval_) == 6
+    prepared = data.prepare(dcfg, tokenizer, train, eval_, say=lambda _: None)
+    prepared.save(tmp_path)
+    text = (tmp_path / "data_report.txt").read_text()
+    assert f"data.train: {f} (minus held-out 6 rows, split_seed 42): 18 rows read" in text
+    assert f"data.eval: {f} (held-out 6 rows, split_seed 42): 6 rows read" in text
+    saved = json.loads((tmp_path / "data_report.json").read_text())
+    assert saved["train"]["source"] == train.label and saved["eval"]["source"] == eval_.label
