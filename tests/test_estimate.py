@@ -501,3 +501,26 @@ def test_offloaded_activations_leave_the_checkpointed_inputs_out_and_are_advised
     inputs = DEMO_LIKE.layers * rows * T * DEMO_LIKE.hidden * 2
     assert f"train.offload_activations=true: the {gib(inputs)} of layer inputs" in "\n".join(big.advice)
     assert not any("offload_activations" in a for a in on.advice)  # it fits: no advice
+
+
+def test_the_readme_example_is_what_estimate_prints(monkeypatch, capsys):
+    """README's "Will it fit?" block, regenerated from the planner: the figures there drifted twice before."""
+    import re
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    def unreachable(*args, **kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", unreachable)  # planned from the published Llama-3.1-8B shapes
+    root = Path(__file__).resolve().parents[1]
+    block = re.search(r"\$ lora-dpo estimate recipe\.yaml --gpu-memory 24GiB --layout concatenated\n(.*?)```",
+                      (root / "README.md").read_text(), re.S).group(1)
+    assert main(["estimate", str(root / "recipes" / "llama-3.1-8b-instruct-orca-dpo-pairs-a100.yaml"),
+                 "train.gradient_checkpointing=false", "train.gradient_checkpointing_layers=1.0",
+                 "train.gradient_accumulation_steps=1", "train.per_device_train_batch_size=4", "data.max_length=1024",
+                 "--gpu-memory", "24GiB", "--layout", "concatenated"]) == 0
+    printed = capsys.readouterr().out
+    for line in block.strip().splitlines():
+        assert line in printed, line
