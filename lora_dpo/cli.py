@@ -129,8 +129,15 @@ def _dispatch(args) -> int:
         return 0
     r = recipe_lib.load_recipe(args.recipe, args.overrides)
     if args.command == "validate":
+        from lora_dpo.data import check_local_sources
+        from lora_dpo.model import check_local_model
+
+        unchecked = [f"model {r.model.name_or_path}"] if not check_local_model(r.model) else []
+        unchecked += [f"data set {h}" for h in dict.fromkeys(check_local_sources(r.data))]
         print(f"{args.recipe}: valid ({r.dpo.loss_type}, β={r.dpo.beta}, LoRA r={r.lora.r}, "
               f"model {r.model.name_or_path})")
+        if unchecked:
+            print(f"not checked (hub ids; read when training): {', '.join(unchecked)}")
         for note in recipe_lib.recipe_notes(r):
             print(f"note: {note}")
         return 0

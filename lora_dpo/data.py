@@ -47,6 +47,21 @@ class Rows(list):
 
 # ---------------------------------------------------------------- reading
 
+def check_local_sources(cfg: DataConfig) -> list[str]:
+    """What `lora-dpo validate` can check without the hub or a model: every local source reads and normalises (the
+    errors training would give), and data.chat_template's file exists. → the hub datasets left unchecked."""
+    hub = []
+    for split in ("train", "eval"):
+        for skey, s in data_sources.source_specs(getattr(cfg, split), f"data.{split}") if getattr(cfg, split) else []:
+            if data_sources.source_kind(s["path"]) == "hub":
+                hub.append(s["path"])
+                continue
+            data_formats.normalise(data_sources.read_source(s, skey), s["format"] or cfg.format, s["columns"], skey,
+                                   data_sources.label(s))
+    chat_template(cfg)
+    return hub
+
+
 def read_rows(spec: str | list | None, key: str, cfg: DataConfig | None = None) -> Rows:
     """Read, normalise and mix the sources of one recipe value (a path/id string or a list of source mappings)."""
     cfg = cfg or DataConfig(train="-")

@@ -91,6 +91,18 @@ def resolve_source(cfg: ModelConfig) -> Source:
     return Source("hub", name, cfg.revision)
 
 
+def check_local_model(cfg: ModelConfig) -> bool:
+    """resolve_source's checks where name_or_path is local (a directory, a .gguf file, the demo model), without
+    touching the hub (`lora-dpo validate`). → False for a hub id, which is not checked."""
+    name = cfg.name_or_path
+    path = Path(name).expanduser()
+    if (name != DEMO_ALIAS and path.suffix != ".gguf" and not path.exists() and not name.startswith((".", "/", "~"))
+            and name.count("/") == 1):
+        return False
+    resolve_source(cfg)
+    return True
+
+
 def _file_key(path: Path) -> str:
     st = path.stat()
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]

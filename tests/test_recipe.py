@@ -188,12 +188,23 @@ def _cli(*args, cwd=None):
                           timeout=120)
 
 
-def test_validate_cli_loads_no_model(tmp_path):
+def test_validate_cli_loads_no_model_but_checks_local_paths(tmp_path):
+    rows = tmp_path / "t.jsonl"
+    rows.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
     p = tmp_path / "r.yaml"
-    p.write_text(yaml.safe_dump(with_("model", name_or_path="/nonexistent/model/dir")))
-    res = _cli("validate", str(p), "dpo.beta=0.2")
+    p.write_text(yaml.safe_dump(with_("data", train=str(rows), eval="org/some-dataset")))
+    res = _cli("validate", str(p), "dpo.beta=0.2")  # a hub model and data set: not fetched, said so
     assert res.returncode == 0, res.stderr
     assert "valid" in res.stdout and "β=0.2" in res.stdout
+    assert "not checked (hub ids; read when training): model org/model, data set org/some-dataset" in res.stdout
+    for override, needle in [("model.name_or_path=/nonexistent/model/dir", "model.name_or_path: '/nonexistent"),
+                             (f"data.train={tmp_path / 'missing.jsonl'}", "data.train: file"),
+                             ("data.chat_template=templates/missing.jinja", "data.chat_template: file")]:
+        res = _cli("validate", str(p), override)
+        assert res.returncode == 2 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    rows.write_text('{"prompt": "p", "chosen": "a"}\n')  # what training would refuse, validate refuses
+    res = _cli("validate", str(p))
+    assert res.returncode == 2 and "rejected" in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("args, needle", [
