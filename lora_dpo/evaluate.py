@@ -3,15 +3,17 @@ and (optionally) a reward model's policy-vs-reference win rate."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lora_dpo import batching
+from lora_dpo import batching, checkpoints
 from lora_dpo import data as data_lib
 from lora_dpo import model as model_lib
 from lora_dpo import reward_model as rm_lib
@@ -20,9 +22,9 @@ from lora_dpo.generation import generate, kl_estimate
 from lora_dpo.logps import causal_lm
 from lora_dpo.losses import REFERENCE_FREE
 from lora_dpo.objective import MetricMeter, dpo_forward
-from lora_dpo.recipe import DpoConfig, load_recipe
+from lora_dpo.recipe import DpoConfig, Recipe, load_recipe
 
-__all__ = ["evaluate", "evaluate_pairs", "generate", "load_run", "snapshot", "snapshots_json"]
+__all__ = ["evaluate", "evaluate_pairs", "generate", "load_run", "read_run", "snapshot", "snapshots_json"]
 
 
 @torch.no_grad()
@@ -47,18 +49,79 @@ def evaluate_pairs(model, pairs: list[data_lib.Pair], cfg: DpoConfig, batch_size
     return result
 
 
-def load_run(run_dir: str | Path):
-    """→ (recipe, PeftModel with the run's adapter, tokenizer, device)."""
-    from peft import PeftModel
-
+def read_run(run_dir: str | Path) -> Recipe:
+    """The recipe of a finished run, once its adapter files are there and readable: cheap checks that fail before
+    minutes of base-model loading."""
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "adapter").is_dir():
-        raise LoraDpoError(f"'{run_dir}' is not a finished run directory (needs recipe.yaml and adapter/)")
-    recipe = load_recipe(run_dir / "recipe.yaml")
+        raise LoraDpoError(f"'{run_dir}' is not a finished run directory (needs recipe.yaml and adapter/); "
+                           "pass the output.dir of a finished training run")
+    _check_adapter(run_dir)
+    return load_recipe(run_dir / "recipe.yaml")
+
+
+def _check_adapter(run_dir: Path) -> None:
+    adapter = run_dir / "adapter"
+    config, weights = adapter / "adapter_config.json", adapter / "adapter_model.safetensors"
+    if not config.is_file():
+        raise LoraDpoError(f"adapter file '{config}' is missing; {_adapter_fix(run_dir)}")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LoraDpoError(f"adapter file '{config}' is unreadable ({type(e).__name__}); "
+                           f"{_adapter_fix(run_dir)}") from None
+    if not weights.is_file():
+        if (adapter / "adapter_model.bin").is_file():  # peft's pickle format: peft reads it, we cannot check it here
+            return
+        raise LoraDpoError(f"adapter file '{weights}' is missing; {_adapter_fix(run_dir)}")
+    from safetensors import safe_open
+
+    try:  # reads the header and checks that the file holds every tensor it lists (no tensor data is loaded)
+        with safe_open(weights, framework="pt") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: either way the file is unusable
+        raise LoraDpoError(f"adapter file '{weights}' is corrupt or truncated ({str(e).splitlines()[0][:120]}); "
+                           f"{_adapter_fix(run_dir)}") from None
+
+
+def _adapter_fix(run_dir: Path) -> str:
+    found = checkpoints.list_checkpoints(run_dir)
+    if not found:
+        return "the run has no checkpoint to restore it from: train the run again (output.overwrite=true)"
+    return (f"restore it by resuming the run (train.resume_from_checkpoint=latest, from {found[-1]}), or copy "
+            f"{found[-1] / 'adapter'} over {run_dir / 'adapter'} (the adapter as of that step)")
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """The notices training also drops (lora_dpo/model.py): bitsandbytes' advice to install `kernels` (registered
+    before bitsandbytes is first imported, which importing peft does) and peft reading `is_gradient_checkpointing`,
+    deprecated by recent transformers."""
+    model_lib.drop_kernels_hub_notice()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def load_run(run_dir: str | Path, recipe: Recipe | None = None):
+    """→ (recipe, PeftModel with the run's adapter, tokenizer, device). `recipe`: the run's, when already read by
+    `read_run` (and perhaps changed by the caller)."""
+    run_dir = Path(run_dir)
+    recipe = recipe or read_run(run_dir)
     device, dtype = model_lib.device_and_dtype(recipe.train.precision, recipe.train.device)
-    tokenizer = model_lib.load_tokenizer(recipe.model)
-    base = model_lib.load_base(recipe.model, recipe.quantization, dtype, device)
-    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    with quiet_libraries():
+        from peft import PeftModel
+
+        tokenizer = model_lib.load_tokenizer(recipe.model)
+        base = model_lib.load_base(recipe.model, recipe.quantization, dtype, device)
+        try:
+            model = PeftModel.from_pretrained(base, run_dir / "adapter")
+        except (ValueError, RuntimeError, OSError) as e:  # e.g. an adapter for another base model (shapes differ)
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
+            raise LoraDpoError(f"adapter '{run_dir / 'adapter'}' does not load onto '{recipe.model.name_or_path}' "
+                               f"({str(e).strip().splitlines()[0][:160]}); check that model.name_or_path is the base "
+                               f"it was trained on, or {_adapter_fix(run_dir)}") from None
     model.eval()
     return recipe, model, tokenizer, device
 
@@ -122,14 +185,21 @@ def snapshot(model, tokenizer, pairs: list, recipe, device, reference: bool = Fa
     return Snapshot(metrics, answers, rate, strict, logps, kl)
 
 
+EMPTY_ANSWER = "(empty answer)"
+
+
 def print_before_after(before: Snapshot, after: Snapshot, rows: list[dict], pairs: list, n: int) -> None:
-    print(f"held-out, before training (reference): {before.summary()}")
-    print(f"held-out, after training (policy):     {after.summary()}")
+    # the reference alone has no metrics: without a behaviour_regex its line would be a label with nothing after it
+    lines = [(who, text) for who, text in (("before training (reference)", before.summary()),
+                                           ("after training (policy)", after.summary())) if text]
+    width = max((len(who) for who, _ in lines), default=0) + 1
+    for who, text in lines:
+        print(f"held-out, {who + ':':<{width}} {text}")
     for pair, ref, pol in list(zip(pairs, before.answers, after.answers))[:n]:
         prompt = rows[pair.index]["prompt"]
         prompt = prompt if isinstance(prompt, str) else prompt[-1]["content"]
         one_line = {"\n": " ⏎ "}
-        ref, pol = (a.translate(str.maketrans(one_line)) for a in (ref, pol))
+        ref, pol = (a.translate(str.maketrans(one_line)) if a.strip() else EMPTY_ANSWER for a in (ref, pol))
         print(f"\n  prompt:    {prompt}\n  reference: {ref}\n  policy:    {pol}")
 
 
@@ -140,23 +210,19 @@ def evaluate(run_dir: str | Path, data: str | None = None, generations: int | No
     from lora_dpo.report import write_report
 
     run_dir = Path(run_dir)
-    recipe, model, tokenizer, device = load_run(run_dir)
+    check_counts(generations, reward_prompts)
+    recipe = read_run(run_dir)
     if generations is not None:
         recipe.evaluation.generations = generations
     if reward_prompts is not None:
-        if reward_prompts <= 0:
-            raise LoraDpoError(f"--reward-prompts must be > 0, got {reward_prompts}")
         recipe.evaluation.reward_prompts = reward_prompts
-    if data is None and recipe.data.eval is None and recipe.data.eval_split is None:
-        raise LoraDpoError(f"run '{run_dir}' has no data.eval or data.eval_split; pass --data FILE.jsonl")
-    rm = rm_lib.load(reward_model, device) if reward_model else None  # fail on a bad name before any generation
-    if data is not None:
-        rows, path = data_lib.read_rows(data, "--data", recipe.data), data
-    elif recipe.data.eval is not None:
-        rows, path = data_lib.read_rows(recipe.data.eval, "data.eval", recipe.data), data_lib.source_label(
-            recipe.data, "eval")
-    else:  # the same rows the run held out of its training sources (same split_seed)
-        rows, path = data_lib.read_data(recipe.data)[1], data_lib.source_label(recipe.data, "eval")
+    rows, path = eval_rows(run_dir, recipe, data)  # a missing file fails here, before the model loads
+    rm = None
+    if reward_model:  # loaded first: a bad name fails in seconds, not after the base model has loaded
+        device = model_lib.device_and_dtype(recipe.train.precision, recipe.train.device)[0]
+        with quiet_libraries():
+            rm = rm_lib.load(reward_model, device)
+    recipe, model, tokenizer, device = load_run(run_dir, recipe)
     pairs, report = data_lib.load(recipe.data, tokenizer, "eval", rows)  # also applies data.chat_template
     for line in report.lines():
         print(line)
@@ -175,6 +241,30 @@ def evaluate(run_dir: str | Path, data: str | None = None, generations: int | No
     write_json(run_dir / "eval.json", result)
     print(f"written: {run_dir / 'eval.json'}, {write_report(run_dir)}")
     return result
+
+
+def check_counts(generations: int | None, reward_prompts: int | None) -> None:
+    """The limits the recipe keys evaluation.generations / evaluation.reward_prompts have, for the arguments that
+    override them."""
+    if generations is not None and generations < 0:
+        raise LoraDpoError(f"--generations must be >= 0 (0 shows no answers), got {generations}")
+    if reward_prompts is not None and reward_prompts <= 0:
+        raise LoraDpoError(f"--reward-prompts must be > 0, got {reward_prompts}; leave it out for the recipe's "
+                           "evaluation.reward_prompts")
+
+
+def eval_rows(run_dir: Path, recipe: Recipe, data: str | None) -> tuple[list[dict], str]:
+    """→ (held-out rows, where they come from): `data`, the run's data.eval, or the rows its data.eval_split held
+    out of the training sources (same split_seed)."""
+    if data is None and recipe.data.eval is None and recipe.data.eval_split is None:
+        raise LoraDpoError(f"run '{run_dir}' has no data.eval or data.eval_split; pass --data FILE.jsonl")
+    data_lib.chat_template(recipe.data)  # a missing template file fails here too
+    if data is not None:
+        return data_lib.read_rows(data, "--data", recipe.data), data
+    if recipe.data.eval is not None:
+        return data_lib.read_rows(recipe.data.eval, "data.eval", recipe.data), data_lib.source_label(recipe.data,
+                                                                                                      "eval")
+    return data_lib.read_data(recipe.data)[1], data_lib.source_label(recipe.data, "eval")
 
 
 def score_generations(rm, name: str, generations: list[dict]) -> dict:

@@ -7,7 +7,8 @@ merges into the original 16-bit weights, which the adapter never saw; the parity
 
 Every export is written into a temporary directory next to its destination and renamed into place, and
 `parity.json` beside it records max/mean |Δ log-prob| between the exported model and the trained policy on
-held-out pairs, and the held-out reward accuracy of both.
+held-out pairs, and the held-out reward accuracy of both. parity.json also lists the files the export wrote: that
+is how `force` knows a previous export (the only thing it replaces, besides an empty directory) from the user's files.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PARITY_PAIRS = 64           # held-out pairs the parity check runs on (the first ones; the count is reported)
 FALLBACK_PAIRS = 8          # training pairs used when the run has no held-out data (said in parity.json)
 GENERATIONS, NEW_TOKENS = 4, 16
+PARITY = "parity.json"      # written last into every export; it lists the export's files
 
 
 def default_out(run_dir: Path, format: str, base: str) -> Path:
@@ -43,27 +45,22 @@ def export(run_dir, format: str = "adapter", base: str = "dequantized", dtype: s
            force: bool = False, gguf_type: str = "bf16", data: str | None = None) -> Path:
     """Export the run in `run_dir`; → the export directory (it holds parity.json and a README.md model card)."""
     from lora_dpo import export_gguf
+    from lora_dpo.evaluate import load_run, read_run
 
     run_dir = Path(run_dir)
     _check_choice("--format", format, FORMATS)
     _check_choice("--base", base, BASES)
     _check_choice("--dtype", dtype, tuple(DTYPES))
     _check_choice("--gguf-type", gguf_type, export_gguf.GGUF_TYPES)
-    if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "adapter").is_dir():
-        raise LoraDpoError(f"'{run_dir}' is not a finished run directory (needs recipe.yaml and adapter/); "
-                           "pass the output.dir of a finished training run")
+    recipe = read_run(run_dir)  # a missing or damaged adapter fails here, before the base model loads
     out = Path(out) if out is not None else default_out(run_dir, format, base)
-    if out.exists() and not force:
-        raise LoraDpoError(f"export directory '{out}' already exists; pass --force to replace it, or --out DIR")
-    if out.exists() and not out.is_dir():
-        raise LoraDpoError(f"--out '{out}' is a file; choose a directory path")
+    check_out(out, run_dir, force)
     if format == "gguf":
         export_gguf.check_supported(_base_config(run_dir))
+    rows = heldout_rows(recipe, data)  # so does a missing --data file
 
-    from lora_dpo.evaluate import load_run
-
-    recipe, policy, tokenizer, device = load_run(run_dir)
-    pairs, data_note = heldout_pairs(recipe, tokenizer, data)
+    recipe, policy, tokenizer, device = load_run(run_dir, recipe)
+    pairs, data_note = heldout_pairs(recipe, tokenizer, data, rows)
     pad_id, bs = tokenizer.pad_token_id, recipe.train.per_device_eval_batch_size
     policy_lp = sequence_logps(policy, pairs, pad_id, device, bs)
     with model_lib.reference_mode(policy):
@@ -101,8 +98,11 @@ def export(run_dir, format: str = "adapter", base: str = "dequantized", dtype: s
         parity["generations"] = [{"policy": a, "exported": b} for a, b in zip(policy_answers, exported_answers)]
         parity["greedy_answers_equal"] = sum(a == b for a, b in zip(policy_answers, exported_answers))
         (tmp / "recipe.yaml").write_text((run_dir / "recipe.yaml").read_text())
-        (tmp / "parity.json").write_text(json.dumps(parity, indent=1, ensure_ascii=False))
         (tmp / "README.md").write_text(model_card(run_dir, recipe, format, parity))
+        # last, listing every file: what makes this directory one that a later --force may replace
+        parity["files"] = sorted([str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file()] + [PARITY])
+        (tmp / PARITY).write_text(json.dumps(parity, indent=1, ensure_ascii=False))
+        check_out(out, run_dir, force)  # minutes have passed: the destination may have changed meanwhile
 
     created_parent = not out.parent.exists()
     try:
@@ -115,6 +115,69 @@ def export(run_dir, format: str = "adapter", base: str = "dequantized", dtype: s
           f", mean {parity['mean_abs_logp_diff']:.2e} on {len(pairs)} pairs; reward accuracy: policy "
           f"{parity['policy_reward_accuracy']:.2f}, exported {parity['exported_reward_accuracy']:.2f}")
     return out
+
+
+def check_out(out: Path, run_dir: Path, force: bool) -> None:
+    """Where an export may go: a new directory, or with `force` an empty one or a previous export — never the run
+    directory, a directory holding it or the working directory, never a part of a run (its adapter/, checkpoints/,
+    …), never a directory holding anything else: --force replaces an export, not the user's files."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise LoraDpoError(f"--out '{out}' is a file or a link; choose a directory path")
+    target, run, cwd = out.resolve(), run_dir.resolve(), Path.cwd().resolve()
+    fix = f"choose another --out (a new directory), or leave --out out to write under '{run_dir / 'export'}'"
+    if target == run or target in run.parents:
+        raise LoraDpoError(f"--out '{out}' is the run directory '{run_dir}' or holds it; {fix}")
+    if target == cwd or target in cwd.parents:
+        raise LoraDpoError(f"--out '{out}' is the current directory or holds it; {fix}")
+    part = _run_part(target)
+    if part is not None:
+        raise LoraDpoError(f"--out '{out}' is or lies inside '{part.name}' of the training run '{part.parent}' "
+                           f"(not an export); {fix}")
+    if not out.exists():
+        return
+    if not force:
+        raise LoraDpoError(f"export directory '{out}' already exists; pass --force to replace it, or --out DIR")
+    added = _added_files(out)
+    if added is None and any(out.iterdir()):
+        raise LoraDpoError(f"--out '{out}' holds files that are not a lora-dpo export (--force replaces only a "
+                           f"previous export or an empty directory); {fix}")
+    if added:
+        raise LoraDpoError(f"--out '{out}' is a previous export with files added to it ({', '.join(added[:3])}"
+                           f"{', …' if len(added) > 3 else ''}); move them out before --force replaces it, or {fix}")
+
+
+def is_export(directory: Path) -> bool:
+    """A directory written by `export` (and nothing added to it since)."""
+    return _added_files(directory) == []
+
+
+def _added_files(directory: Path) -> list[str] | None:
+    """Files of a previous export that `export` did not write; None when `directory` is no export: an export's
+    parity.json names its format and run, and lists its files (exports written before that list: [])."""
+    try:
+        parity = json.loads((directory / PARITY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(parity, dict) or parity.get("format") not in FORMATS or "run" not in parity:
+        return None
+    listed = set(parity.get("files") or [])
+    if not listed:
+        return []
+    return sorted(str(f.relative_to(directory)) for f in directory.rglob("*") if f.is_file()
+                  and str(f.relative_to(directory)) not in listed)
+
+
+def _run_part(target: Path) -> Path | None:
+    """The entry of a training run's directory that `target` lies in (adapter/, checkpoints/, a file …), unless it
+    is the run's export/ directory, a previous export, or not there yet; None when `target` is in no run."""
+    for run in target.parents:
+        if (run / "recipe.yaml").is_file() and any((run / f).exists() for f in ("adapter", "checkpoints",
+                                                                                  "metrics.jsonl")):
+            top = run / target.relative_to(run).parts[0]
+            if top.name == "export" or not top.exists() or is_export(top):
+                return None
+            return top
+    return None
 
 
 def _check_choice(option: str, value: str, allowed: tuple) -> None:
@@ -146,20 +209,23 @@ def _policy_description(recipe) -> str:
 
 # ---------------------------------------------------------------- held-out pairs and log-probs
 
-def heldout_pairs(recipe, tokenizer, data: str | None) -> tuple[list, dict]:
-    """→ (pairs, a note saying where they came from). Up to PARITY_PAIRS held-out pairs; when the run has no
-    held-out data, a few training pairs (said so: the exported model has seen them)."""
+def heldout_rows(recipe, data: str | None) -> tuple[list[dict], str, bool]:
+    """→ (rows, where they come from, held out?): `data`, the run's held-out rows, or else its training rows.
+    Reads files only (no tokenizer): a missing file fails before the model loads."""
     if data:
-        pairs, _ = data_lib.load(recipe.data, tokenizer, "eval", data_lib.read_rows(data, "--data", recipe.data))
-        source, held_out = data, True
-    else:
-        train_rows, eval_rows = data_lib.read_data(recipe.data)  # data.eval, or the data.eval_split rows
-        if eval_rows:
-            pairs, _ = data_lib.load(recipe.data, tokenizer, "eval", eval_rows)
-            source, held_out = data_lib.source_label(recipe.data, "eval"), True
-        else:
-            pairs, _ = data_lib.load(recipe.data, tokenizer, "train", train_rows)
-            source, held_out = data_lib.source_label(recipe.data, "train"), False
+        return data_lib.read_rows(data, "--data", recipe.data), data, True
+    train_rows, eval_rows = data_lib.read_data(recipe.data)  # data.eval, or the data.eval_split rows
+    if eval_rows:
+        return eval_rows, data_lib.source_label(recipe.data, "eval"), True
+    return train_rows, data_lib.source_label(recipe.data, "train"), False
+
+
+def heldout_pairs(recipe, tokenizer, data: str | None, rows: tuple | None = None) -> tuple[list, dict]:
+    """→ (pairs, a note saying where they came from). Up to PARITY_PAIRS held-out pairs; when the run has no
+    held-out data, a few training pairs (said so: the exported model has seen them). `rows`: `heldout_rows`'s
+    answer, when already read."""
+    rows, source, held_out = rows or heldout_rows(recipe, data)
+    pairs, _ = data_lib.load(recipe.data, tokenizer, "eval" if held_out else "train", rows)
     if not pairs:
         raise LoraDpoError(f"no usable pairs in '{source}' for the parity check; pass --data FILE.jsonl")
     used = pairs[:PARITY_PAIRS if held_out else FALLBACK_PAIRS]

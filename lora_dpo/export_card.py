@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lora_dpo import data_sources
 from lora_dpo.tracking import read_metrics
 
 _USAGE = {
@@ -26,8 +27,53 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _source(spec: dict) -> str:
+    """One source mapping as people read it: `path [name/split]`, revision, share of the mix."""
+    extra = [f"revision `{spec['revision']}`"] if spec.get("revision") else []
+    if spec.get("weight") is not None:
+        extra.append(f"weight {spec['weight']:g}")
+    if spec.get("count") is not None:
+        extra.append(f"{spec['count']} rows")
+    return f"`{data_sources.label(spec)}`" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _data_lines(what: str, value) -> list[str]:
+    """data.train / data.eval: a path or hub id, or a list of source mappings (one sub-item each)."""
+    if isinstance(value, str):
+        return [f"- {what}: `{value}`"]
+    if len(value) == 1:
+        return [f"- {what}: {_source(value[0])}"]
+    return [f"- {what}, mixed from {len(value)} sources:"] + [f"  - {_source(s)}" for s in value]
+
+
+def _heldout_lines(run_dir: Path, d) -> list[str]:
+    if d.eval is not None:
+        return _data_lines("held-out pairs", d.eval)
+    if d.eval_split is None:
+        return ["- held-out pairs: none"]
+    share = (f"{d.eval_split} rows" if isinstance(d.eval_split, int) else f"{d.eval_split * 100:g} %")
+    line = (f"- held-out pairs: {share} of the training sources, held out before training (data.eval_split "
+            f"{d.eval_split}, split_seed {d.split_seed})")
+    try:  # how many pairs that made, as the run counted them
+        kept = json.loads((run_dir / "data_report.json").read_text(encoding="utf-8"))["eval"]["kept"]
+        line += f": {int(kept)} pairs"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return [line]
+
+
+def _steps(t, metrics: list[dict]) -> str:
+    """The optimizer steps the run took (its last metrics row), and what set their number."""
+    done = metrics[-1].get("step") if metrics else None
+    if t.max_steps == -1:
+        epochs = f"num_train_epochs {t.num_train_epochs:g}"
+        return f"{done} steps ({epochs})" if done is not None else epochs
+    return f"{done if done is not None else t.max_steps} steps (max_steps {t.max_steps})"
+
+
 def model_card(run_dir: Path, recipe, format: str, parity: dict) -> str:
     m, d, lo, dp, t, q = recipe.model, recipe.data, recipe.lora, recipe.dpo, recipe.train, recipe.quantization
+    metrics = read_metrics(run_dir)
     front = ["---", f"base_model: {json.dumps(m.name_or_path)}", "tags:", "- dpo", "- lora", "- lora-dpo"]
     if format == "adapter":
         front.append("library_name: peft")
@@ -42,19 +88,20 @@ def model_card(run_dir: Path, recipe, format: str, parity: dict) -> str:
                      "## Base model", "", f"- `{m.name_or_path}`" + (f" at revision `{m.revision}`" if m.revision
                                                                        else ""),
                      f"- trained on the base loaded {quant}", "", "## Data", "",
-                     f"- training pairs: `{d.train}`", f"- held-out pairs: `{d.eval}`" if d.eval else
-                     "- held-out pairs: none", f"- max_length {d.max_length}, max_prompt_length {d.max_prompt_length}",
+                     *_data_lines("training pairs", d.train), *_heldout_lines(run_dir, d),
+                     f"- max_length {d.max_length}, max_prompt_length {d.max_prompt_length}",
                      "", "## Hyperparameters", "",
                      f"- DPO: loss_type {dp.loss_type}, beta {dp.beta}"
                      + (f", rpo_alpha {dp.rpo_alpha}" if dp.rpo_alpha else "")
                      + (f", label_smoothing {dp.label_smoothing}" if dp.label_smoothing else ""),
                      f"- LoRA: r {lo.r}, lora_alpha {lo.lora_alpha}, dropout {lo.lora_dropout}, target_modules "
-                     f"{lo.target_modules}" + (", rsLoRA" if lo.use_rslora else ""),
+                     + (lo.target_modules if isinstance(lo.target_modules, str) else ", ".join(lo.target_modules))
+                     + (", rsLoRA" if lo.use_rslora else ""),
                      f"- optimisation: {t.optim}, learning_rate {t.learning_rate}, {t.lr_scheduler_type} schedule, "
-                     f"max_steps {t.max_steps}, per_device_train_batch_size {t.per_device_train_batch_size}, "
+                     f"{_steps(t, metrics)}, per_device_train_batch_size {t.per_device_train_batch_size}, "
                      f"gradient_accumulation_steps {t.gradient_accumulation_steps}, seed {t.seed}",
                      "- the full resolved recipe is in `recipe.yaml`", "", "## Final metrics", ""]
-    last = (read_metrics(run_dir) or [{}])[-1]
+    last = (metrics or [{}])[-1]
     if last:
         keys = [k for k in ("step", "loss", "rewards/accuracies", "rewards/margins", "eval/loss",
                             "eval/rewards/accuracies", "eval/rewards/margins") if k in last]

@@ -35,7 +35,7 @@ class _NoKernelsHubNotice(logging.Filter):
         return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
 
 
-def _drop_kernels_hub_notice() -> None:
+def drop_kernels_hub_notice() -> None:
     """Before bitsandbytes is imported (it warns at import), once."""
     log = logging.getLogger("bitsandbytes.backends.cpu.ops")
     if not any(isinstance(f, _NoKernelsHubNotice) for f in log.filters):
@@ -265,7 +265,7 @@ def load_base(cfg: ModelConfig, q: QuantizationConfig, dtype: torch.dtype, devic
     which model.attn_implementation 'auto' follows (attention.resolve_attention)."""
     from transformers import AutoModelForCausalLM
 
-    _drop_kernels_hub_notice()
+    drop_kernels_hub_notice()
 
     path, kwargs = local_dir(cfg)
     qc = quantization_config(q, dtype)

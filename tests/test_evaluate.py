@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
+import yaml
 from conftest import arithmetic_rows, write_jsonl
 
 from lora_dpo import evaluate, train
 from lora_dpo import model as model_lib
 from lora_dpo.cli import main
+from lora_dpo.errors import LoraDpoError
 from lora_dpo.generation import kl_estimate
 from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig, recipe_from_dict
 from lora_dpo.reward_model import score, win_rate
@@ -207,3 +211,86 @@ def test_held_out_eval_runs_under_the_training_autocast(tiny_model_dir, monkeypa
     pairs = [Pair([5, 6, 7], [8, 9], [10], 0), Pair([11], [12, 13], [14, 15], 1), Pair([16, 17], [18], [19], 2)]
     result = evaluate_pairs(m, pairs, DpoConfig(), 2, 0, torch.device("cpu"))
     assert asked == [(torch.device("cpu"), torch.bfloat16)] * 2 and math.isfinite(result["eval/loss"])
+
+
+def _copy_run(run_dir, to, **changes):
+    """The run's recipe (with `section__key` changes) and adapter in `to`: what eval reads, safe to damage."""
+    shutil.copytree(run_dir / "adapter", to / "adapter")
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    for key, value in changes.items():
+        section, name = key.split("__")
+        recipe[section][name] = value
+    (to / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return to
+
+
+def test_bad_arguments_and_a_damaged_adapter_fail_before_the_model_loads(finished_run, tmp_path, monkeypatch,
+                                                                         capsys):
+    def load_run(*a, **k):
+        raise AssertionError("the base model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(sys.modules["lora_dpo.evaluate"], "load_run", load_run)
+    run = finished_run.output_dir
+    for kwargs, text in (({"generations": -3}, "--generations must be >= 0"),
+                         ({"reward_prompts": 0}, "--reward-prompts must be > 0"),
+                         ({"reward_prompts": -1}, "--reward-prompts must be > 0"),
+                         ({"data": str(tmp_path / "missing.jsonl")}, "--data: file .* not found"),
+                         ({"reward_model": str(tmp_path / "nonexistent" / "rm")}, "is not a model directory")):
+        with pytest.raises(LoraDpoError, match=text):
+            evaluate(run, **kwargs)
+    no_eval = _copy_run(run, tmp_path / "no-eval", data__eval=None)
+    with pytest.raises(LoraDpoError, match="has no data.eval or data.eval_split; pass --data"):
+        evaluate(no_eval)
+
+    empty = _copy_run(run, tmp_path / "empty")
+    for f in (empty / "adapter").iterdir():
+        f.unlink()
+    corrupt = _copy_run(run, tmp_path / "corrupt")
+    (corrupt / "adapter" / "adapter_model.safetensors").write_bytes(b"\x90\x3d" + bytes(998))
+    for damaged, text in ((empty, "adapter_config.json' is missing"),
+                          (corrupt, "adapter_model.safetensors' is corrupt or truncated")):
+        capsys.readouterr()
+        assert main(["eval", str(damaged)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and text in err and "train the run again" in err, err
+
+
+def data_pair(index: int):
+    from lora_dpo.data import Pair
+
+    return Pair([1, 2], [3], [4], index)
+
+
+def test_before_after_lines_have_no_dangling_label(capsys):
+    """Before training the reference has no metrics: without a behaviour_regex there is nothing to print for it."""
+    from lora_dpo.evaluate import Snapshot, print_before_after
+
+    metrics = {"eval/rewards/accuracies": 1.0, "eval/rewards/margins": 0.04, "eval/loss": 0.67}
+    before, after = Snapshot(None, ["", "4"], None), Snapshot(metrics, [" ", "5"], None)
+    rows = [{"prompt": "What is 2+2?"}, {"prompt": "What is 2+3?"}]
+    pairs = [data_pair(0), data_pair(1)]
+    print_before_after(before, after, rows, pairs, 1)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "held-out, after training (policy): reward accuracy 1.00, margin +0.040, loss 0.6700"
+    assert not any(line.rstrip() != line or line.endswith(":") for line in lines), lines
+    assert "  reference: (empty answer)" in lines and "  policy:    (empty answer)" in lines
+    print_before_after(Snapshot(None, [], 0.5), Snapshot(metrics, [], 0.75), rows, pairs, 0)
+    assert capsys.readouterr().out.splitlines() == [
+        "held-out, before training (reference): behaviour rate 50%",
+        "held-out, after training (policy):     reward accuracy 1.00, margin +0.040, loss 0.6700, behaviour rate 75%"]
+
+
+def test_eval_prints_no_library_noise(finished_run, tmp_path):
+    """bitsandbytes' advice to `pip install kernels` (at import, on CPUs with AVX512-BF16) and transformers'
+    FutureWarning about is_gradient_checkpointing (read by peft) are dropped, as training drops them."""
+    from lora_dpo.evaluate import load_run
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        load_run(finished_run.output_dir)
+    assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]
+    # a run whose base model has gone: the error comes after peft (and bitsandbytes) are imported, on one line
+    gone = _copy_run(finished_run.output_dir, tmp_path / "gone", model__name_or_path=str(tmp_path / "no-model"))
+    res = subprocess.run([sys.executable, "-m", "lora_dpo", "eval", str(gone)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "no-model" in res.stderr, res.stderr

@@ -270,6 +270,124 @@ def test_cli_errors_and_nothing_half_written(run_dir, tmp_path, capsys, monkeypa
         recipe_from_dict(bad)
 
 
+def _copy_run(run_dir: Path, to: Path, **recipe_changes) -> Path:
+    """The run's recipe and adapter (what export and eval read) in `to`, to damage without touching the fixture."""
+    shutil.copytree(run_dir / "adapter", to / "adapter")
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    for key, value in recipe_changes.items():
+        section, name = key.split("__")
+        recipe[section][name] = value
+    (to / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return to
+
+
+def _no_model_loads(monkeypatch) -> None:
+    def load_run(*a, **k):
+        raise AssertionError("the base model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(sys.modules["lora_dpo.evaluate"], "load_run", load_run)
+
+
+def test_force_replaces_only_a_previous_export(run_dir, tmp_path, monkeypatch):
+    """--force never deletes the run, a directory holding it, the working directory, a part of a run or the user's
+    files; it replaces a previous export (or fills an empty directory), and a failed export keeps the old one."""
+    def refused(out, text, **kw):
+        with pytest.raises(LoraDpoError, match=text):
+            export(run_dir, out=out, force=True, **kw)
+
+    run_files = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    refused(run_dir, "is the run directory")
+    refused(run_dir.parent, "is the run directory .* or holds it")
+    refused(run_dir / "adapter", "inside 'adapter' of the training run")
+    refused(run_dir / "adapter" / "sub", "inside 'adapter' of the training run")
+    user = tmp_path / "user"
+    (user / "inner").mkdir(parents=True)
+    (user / "notes.txt").write_text("mine")
+    refused(user, "holds files that are not a lora-dpo export")
+    monkeypatch.chdir(user / "inner")
+    refused(Path("."), "is the current directory or holds it")
+    refused(Path(".."), "is the current directory or holds it")
+    assert (user / "notes.txt").read_text() == "mine" and (user / "inner").is_dir()
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == run_files
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert export(run_dir, out=empty, force=True) == empty
+    written = _parity(empty)
+    assert set(written["files"]) == {p.name for p in empty.iterdir()} and "parity.json" in written["files"]
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated failure while writing")
+
+    monkeypatch.setattr(sys.modules["lora_dpo.export"], "_write_adapter", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        export(run_dir, out=empty, force=True)
+    assert _parity(empty) == written  # the previous export is still there, whole
+    monkeypatch.undo()
+    (empty / "my-notes.md").write_text("added by hand")
+    refused(empty, r"previous export with files added to it \(my-notes.md\)")
+    assert (empty / "my-notes.md").is_file()
+    _no_temp_left(tmp_path)
+
+
+def test_damaged_adapter_and_bad_arguments_fail_before_the_model_loads(run_dir, tmp_path, capsys, monkeypatch):
+    _no_model_loads(monkeypatch)
+    with pytest.raises(LoraDpoError, match="--data: file .*missing.jsonl' not found"):
+        export(run_dir, out=tmp_path / "x", data=str(tmp_path / "missing.jsonl"))
+
+    def fails(run: Path, text: str) -> str:
+        capsys.readouterr()
+        assert cli.main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and text in err and "Traceback" not in err, err
+        return err
+
+    empty = _copy_run(run_dir, tmp_path / "empty")
+    for f in (empty / "adapter").iterdir():
+        f.unlink()
+    err = fails(empty, "adapter_config.json' is missing")
+    assert "train the run again" in err  # no checkpoint to restore it from
+    corrupt = _copy_run(run_dir, tmp_path / "corrupt")
+    weights = corrupt / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    step = corrupt / "checkpoints" / "step-00000002"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text("{}")
+    err = fails(corrupt, "adapter_model.safetensors' is corrupt or truncated")
+    assert "train.resume_from_checkpoint=latest" in err and str(step / "adapter") in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_card_renders_sources_eval_split_and_steps_trained(tmp_path):
+    from lora_dpo.export_card import model_card
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_jsonl(run / "metrics.jsonl", [{"step": 6, "loss": 0.69}, {"step": 12, "loss": 0.5}])
+    (run / "data_report.json").write_text(json.dumps({"eval": {"rows": 6, "kept": 6}}))
+    recipe = recipe_from_dict({
+        "model": {"name_or_path": "some/model"},
+        "data": {"train": [{"path": "a.jsonl", "weight": 0.7},
+                           {"path": "org/prefs", "name": "default", "split": "train_prefs", "count": 500}],
+                 "eval_split": 0.02},
+        "lora": {"target_modules": ["q_proj", "v_proj"]},
+        "train": {"max_steps": -1, "num_train_epochs": 2}, "output": {"dir": str(run)}})
+    parity = {"data": {"pairs_used": 6, "held_out": True, "source": "data.eval_split=0.02 of data.train"},
+              "policy": "4-bit nf4 base + adapter (as trained)", "max_abs_logp_diff": 0.0, "mean_abs_logp_diff": 0.0,
+              "exported_reward_accuracy": 1.0, "policy_reward_accuracy": 1.0}
+    card = model_card(run, recipe, "adapter", parity)
+    assert "{'path'" not in card and "None" not in card and "target_modules q_proj, v_proj" in card
+    assert "- training pairs, mixed from 2 sources:\n  - `a.jsonl` (weight 0.7)\n" in card
+    assert "  - `org/prefs [default/train_prefs]` (500 rows)\n" in card
+    assert "- held-out pairs: 2 % of the training sources" in card and "data.eval_split 0.02" in card
+    assert ": 6 pairs" in card and "held-out pairs: none" not in card
+    assert "12 steps (num_train_epochs 2)" in card and "max_steps -1" not in card
+
+    recipe.data.train, recipe.data.eval_split, recipe.data.eval = "t.jsonl", 6, [{"path": "e.jsonl"}]
+    card = model_card(run, recipe, "adapter", parity)
+    assert "- training pairs: `t.jsonl`\n- held-out pairs: `e.jsonl`\n" in card
+
+
 def test_demo_model_merge(tmp_path):
     """The real demo model (SmolLM2-135M from its Q4_1 GGUF, tied embeddings): merged into the NF4 round trip it
     computes the trained policy; merged into the original weights it does not."""

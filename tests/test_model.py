@@ -243,8 +243,8 @@ def test_offline_check_skipped_when_offline_or_behind_a_proxy(monkeypatch):
 def test_bitsandbytes_kernels_hub_notice_is_dropped_and_nothing_else():
     import logging
 
-    M._drop_kernels_hub_notice()
-    M._drop_kernels_hub_notice()  # once, not twice
+    M.drop_kernels_hub_notice()
+    M.drop_kernels_hub_notice()  # once, not twice
     log = logging.getLogger("bitsandbytes.backends.cpu.ops")
     assert sum(isinstance(f, M._NoKernelsHubNotice) for f in log.filters) == 1
 
