@@ -20,9 +20,25 @@ def causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _token_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_head, softcap: float | None) -> torch.Tensor:
-    """hidden (N, H), labels (N,) → log p(label) (N,) fp32."""
+def logit_transform(lm) -> tuple[float, float | None]:
+    """(scale, softcap): what the model's own forward does to lm_head's output before it is a logit — Granite divides
+    by logits_scaling, Cohere multiplies by logit_scale, Falcon-H1 by lm_head_multiplier, Gemma 2/3 soft-cap. Left
+    out, every log-prob would be another model's. `check_head` verifies the result against the model's forward."""
+    cfg = getattr(lm.config, "text_config", None) or lm.config
+    scale = 1.0
+    for name, invert in (("logits_scaling", True), ("logit_scale", False), ("lm_head_multiplier", False)):
+        value = getattr(cfg, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in (0, 1):
+            scale = scale / value if invert else scale * value
+    return scale, getattr(cfg, "final_logit_softcapping", None)
+
+
+def _token_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_head, transform: tuple) -> torch.Tensor:
+    """hidden (N, H), labels (N,) → log p(label) (N,) fp32. transform: `logit_transform`'s (scale, softcap)."""
+    scale, softcap = transform
     logits = lm_head(hidden).float()  # (N, V)
+    if scale != 1.0:
+        logits = logits * scale
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
@@ -38,14 +54,14 @@ def completion_logps(lm, hidden: torch.Tensor, input_ids: torch.Tensor, targets:
     h = hidden[targets.rows, targets.pred]                                  # (N, H)
     labels = input_ids[targets.rows, targets.label]                         # (N,)
     head = lm.get_output_embeddings()
-    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    transform = logit_transform(lm)
     pieces = []
     for s in range(0, h.shape[0], chunk_size):
         hc, lc = h[s: s + chunk_size], labels[s: s + chunk_size]
         if torch.is_grad_enabled() and hc.requires_grad:
-            pieces.append(checkpoint(_token_logps, hc, lc, head, softcap, use_reentrant=False))
+            pieces.append(checkpoint(_token_logps, hc, lc, head, transform, use_reentrant=False))
         else:
-            pieces.append(_token_logps(hc, lc, head, softcap))
+            pieces.append(_token_logps(hc, lc, head, transform))
     token_logps = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
     sums = torch.zeros(n_seq, dtype=torch.float32, device=h.device).index_add(0, targets.seq, token_logps)
     # counted with index_add, not bincount: on a GPU bincount reads its input's maximum back to the host, a sync
@@ -72,3 +88,24 @@ def plain_batch_logps(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)  # (R, T-1)
     mask = batch.completion_mask[:, 1:]
     return (logp * mask).sum(-1), mask.sum(-1)
+
+
+@torch.no_grad()
+def check_head(model, input_ids: torch.Tensor, tolerance: float) -> float:
+    """The fast path's log-probs against the model's own forward (its logits, whatever it does to them), on one
+    short row `input_ids` (1, T): → max |Δ log-prob|. A model family whose head does something `logit_transform`
+    does not know would otherwise train on wrong log-probs, silently. Raises LoraDpoError past `tolerance`."""
+    from lora_dpo.errors import LoraDpoError
+
+    lm = causal_lm(model)
+    mask = torch.ones_like(input_ids)
+    want = torch.log_softmax(lm(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[0, :-1].float(), -1)
+    want = want.gather(-1, input_ids[0, 1:, None]).squeeze(-1)                 # (T-1,)
+    hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state[0, :-1]
+    got = _token_logps(hidden, input_ids[0, 1:], lm.get_output_embeddings(), logit_transform(lm))
+    diff = float((got - want).abs().max())
+    if not diff <= tolerance:
+        raise LoraDpoError(f"model.name_or_path: this {lm.config.model_type} model's logits are not its LM head's "
+                           f"output as lora-dpo computes it (max |Δ log-prob| {diff:.3g} > {tolerance:.1g}): its "
+                           "family transforms them in a way lora-dpo does not know; please report the model type")
+    return diff

@@ -300,6 +300,36 @@ def load_base(cfg: ModelConfig, q: QuantizationConfig, dtype: torch.dtype, devic
     return model
 
 
+# config fields that make a training-mode forward random (dropout rates, MoE router jitter)
+_RANDOM_IN_TRAINING = ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop",
+                       "summary_first_dropout", "activation_dropout", "dropout", "hidden_dropout_prob",
+                       "attention_probs_dropout_prob", "classifier_dropout", "router_jitter_noise")
+
+
+def disable_dropout(base) -> list[str]:
+    """The base model's own dropout off (before the adapter is attached: LoRA's dropout stays as lora.lora_dropout
+    says). The reference is the policy with its adapter off, and the two passes must see the same function: with
+    dropout each would drop different units, and the margins would be noise. TRL does the same (disable_dropout).
+    → the settings that were on, to be said."""
+    was_on = set()
+    for cfg in {id(c): c for c in (base.config, getattr(base.config, "text_config", None)) if c}.values():
+        for name in _RANDOM_IN_TRAINING:
+            if isinstance(getattr(cfg, name, None), float) and getattr(cfg, name) > 0:
+                was_on.add(f"{name} {getattr(cfg, name):g}")
+                setattr(cfg, name, 0.0)
+    for name, module in base.named_modules():
+        if "lora_dropout" in name:  # the adapter's, as the recipe sets it (when called on a model that has one)
+            continue
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            was_on.add(f"{type(module).__name__} p={module.p:g}")
+            module.p = 0.0
+        for field in _RANDOM_IN_TRAINING:  # modules copy config values at init (Llama's self.attention_dropout)
+            value = getattr(module, field, None)
+            if isinstance(value, float) and value > 0:
+                setattr(module, field, 0.0)
+    return sorted(was_on)
+
+
 def _keep_cpu_4bit_differentiable(model) -> None:
     """Stop bitsandbytes repacking 4-bit weights for CPU inference.
 

@@ -90,21 +90,49 @@ def step0_tolerance(dtype: torch.dtype, beta: float, tokens: int) -> float:
     return max(1e-4, beta * math.sqrt(max(tokens, 1)) * torch.finfo(dtype).eps)
 
 
+def _loss_at_zero_margin(cfg: DpoConfig, tol: float, tokens: int) -> tuple[float, float]:
+    """→ (the loss at zero margin, how far margins within ±tol may move it). The margin tolerance is in reward units
+    (β × log-ratio); a loss's slope there differs by type — IPO's, on length-averaged log-ratios, is 1/(β²·n) of the
+    margin against sigmoid's 1/2 — so the loss's own tolerance is measured on the loss itself, at sequences of the
+    batch's shortest length (the steepest for IPO)."""
+    z, n = torch.zeros(1), torch.full((1,), float(max(tokens, 1)))
+
+    def loss_at(h: float) -> float:
+        return float(losses.preference_loss(z + h, z, z, z, n, n, loss_type=cfg.loss_type, beta=cfg.beta,
+                                            label_smoothing=cfg.label_smoothing).losses[0])
+
+    expected = loss_at(0.0)
+    return expected, max(abs(loss_at(s * tol / cfg.beta) - expected) for s in (1, -1))
+
+
+def _check_head(model, batch: Batch, dtype: torch.dtype) -> None:
+    """The fast log-prob path against the model's own logits, on the batch's first row (up to 32 tokens), on sdpa
+    (a flex_attention kernel would compile again for this one call), in eval mode."""
+    from lora_dpo.attention import sdpa_for_generation
+    from lora_dpo.logps import check_head
+
+    ids = batch.input_ids[:1, :32]
+    was_training = model.training
+    model.eval()  # two forwards compared: dropout must not tell them apart (the step-0 margins look for it)
+    try:
+        with sdpa_for_generation(model), model_lib.autocast(ids.device, dtype):
+            check_head(model, ids, 1e-3 if dtype in (torch.float32, torch.float64) else 0.1)
+    finally:
+        model.train(was_training)
+
+
 def step0_check(model, batch: Batch, cfg: DpoConfig, say=print, reference_logps: tuple | None = None,
                 dtype: torch.dtype = torch.float32) -> float | None:
     """With a fresh adapter (B = 0) policy == reference, so the loss is the loss at zero margin (ln 2 for DPO),
     within step0_tolerance of the compute dtype."""
+    _check_head(model, batch, dtype)
     if cfg.loss_type in losses.REFERENCE_FREE:
         say(f"step-0 check: not applicable to the reference-free loss '{cfg.loss_type}'")
         return None
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with torch.no_grad():  # in the mode training runs in: dropout left on anywhere would show in the margins
         loss, metrics = dpo_forward(model, batch, cfg, reference_logps)
-    model.train(was_training)
-    z = torch.zeros(1)
-    expected = float(losses.preference_loss(z, z, z, z, z + 1, z + 1, loss_type=cfg.loss_type, beta=cfg.beta,
-                                            label_smoothing=cfg.label_smoothing).losses[0])
+    tol = step0_tolerance(dtype, cfg.beta, int(batch.token_counts().max()))
+    expected, loss_tol = _loss_at_zero_margin(cfg, tol, int(batch.token_counts().min()))
     margin = float(metrics["rewards/margins"].abs().max())
     # the RPO term adds the chosen NLL, which is not zero at step 0
     if cfg.rpo_alpha:
@@ -113,8 +141,7 @@ def step0_check(model, batch: Batch, cfg: DpoConfig, say=print, reference_logps:
     name = "ln 2" if abs(expected - math.log(2)) < 1e-6 else f"{expected:.6f}"
     if cfg.rpo_alpha and cfg.loss_type in ("sigmoid", "robust"):
         name = f"ln 2 + RPO NLL {expected - math.log(2):.6f}"
-    tol = step0_tolerance(dtype, cfg.beta, int(batch.token_counts().max()))
-    if abs(float(loss) - expected) > tol or margin > tol:
+    if abs(float(loss) - expected) > max(tol, loss_tol) or margin > tol:
         raise LoraDpoError(f"step-0 check failed: loss {float(loss):.6f} ≠ {name}, max |margin| {margin:.2e} "
                            f"(tolerance {tol:.1e}); the reference is not the policy with its adapter off (a model "
                            "with dropout or a non-fresh adapter?)")

@@ -313,6 +313,10 @@ def _load_policy(recipe: Recipe, device: torch.device, dtype: torch.dtype, ctx: 
     where = f"{ctx.world} processes on {device.type}" if ctx.enabled else str(device)
     say(f"loading {recipe.model.name_or_path} ({kind}) on {where}")
     base = model_lib.load_base(recipe.model, q, dtype, device, tcfg.layout)
+    dropped = model_lib.disable_dropout(base)
+    if dropped:
+        say(f"the model's dropout is off for DPO (the reference pass must be the policy's function): "
+            f"{', '.join(dropped)}")
     if recipe.model.offload_embeddings:
         say(offload.offload_embeddings(base))
     share, why = tcfg.gradient_checkpointing_layers, ""

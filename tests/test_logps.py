@@ -58,3 +58,35 @@ def test_padding_does_not_change_logps(model):
         alone, _ = batch_logps(model, b_alone)
         together, _ = batch_logps(model, batch())
     assert torch.allclose(alone, together[[2, 5]], atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type, transform", [("granite", {"logits_scaling": 8.0}),
+                                                   ("cohere", {"logit_scale": 0.0625}),
+                                                   ("gemma2", {"final_logit_softcapping": 5.0})])
+def test_models_that_transform_their_logits(model_type, transform):
+    """Granite divides lm_head's output by logits_scaling, Cohere multiplies it by logit_scale, Gemma 2 soft-caps it:
+    the fast path's log-probs are the model's own (and `check_head` sees it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lora_dpo import logps as L
+
+    cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, **transform)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        m.get_output_embeddings().weight.mul_(20)  # logits large enough for a missing transform to matter
+    b = collate([Pair([1, 2, 3, 4, 5], [6, 7, 8], [9, 10], 0), Pair([11, 12], [13, 14, 15, 16, 17], [18], 1)], 0)
+    with torch.no_grad():
+        got, _ = batch_logps(m, b)
+        want, _ = plain_batch_logps(m, b)
+        assert torch.allclose(got, want, atol=1e-4), (got, want)
+        ids = torch.tensor([[1, 5, 9, 2, 7, 3, 8, 4]])
+        assert L.check_head(m, ids, 1e-3) < 1e-4
+        real = L.logit_transform
+        try:  # a family whose transform lora-dpo did not know: refused, not trained on wrong log-probs
+            L.logit_transform = lambda lm: (1.0, None)
+            with pytest.raises(Exception, match=rf"this {model_type} model's logits are not its LM head's output"):
+                L.check_head(m, ids, 1e-3)
+        finally:
+            L.logit_transform = real

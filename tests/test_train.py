@@ -376,6 +376,52 @@ def test_step0_check_passes_a_fresh_adapter_and_fails_a_trained_one(tiny_model_d
         step0_check(m, batch, DpoConfig(), printed.append, dtype=dtype)
 
 
+def test_the_models_dropout_is_off_and_the_step0_check_runs_in_training_mode(tmp_path, tokenizer):
+    """A model whose config has dropout (Phi-2, GPT-2, OPT …): left on, the policy and reference passes would drop
+    different units and the margins be noise; off, they agree. The step-0 check runs in the mode training runs in,
+    so dropout left on anywhere fails it."""
+    from conftest import build_tiny
+
+    from lora_dpo import model as M
+    from lora_dpo.batching import build
+    from lora_dpo.data import Pair
+    from lora_dpo.errors import LoraDpoError
+    from lora_dpo.objective import step0_check
+    from lora_dpo.recipe import DpoConfig, LoraConfig, ModelConfig, QuantizationConfig
+
+    path = build_tiny(tmp_path / "m", tokenizer, attention_dropout=0.3)
+    base = M.load_base(ModelConfig(name_or_path=str(path), attn_implementation="eager"), QuantizationConfig(),
+                       torch.float32, torch.device("cpu"))
+    base.model.layers[0].mlp.register_forward_hook(lambda mod, inp, out: drop(out))  # a dropout torch can see
+    drop = torch.nn.Dropout(0.3)
+    base.add_module("extra_dropout", drop)
+    m = M.attach_lora(base, LoraConfig(r=4, lora_dropout=0.2), seed=0, gradient_checkpointing=False)
+    m.train()
+    ids = [list(range(100 + 7 * i, 130 + 7 * i)) for i in range(6)]
+    batch = build([Pair(ids[0], ids[1], ids[2], 0), Pair(ids[3], ids[4], ids[5], 1)], tokenizer.pad_token_id)
+    with pytest.raises(LoraDpoError, match="step-0 check failed"):
+        step0_check(m, batch, DpoConfig(), lambda s: None)
+    assert M.disable_dropout(m) == ["Dropout p=0.3", "attention_dropout 0.3"]
+    assert [mod.p for n, mod in m.named_modules() if n.endswith("lora_dropout.default")][0] == 0.2  # the user's
+    assert m.training and abs(step0_check(m, batch, DpoConfig(), lambda s: None) - math.log(2)) < 1e-5
+
+
+@pytest.mark.parametrize("loss_type, beta", [("ipo", 0.1), ("ipo", 0.01), ("sigmoid", 0.1), ("robust", 0.1)])
+def test_step0_loss_tolerance_follows_the_loss_slope(loss_type, beta):
+    """Margins within the tolerance move IPO's loss by 1/(β²·n) of them (sigmoid's by 1/2): the loss's tolerance is
+    the loss's own change over the margin tolerance, so rounding-level margins pass and a real offset fails."""
+    from lora_dpo.objective import _loss_at_zero_margin
+    from lora_dpo.recipe import DpoConfig
+
+    cfg = DpoConfig(loss_type=loss_type, beta=beta, label_smoothing=0.2 if loss_type == "robust" else 0.0)
+    tol = 3e-3
+    expected, loss_tol = _loss_at_zero_margin(cfg, tol, 16)
+    assert expected == pytest.approx({"ipo": 1 / (4 * beta**2), "sigmoid": math.log(2),
+                                      "robust": math.log(2)}[loss_type])
+    slope = {"ipo": 1 / (beta**2 * 16), "sigmoid": 0.5, "robust": 0.5 / (1 - 2 * 0.2)}[loss_type]
+    assert loss_tol == pytest.approx(slope * tol, rel=0.05)
+
+
 def test_offload_embeddings_on_a_cpu_run_says_there_is_nothing_to_offload(recipe_dict, capsys):
     recipe_dict["model"]["offload_embeddings"] = True
     recipe_dict["train"]["max_steps"] = 1
