@@ -233,7 +233,9 @@ def tokenize_rows(rows: list[dict], tokenizer, cfg: DataConfig, source: Any, spl
             report.drop("prompt alone beyond max_length", where)
             continue
         if cfg.max_prompt_length is not None and len(p) > cfg.max_prompt_length:
-            p = p[-cfg.max_prompt_length:]
+            # the end is kept; a leading BOS stays too: a model never sees text without it at inference
+            keep_bos = bos is not None and p[0] == bos and cfg.max_prompt_length > 1
+            p = [bos] + p[-(cfg.max_prompt_length - 1):] if keep_bos else p[-cfg.max_prompt_length:]
             report.prompt_truncated += 1
         room = cfg.max_length - len(p)
         if len(c) > room or len(r) > room:

@@ -151,8 +151,9 @@ def _cross_checks(r: Recipe) -> None:
         raise _err("data.max_prompt_length", f"must be smaller than data.max_length ({r.data.max_length}) so that "
                    "completions keep at least one token")
     _check_data_sources(r.data)
-    if r.dpo.label_smoothing and r.dpo.loss_type not in ("sigmoid", "robust"):
-        raise _err("dpo.label_smoothing", f"is used by loss_type sigmoid or robust, not {r.dpo.loss_type}; remove it")
+    if r.dpo.label_smoothing and r.dpo.loss_type not in ("sigmoid", "robust", "simpo"):
+        raise _err("dpo.label_smoothing", f"is used by loss_type sigmoid, robust or simpo, not {r.dpo.loss_type}; "
+                   "remove it")
     if r.evaluation.behaviour_regex is not None:
         try:
             re.compile(r.evaluation.behaviour_regex)

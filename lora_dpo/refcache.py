@@ -80,9 +80,14 @@ def data_fingerprint(pairs: list[Pair]) -> str:
     return h.hexdigest()[:20]
 
 
+# bumped when lora-dpo computes log-probs differently for some model (2: logit_transform): older caches recompute
+LOGPS_VERSION = 2
+
+
 def cache_key(recipe: Recipe, pairs: list[Pair], dtype: torch.dtype, device: torch.device, tokenizer) -> dict:
     template = getattr(tokenizer, "chat_template", None) or ""
     return {
+        "logps_version": LOGPS_VERSION,
         "model": model_fingerprint(recipe),
         "quantization": dataclasses.asdict(recipe.quantization),
         "compute": {"dtype": str(dtype).removeprefix("torch."), "device": device.type},

@@ -122,8 +122,11 @@ class DataConfig:
 class DpoConfig:
     beta: float = _f(0.1, "Strength of the KL anchor to the reference (β).", check=_POS)
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo"] = _f(
-        "sigmoid", "sigmoid = DPO; ipo; hinge (SLiC); robust (label-smoothed, cDPO/rDPO); simpo (reference-free).")
-    label_smoothing: float = _f(0.0, "Assumed fraction of flipped labels (sigmoid, robust).",
+        "sigmoid", "sigmoid = DPO; ipo (on length-averaged log-ratios, as TRL); hinge (SLiC); robust (rDPO: "
+        "de-biased for a rate of flipped labels); simpo (reference-free, length-averaged log-probs; its logged "
+        "logps/* are summed, like every loss's, where TRL's CPOTrainer logs averages).")
+    label_smoothing: float = _f(0.0, "Assumed fraction of flipped labels ε: sigmoid with ε is conservative DPO "
+                                "(cDPO), robust is rDPO, simpo smooths as sigmoid does; ipo and hinge do not read it.",
                                 check=("in [0, 0.5)", lambda v: 0 <= v < 0.5))
     simpo_gamma: float = _f(0.5, "SimPO target margin γ (loss_type: simpo).", check=_NONNEG)
     rpo_alpha: float | None = _f(None, "Weight of an NLL term on the chosen completion (RPO). null = off.",

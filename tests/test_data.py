@@ -200,6 +200,17 @@ def test_only_completion_tokens_are_masked_in(tokenizer):
             assert b.attention_mask[row].sum() == n_p + len(comp)
 
 
+def test_a_prompt_cut_from_the_left_keeps_its_bos(tokenizer):
+    """Cutting the prompt's start would drop the BOS a tokenizer (Llama's) puts first: the pair would be scored in a
+    context no inference ever has."""
+    long_prompt = tokenizer.bos_token + " " + " ".join(f"w{i}" for i in range(60))
+    full_p = tokenizer(long_prompt)["input_ids"]
+    assert full_p[0] == tokenizer.bos_token_id
+    pairs, rep = data.tokenize_rows([{"prompt": long_prompt, "chosen": " a", "rejected": " b"}], tokenizer,
+                                    cfg(max_length=32, max_prompt_length=16), "t")
+    assert pairs[0].prompt_ids == [tokenizer.bos_token_id] + full_p[-15:] and rep.prompt_truncated == 1
+
+
 def test_truncation_cuts_prompt_left_completion_right_and_counts(tokenizer):
     long_prompt = " ".join(f"w{i}" for i in range(60))
     rows = [{"prompt": long_prompt, "chosen": " " + "yes " * 30, "rejected": " no"},
