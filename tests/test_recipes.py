@@ -142,9 +142,10 @@ def test_data_settings_read_the_datasets_rows(dataset, row, prompt, tmp_path, to
             assert sources[0]["format"] == evals[0]["format"] == "hh"
         else:  # one split only: a fraction is held out
             assert sources[0]["columns"]["prompt"] == "question" and not evals and 0 < r.data.eval_split < 1
-        # the same source settings on a local file with the dataset's columns
+        # the same source settings on a local file with the dataset's columns (less the hub-only ones: split,
+        # name and revision, which a local file refuses)
         local = write_jsonl(tmp_path / f"{path.stem}.jsonl", [row, {**row, "chosen": row["chosen"]}])
-        spec = [{**sources[0], "path": str(local), "count": None}]
+        spec = [{**sources[0], "path": str(local), "count": None, "split": "train", "name": None, "revision": None}]
         rows = data_lib.read_rows(spec, "data.train", r.data)
         pairs, report = data_lib.tokenize_rows(rows, tokenizer, r.data, source=str(local))
         assert rows[0]["prompt"] == prompt and report.kept == 1 and report.dropped == {"duplicate": 1}
