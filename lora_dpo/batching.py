@@ -293,13 +293,25 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
     return batches
 
 
+def epoch_shape(n_pairs: int, batch_size: int, accumulation: int, group_by_length: bool) -> tuple[int, int]:
+    """(micro-batches per epoch, pairs each epoch leaves out), as micro_batch_indices cuts its epochs: an epoch ends
+    at its last whole batch (or, grouped, its last whole optimizer step); the pairs left over are a different
+    random few each epoch, since the next one reshuffles."""
+    step, acc = batch_size * accumulation, accumulation
+    if n_pairs < step:
+        step, acc = batch_size, 1
+    per_epoch = max(1, n_pairs // step)
+    return per_epoch * acc, max(0, n_pairs - per_epoch * step)
+
+
 def micro_batch_indices(lengths: list[int], batch_size: int, seed: int, start: int = 0,
                         group_by_length: bool = False, accumulation: int = 1) -> Iterator[list[int]]:
     """Endless stream of micro-batches (pair indices) over shuffled epochs (see epoch_batches), skipping the first
-    `start` micro-batches (resume). Grouping works on whole optimizer steps (batch_size × accumulation pairs, each
-    step then cut into its micro-batches), so gradient accumulation still equals the larger batch."""
+    `start` micro-batches (resume). Epochs are cut into whole optimizer steps (batch_size × accumulation pairs, each
+    step then cut into its micro-batches): grouping keeps gradient accumulation equal to the larger batch, and no
+    step straddles two epochs."""
     step = batch_size * accumulation
-    if not group_by_length or len(lengths) < step:  # too few pairs to group: one step batch per epoch anyway
+    if len(lengths) < step:  # fewer pairs than one optimizer step: epochs of micro-batches, nothing to group
         step, accumulation, group_by_length = batch_size, 1, False
     per_epoch = max(1, len(lengths) // step)
     k, cached = start, (-1, [])
@@ -340,9 +352,11 @@ def describe(pairs: list[Pair], batch_size: int, accumulation: int, seed: int, l
     """One line on the work of the first epoch: padding in this layout and order, and what TRL's layout would cost."""
     stream = micro_batch_indices([_pair_len(p) for p in pairs], batch_size, seed, group_by_length=group_by_length,
                                  accumulation=accumulation)
-    batches = [next(stream) for _ in range(max(1, len(pairs) // batch_size))]
+    micro, _ = epoch_shape(len(pairs), batch_size, accumulation, group_by_length)
+    batches = [next(stream) for _ in range(micro)]
     distinct, total = row_tokens(pairs, batches, layout)
-    line = (f"batches of {batch_size} pairs, {'grouped by length' if group_by_length else 'shuffled'}, layout "
+    size = f"{batch_size} pairs" if len(pairs) >= batch_size else f"{len(pairs)} pairs (all there are)"
+    line = (f"batches of {size}, {'grouped by length' if group_by_length else 'shuffled'}, layout "
             f"{layout}: {distinct:,} tokens per epoch; ")
     if layout == "concatenated":
         return line + f"the rows hold {total / max(distinct, 1):.2f}× that (each prompt twice, plus padding)"

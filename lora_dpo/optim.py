@@ -7,14 +7,34 @@ import warnings
 
 import torch
 
+from lora_dpo.batching import epoch_shape
 from lora_dpo.recipe import TrainConfig
 
 
 def total_steps(cfg: TrainConfig, n_pairs: int, world: int = 1) -> int:
+    """train.max_steps, or num_train_epochs of the epochs the batching cuts (batching.epoch_shape): whole optimizer
+    steps within them, so no step reaches into an epoch beyond the last one asked for."""
     if cfg.max_steps > 0:
         return cfg.max_steps
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
-    return max(1, math.ceil(cfg.num_train_epochs * n_pairs / per_step))
+    micro, _ = epoch_shape(n_pairs, cfg.per_device_train_batch_size * world, cfg.gradient_accumulation_steps,
+                           cfg.group_by_length)
+    return max(1, math.floor(cfg.num_train_epochs * micro / cfg.gradient_accumulation_steps + 1e-9))
+
+
+def epochs_line(cfg: TrainConfig, n_pairs: int, steps: int, world: int = 1) -> str:
+    """What `steps` optimizer steps make of the data: how many epochs, and the pairs each epoch leaves out (the
+    batches are whole, and a different few are left out each epoch)."""
+    micro, left_out = epoch_shape(n_pairs, cfg.per_device_train_batch_size * world, cfg.gradient_accumulation_steps,
+                                  cfg.group_by_length)
+    epochs = steps * cfg.gradient_accumulation_steps / micro
+    line = (f"{steps} optimizer step{'s' * (steps != 1)} = {epochs:.3g} epoch{'s' * (epochs != 1)} of {micro} "
+            f"micro-batch{'es' * (micro != 1)}")
+    if left_out:
+        line += f"; each epoch leaves out {left_out} of the {n_pairs} pairs (a different {left_out} each epoch)"
+    if cfg.gradient_accumulation_steps > micro:
+        line += (f"; one step accumulates {cfg.gradient_accumulation_steps} micro-batches, more than an epoch holds, "
+                 "so pairs repeat within a step")
+    return line
 
 
 def make_optimizer(model, cfg: TrainConfig):

@@ -183,6 +183,21 @@ def recipe_notes(r: Recipe) -> list[str]:
                      "train.gradient_checkpointing is off")
     if t.eval_steps is not None and r.data.eval is None and r.data.eval_split is None:
         notes.append("train.eval_steps is ignored: there is no held-out data (set data.eval or data.eval_split)")
+    if t.save_total_limit is not None and t.save_steps is None:
+        notes.append("train.save_total_limit is ignored: no intermediate checkpoints are written (set "
+                     "train.save_steps)")
+    if t.max_steps > 0 and t.num_train_epochs != TrainConfig.num_train_epochs:
+        notes.append(f"train.num_train_epochs ({t.num_train_epochs:g}) is ignored: train.max_steps "
+                     f"({t.max_steps}) sets the length (-1 lets the epochs do it)")
+    d = r.dpo
+    if d.reference_cache_dir is not None and (d.reference != "precompute" or d.loss_type == "simpo"):
+        notes.append("dpo.reference_cache_dir is ignored: no reference log-probs are precomputed (dpo.reference "
+                     f"{d.reference}, loss_type {d.loss_type})")
+    if d.reference == "precompute" and d.loss_type == "simpo":
+        notes.append("dpo.reference: precompute is ignored: loss_type simpo uses no reference")
+    if r.evaluation.behaviour_regex is not None and r.data.eval is None and r.data.eval_split is None:
+        notes.append("evaluation.behaviour_regex is ignored: there is no held-out data (set data.eval or "
+                     "data.eval_split)")
     if t.max_steps > 0 and max(t.warmup_steps, t.warmup_ratio * t.max_steps) >= t.max_steps:
         notes.append(f"the warmup ({t.warmup_steps or f'{t.warmup_ratio:g} ×'} steps) is not shorter than "
                      f"train.max_steps ({t.max_steps}): the learning rate never reaches train.learning_rate")

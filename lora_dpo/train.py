@@ -28,7 +28,7 @@ from lora_dpo.errors import LoraDpoError, TrainingStopped
 from lora_dpo.evaluate import evaluate_pairs, print_before_after, snapshot, snapshots_json
 from lora_dpo.logps import causal_lm
 from lora_dpo.objective import MetricMeter, dpo_forward, step0_check
-from lora_dpo.optim import make_optimizer, make_scheduler, total_steps  # noqa: F401 (public here too)
+from lora_dpo.optim import epochs_line, make_optimizer, make_scheduler, total_steps  # noqa: F401
 from lora_dpo.recipe import Recipe, recipe_from_dict, recipe_notes
 from lora_dpo.report import write_report
 
@@ -175,6 +175,10 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     say(batching.describe(train_pairs, global_batch, tcfg.gradient_accumulation_steps, tcfg.seed, layout,
                           tcfg.group_by_length))
     steps = total_steps(tcfg, len(train_pairs), ctx.world)
+    say(epochs_line(tcfg, len(train_pairs), steps, ctx.world))
+    if tcfg.max_steps < 0 and max(tcfg.warmup_steps, tcfg.warmup_ratio * steps) >= steps:
+        say(f"note: the warmup ({tcfg.warmup_steps} steps) is not shorter than the run's {steps} steps: the learning "
+            "rate never reaches train.learning_rate")
     optimizer = make_optimizer(policy, tcfg)
     scheduler = make_scheduler(optimizer, tcfg, steps)
     pad_id = tokenizer.pad_token_id
@@ -261,13 +265,15 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
             optimizer.zero_grad(set_to_none=True)
             bar.update(1)
 
-            if (step % tcfg.logging_steps == 0 or step == steps) and ctx.sum([meter.batches], device)[0] > 0:
+            eval_step = bool(eval_pairs and tcfg.eval_steps and step % tcfg.eval_steps == 0)
+            if ((step % tcfg.logging_steps == 0 or step == steps or eval_step)  # an eval step is logged, with its row
+                    and ctx.sum([meter.batches], device)[0] > 0):
                 elapsed = time.perf_counter() - t_window
                 meter.reduce(ctx, device)
                 tokens = ctx.sum([tokens], device)[0]
                 row = {"step": step, **meter.result(), "learning_rate": lr, "grad_norm": float(grad_norm),
                        "tokens_per_second": tokens / max(elapsed, 1e-9), "peak_memory_mb": peak_memory_mb(device)}
-                if eval_pairs and tcfg.eval_steps and step % tcfg.eval_steps == 0 and step != steps and ctx.main:
+                if eval_step and step != steps and ctx.main:
                     row.update(evaluate_pairs(policy, eval_pairs, dcfg, tcfg.per_device_eval_batch_size, pad_id,
                                               device))
                 history.append(row)
@@ -296,9 +302,11 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
 
     eval_metrics = {}
     if ctx.main:
-        for tracker in trackers:
-            tracker.close()
         eval_metrics = _finish(recipe, out, policy, tokenizer, device, eval_rows, eval_pairs, before, history, say)
+        for tracker in trackers:
+            if eval_metrics:  # the held-out numbers after training: the trackers' last row, as metrics.jsonl's
+                tracker.log({"step": history[-1]["step"], **eval_metrics})
+            tracker.close()
     ctx.barrier()
     return RunResult(out, out / "adapter", steps, step0, history, eval_metrics)
 

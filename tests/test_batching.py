@@ -73,3 +73,27 @@ def test_describe_names_the_padding_and_the_concatenated_cost():
     concat = float(line.split("would run ")[1].split("×")[0])
     assert concat > 1.3  # every prompt twice, plus padding
     assert "each prompt twice" in describe(pairs, 4, 1, 0, "concatenated", False)
+
+
+@pytest.mark.parametrize("n, batch, accumulation, group", [(32, 4, 3, True), (32, 4, 3, False), (7, 4, 1, True),
+                                                          (400, 4, 1, True), (50, 3, 2, False), (5, 4, 1, False)])
+def test_an_epoch_uses_each_pair_at_most_once_and_says_what_it_leaves_out(n, batch, accumulation, group):
+    """num_train_epochs counts the epochs the batching cuts: whole optimizer steps, so no step reaches into the next
+    (reshuffled) epoch — which would show some pairs twice and leave others out, unsaid."""
+    from collections import Counter
+
+    from lora_dpo.batching import epoch_shape, micro_batch_indices
+    from lora_dpo.optim import epochs_line, total_steps
+    from lora_dpo.recipe import TrainConfig
+
+    cfg = TrainConfig(per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                      group_by_length=group)
+    steps = total_steps(cfg, n)
+    stream = micro_batch_indices([10 + i % 7 for i in range(n)], batch, 42, group_by_length=group,
+                                 accumulation=accumulation)
+    seen = Counter(i for _ in range(steps * accumulation) for i in next(stream))
+    _, left_out = epoch_shape(n, batch, accumulation, group)
+    assert max(seen.values()) == 1 and n - len(seen) == left_out
+    line = epochs_line(cfg, n, steps)
+    assert line.startswith(f"{steps} optimizer step") and " = 1 epoch of " in line
+    assert (f"each epoch leaves out {left_out} of the {n} pairs" in line) == (left_out > 0)

@@ -140,6 +140,13 @@ def test_settings_this_run_will_not_use_are_said():
                    "ignored", "eval_steps is ignored: there is no held-out data", "never reaches train.learning_rate"):
         assert any(needle in n for n in notes), needle
     assert recipe_notes(recipe_from_dict(with_("dpo", loss_type="simpo", simpo_gamma=1.0))) == []
+    notes = recipe_notes(recipe_from_dict(with_("train", save_total_limit=2, max_steps=9, num_train_epochs=3)
+                                          | {"dpo": {"loss_type": "simpo", "reference": "precompute",
+                                                     "reference_cache_dir": "c"},
+                                             "evaluation": {"behaviour_regex": "x"}}))
+    for needle in ("save_total_limit is ignored", "num_train_epochs (3) is ignored", "reference_cache_dir is ignored",
+                   "precompute is ignored: loss_type simpo", "behaviour_regex is ignored"):
+        assert any(needle in n for n in notes), needle
 
 
 def test_keys_prints_defaults_as_yaml_so_they_can_be_copied(tmp_path):

@@ -163,13 +163,16 @@ def test_cli_trains_and_refuses_to_overwrite(recipe_dict, tmp_path):
 def test_tensorboard_gets_every_metric(recipe_dict):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    recipe_dict["train"].update(max_steps=2, report_to=["tensorboard"], eval_steps=1)
+    recipe_dict["train"].update(max_steps=4, report_to=["tensorboard"], logging_steps=2, eval_steps=3)
     result = train(recipe_from_dict(recipe_dict))
     acc = EventAccumulator(str(result.output_dir / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert TRAIN_KEYS - {"step"} <= tags and "eval/rewards/accuracies" in tags
-    assert [e.step for e in acc.Scalars("loss")] == [1, 2]
+    assert TRAIN_KEYS - {"step"} <= tags
+    assert [e.step for e in acc.Scalars("loss")] == [2, 3, 4]  # an eval step is logged, if not a logging step
+    # eval at step 3 (eval_steps) and after training (step 4): trackers get the final held-out numbers too
+    assert [e.step for e in acc.Scalars("eval/rewards/accuracies")] == [3, 4]
+    assert [r["step"] for r in metrics(result.output_dir) if "eval/loss" in r] == [3, 4]
 
 
 @pytest.mark.parametrize("override, needle", [
