@@ -4,6 +4,7 @@ and (optionally) a reward model's policy-vs-reference win rate."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -142,8 +143,10 @@ class Snapshot:
                                       f"margin {m['eval/rewards/margins']:+.3f}", f"loss {m['eval/loss']:.4f}"]
         if self.behaviour_rate is not None:
             parts.append(f"behaviour rate {self.behaviour_rate:.0%}")
-        if self.kl and self.kl["kl"] is not None:
-            parts.append(f"KL {self.kl['kl']:.3f} nats/answer")
+        if self.kl and self.kl["kl"] is not None:  # a sampled estimate: negative values happen, the error says why
+            err = self.kl.get("std_error")
+            parts.append(f"KL {self.kl['kl']:.3f}" + (f" ± {err:.3f}" if err is not None else "") + " nats/answer"
+                         + f" ({self.kl['samples']} samples)" * ("samples" in self.kl))
         return ", ".join(parts)
 
 
@@ -227,7 +230,8 @@ def evaluate(run_dir: str | Path, data: str | None = None, generations: int | No
     for line in report.lines():
         print(line)
     n_rm = recipe.evaluation.reward_prompts if rm else 0
-    before = snapshot(model, tokenizer, pairs, recipe, device, reference=True, prompts=n_rm)
+    before = _with_training_metrics(snapshot(model, tokenizer, pairs, recipe, device, reference=True, prompts=n_rm),
+                                    run_dir, path, len(pairs))
     after = snapshot(model, tokenizer, pairs, recipe, device, prompts=n_rm)
     print_before_after(before, after, rows, pairs, recipe.evaluation.generations)
     result = snapshots_json(path, pairs, rows, before, after)
@@ -241,6 +245,21 @@ def evaluate(run_dir: str | Path, data: str | None = None, generations: int | No
     write_json(run_dir / "eval.json", result)
     print(f"written: {run_dir / 'eval.json'}, {write_report(run_dir)}")
     return result
+
+
+def _with_training_metrics(before: Snapshot, run_dir: Path, data: str, n_pairs: int) -> Snapshot:
+    """The reference's held-out metrics as training measured them before its first step (eval.json), where they
+    are of the same held-out pairs: the reference alone has no policy to compare with, and eval.json would
+    otherwise lose them."""
+    try:
+        previous = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return before
+    if not isinstance(previous, dict) or previous.get("data") != data or previous.get("pairs") != n_pairs:
+        return before
+    kept = {k: v for k, v in (previous.get("before") or {}).items() if k.startswith("eval/")}
+    return dataclasses.replace(before, metrics=kept) if {"eval/rewards/accuracies", "eval/rewards/margins",
+                                                        "eval/loss"} <= kept.keys() else before
 
 
 def check_counts(generations: int | None, reward_prompts: int | None) -> None:

@@ -165,6 +165,9 @@ def test_eval_of_a_run_with_an_eval_split(tiny_model_dir, tmp_path):
     trained = json.loads((run.output_dir / "eval.json").read_text())
     result = evaluate(run.output_dir)
     assert result["pairs"] == trained["pairs"] == 6 and "eval_split=6" in result["data"]
+    # the reference's numbers from before training are kept, not replaced by nothing
+    saved = json.loads((run.output_dir / "eval.json").read_text())
+    assert saved["before"]["eval/loss"] == trained["before"]["eval/loss"] and "eval/rewards/margins" in saved["before"]
     # the same held-out rows as the run used (same split_seed)
     assert [g["prompt"] for g in result["generations"]] == [g["prompt"] for g in trained["generations"]]
     assert result["kl"] is None
