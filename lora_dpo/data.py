@@ -51,8 +51,8 @@ def check_local_sources(cfg: DataConfig) -> list[str]:
     """What `lora-dpo validate` can check without the hub or a model: every local source reads and normalises (the
     errors training would give), and data.chat_template's file exists. → the hub datasets left unchecked."""
     hub = []
-    for split in ("train", "eval"):
-        for skey, s in data_sources.source_specs(getattr(cfg, split), f"data.{split}") if getattr(cfg, split) else []:
+    for split, spec in (("train", cfg.train), ("eval", cfg.eval)):
+        for skey, s in data_sources.source_specs(spec, f"data.{split}") if spec else []:
             if data_sources.source_kind(s["path"]) == "hub":
                 hub.append(s["path"])
                 continue

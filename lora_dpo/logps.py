@@ -27,7 +27,7 @@ def logit_transform(lm) -> tuple[float, float | None]:
     cfg = getattr(lm.config, "text_config", None) or lm.config
     scale = 1.0
     for name, invert in (("logits_scaling", True), ("logit_scale", False), ("lm_head_multiplier", False)):
-        value = getattr(cfg, name, None)
+        value = vars(cfg).get(name)  # names from the fixed list above
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in (0, 1):
             scale = scale / value if invert else scale * value
     return scale, getattr(cfg, "final_logit_softcapping", None)

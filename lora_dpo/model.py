@@ -313,9 +313,10 @@ def disable_dropout(base) -> list[str]:
     → the settings that were on, to be said."""
     was_on = set()
     for cfg in {id(c): c for c in (base.config, getattr(base.config, "text_config", None)) if c}.values():
-        for name in _RANDOM_IN_TRAINING:
-            if isinstance(getattr(cfg, name, None), float) and getattr(cfg, name) > 0:
-                was_on.add(f"{name} {getattr(cfg, name):g}")
+        for name in _RANDOM_IN_TRAINING:  # names from the fixed list above (vars: plain attributes only)
+            value = vars(cfg).get(name)
+            if isinstance(value, float) and value > 0:
+                was_on.add(f"{name} {value:g}")
                 setattr(cfg, name, 0.0)
     for name, module in base.named_modules():
         if "lora_dropout" in name:  # the adapter's, as the recipe sets it (when called on a model that has one)
@@ -324,7 +325,7 @@ def disable_dropout(base) -> list[str]:
             was_on.add(f"{type(module).__name__} p={module.p:g}")
             module.p = 0.0
         for field in _RANDOM_IN_TRAINING:  # modules copy config values at init (Llama's self.attention_dropout)
-            value = getattr(module, field, None)
+            value = vars(module).get(field)
             if isinstance(value, float) and value > 0:
                 setattr(module, field, 0.0)
     return sorted(was_on)

@@ -5,15 +5,12 @@ Read top to bottom: this is the order things happen in.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
 import resource
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -22,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lora_dpo import batching, checkpoints, data, distributed, losses, offload, refcache, tracking
+from lora_dpo import batching, checkpoints, data, distributed, losses, offload, preflight, refcache, tracking
 from lora_dpo import model as model_lib
 from lora_dpo.errors import LoraDpoError, TrainingStopped
 from lora_dpo.evaluate import evaluate_pairs, print_before_after, snapshot, snapshots_json
@@ -31,9 +28,6 @@ from lora_dpo.objective import MetricMeter, dpo_forward, step0_check
 from lora_dpo.optim import epochs_line, make_optimizer, make_scheduler, total_steps  # noqa: F401
 from lora_dpo.recipe import Recipe, recipe_from_dict, recipe_notes
 from lora_dpo.report import write_report
-
-RUN_FILES = ("recipe.yaml", "metrics.jsonl", "adapter", "checkpoints", "data_report.json", "data_report.txt",
-             "export", "eval.json", "report.html", "tensorboard", "wandb")
 
 
 @dataclass
@@ -53,37 +47,6 @@ class RunResult:
 
 # ---------------------------------------------------------------- setup helpers
 
-def _prepare_output_dir(recipe: Recipe) -> Path:
-    out = Path(recipe.output.dir)
-    resuming = recipe.train.resume_from_checkpoint is not None
-    holds_run = out.is_dir() and any((out / f).exists() for f in RUN_FILES)
-    if holds_run and not resuming and not recipe.output.overwrite:
-        if checkpoints.list_checkpoints(out):
-            raise LoraDpoError(f"output.dir '{out}' already holds a run; choose another directory, resume it with "
-                               "train.resume_from_checkpoint=latest, or replace it with output.overwrite=true")
-        state = "a finished run" if (out / "adapter").is_dir() else "a run that stopped before its first checkpoint"
-        raise LoraDpoError(f"output.dir '{out}' already holds {state} (no checkpoint to resume); choose another "
-                           "directory, or replace it with output.overwrite=true")
-    if out.exists() and not out.is_dir():
-        raise LoraDpoError(f"output.dir '{out}' is a file; choose a directory path")
-    parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
-    try:  # a real probe: os.access says yes to root even where nothing can be written (read-only mount, /proc)
-        shutil.rmtree(tempfile.mkdtemp(dir=parent, prefix=".lora-dpo-write-test-"))
-    except OSError:
-        raise LoraDpoError(f"output.dir '{out}': '{parent}' is not writable; choose a directory you can write "
-                           "to") from None
-    return out
-
-
-def _clear_run(out: Path) -> None:
-    for name in RUN_FILES:
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
-
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -98,7 +61,7 @@ def run(recipe: Recipe) -> RunResult:
     filters and the CPU's subnormal-float mode are restored on return."""
     # the recipe may have been edited in Python since it was loaded: check it again, as loading did
     recipe = recipe_from_dict(recipe.to_dict())
-    with warnings.catch_warnings(), _flushing_denormals():
+    with warnings.catch_warnings(), preflight.flushing_denormals():
         # bitsandbytes' CPU 4-bit kernel has no registered autograd kernel; the gradient w.r.t. its input is still
         # correct (tests/test_model.py compares against the dequantized twin), so the warning is noise for users
         warnings.filterwarnings("ignore", message=r"bitsandbytes::gemv_4bit: an autograd kernel")
@@ -109,19 +72,6 @@ def run(recipe: Recipe) -> RunResult:
         return _setup_and_run(recipe)
 
 
-@contextlib.contextmanager
-def _flushing_denormals():
-    """Once the loss is near 0, backward carries subnormal floats, which x86 CPUs process ~100× slower; flushing
-    them to zero changes nothing measurable (they are below 1e-38) and keeps late steps as fast as early ones. torch
-    has no getter for the mode, so whether it was on is read from a product."""
-    was_on = float(torch.tensor([1e-39]) * torch.tensor([1.0])) == 0.0
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(was_on)
-
-
 def _setup_and_run(recipe: Recipe) -> RunResult:
     tcfg = recipe.train
     device, dtype = model_lib.device_and_dtype(tcfg.precision, tcfg.device)
@@ -130,7 +80,7 @@ def _setup_and_run(recipe: Recipe) -> RunResult:
                            "backward there); use sdpa (the same log-probs), or train on a CUDA GPU")
     ctx = distributed.setup(device)
     # only the writer checks the run directory: another process could otherwise see the one rank 0 just made
-    out = _prepare_output_dir(recipe) if ctx.main else Path(recipe.output.dir)
+    out = preflight.prepare_output_dir(recipe) if ctx.main else Path(recipe.output.dir)
     tracking.check_available(tcfg.report_to)
     if device.type == "cuda" and ctx.enabled:
         device = torch.device("cuda", ctx.local_rank)
@@ -158,6 +108,7 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     tokenizer = model_lib.load_tokenizer(recipe.model)
     prepared = data.prepare(recipe.data, tokenizer, train_rows, eval_rows, say)  # prints the report; on_problem
     train_pairs, eval_pairs = prepared.train_pairs, prepared.eval_pairs
+    preflight.check_context(recipe, train_pairs, eval_pairs)
 
     policy = _load_policy(recipe, device, dtype, ctx)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -191,7 +142,7 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
         say(f"resumed from {ckpt} at step {start}/{steps}")
     if ctx.main:
         if not tcfg.resume_from_checkpoint and out.exists():
-            _clear_run(out)
+            preflight.clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(recipe.to_yaml())
         prepared.save(out)  # data_report.json, data_report.txt

@@ -224,6 +224,25 @@ def test_resume_errors_come_before_the_model_loads(recipe_dict, tmp_path, monkey
         train(r)
 
 
+def test_pairs_and_generations_beyond_the_models_context_fail_before_it_loads(recipe_dict, tmp_path, monkeypatch):
+    """The tiny model's context is 512 positions: a longer pair would index past learned positions (or train a RoPE
+    model where it never was), so it is refused by the key to change."""
+    from conftest import write_jsonl
+
+    _refuse_model_loads(monkeypatch)
+    long_row = {"prompt": " ".join(f"w{i}" for i in range(700)), "chosen": " yes", "rejected": " no"}
+    recipe_dict["data"].update(train=str(write_jsonl(tmp_path / "long.jsonl", [long_row] * 4)), max_length=4096,
+                               max_prompt_length=None)
+    with pytest.raises(LoraDpoError, match=r"^data\.max_length: the longest pair spans \d+ positions .* context of "
+                                           r"512 .*at most 512"):
+        train(recipe_from_dict(recipe_dict))
+    recipe_dict["data"].update(train=str(write_jsonl(tmp_path / "mid.jsonl", [long_row] * 4)), eval=None,
+                               eval_split=2, max_length=512, max_prompt_length=500)
+    recipe_dict["evaluation"] = {"max_new_tokens": 64, "generations": 2}
+    with pytest.raises(LoraDpoError, match=r"^evaluation\.max_new_tokens: a held-out prompt of 500 tokens plus 64"):
+        train(recipe_from_dict(recipe_dict))
+
+
 def test_a_run_stopped_before_its_first_checkpoint_is_not_offered_for_resuming(recipe_dict, tmp_path):
     out = tmp_path / "early"
     out.mkdir()
