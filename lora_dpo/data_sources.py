@@ -274,6 +274,7 @@ def split_off(n: int, eval_split: int | float, seed: int) -> set[int]:
         raise LoraDpoError(f"data.eval_split: {eval_split} of {n} rows is 0 rows; use a larger fraction or a "
                            "number of rows")
     if k >= n:
-        raise LoraDpoError(f"data.eval_split: holding out {k} of {n} rows leaves no training rows; use fewer "
-                           "rows or a fraction below 1")
+        how = "" if isinstance(eval_split, int) else f" ({eval_split:g} × {n} rounds to {k})"
+        raise LoraDpoError(f"data.eval_split: holding out {k} of {n} rows{how} leaves no training rows; hold out "
+                           f"fewer rows (at most {n - 1}{f', a fraction below {(n - 0.5) / n:.3g}' if how else ''})")
     return set(random.Random(seed).sample(range(n), k))
