@@ -163,7 +163,7 @@ case("hub-dataset-offline", "cannot load hub dataset 'someone/no-such-prefs'", "
     lambda e: e.data(train="someone/no-such-prefs"))
 case("count-above-rows", "data.train[0].count: 9 rows asked for", "lower count")(
     lambda e: e.data(train=[{"path": str(e.train), "count": 9}]))
-case("eval-split-too-large", "data.eval_split: holding out 8 of 8 rows", "use fewer rows")(
+case("eval-split-too-large", "data.eval_split: holding out 8 of 8 rows", "hold out fewer rows (at most 7)")(
     lambda e: e.data(eval_split=8))
 case("on-problem-error", "data.train: 1 data problems", "data.on_problem=warn")(
     lambda e: e.data(on_problem="error", train=e.file("dup.jsonl", _ok_rows_text(2) + _ok_rows_text(1))))
