@@ -29,3 +29,7 @@ def test_quickstart_recipe_runs_end_to_end(tmp_path, capsys, monkeypatch):
     assert report["after"]["eval/rewards/margins"] > 0  # three steps already push the margin the right way
     assert len(report["generations"]) == 4
     assert (run.adapter_dir / "adapter_model.safetensors").is_file()
+    # the main job ends with the export the recipe asks for: a merged model, checked against the policy
+    parity = json.loads((run.output_dir / "export" / "merged-dequantized" / "parity.json").read_text())
+    assert parity["format"] == "merged" and parity["max_abs_logp_diff"] < 0.5
+    assert (run.output_dir / "export" / "merged-dequantized" / "config.json").is_file()
