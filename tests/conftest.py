@@ -111,3 +111,19 @@ def recipe_dict(tiny_model_dir, data_files, tmp_path) -> dict:
         "train": {"max_steps": 4, "learning_rate": 1e-3, "per_device_train_batch_size": 4},
         "output": {"dir": str(tmp_path / "run")},
     }
+
+
+def copy_run(run_dir: Path, to: Path, **recipe_changes) -> Path:
+    """The run's recipe (with `section__key` changes) and adapter — what eval and export read — in `to`, to damage
+    without touching the run it came from."""
+    import shutil
+
+    import yaml
+
+    shutil.copytree(run_dir / "adapter", to / "adapter")
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    for key, value in recipe_changes.items():
+        section, name = key.split("__")
+        recipe[section][name] = value
+    (to / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return to

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 import warnings
 
 import pytest
 import torch
-import yaml
-from conftest import arithmetic_rows, write_jsonl
+from conftest import arithmetic_rows, copy_run, write_jsonl
 
 from lora_dpo import evaluate, train
 from lora_dpo import model as model_lib
@@ -216,17 +214,6 @@ def test_held_out_eval_runs_under_the_training_autocast(tiny_model_dir, monkeypa
     assert asked == [(torch.device("cpu"), torch.bfloat16)] * 2 and math.isfinite(result["eval/loss"])
 
 
-def _copy_run(run_dir, to, **changes):
-    """The run's recipe (with `section__key` changes) and adapter in `to`: what eval reads, safe to damage."""
-    shutil.copytree(run_dir / "adapter", to / "adapter")
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
-    for key, value in changes.items():
-        section, name = key.split("__")
-        recipe[section][name] = value
-    (to / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    return to
-
-
 def test_bad_arguments_and_a_damaged_adapter_fail_before_the_model_loads(finished_run, tmp_path, monkeypatch,
                                                                          capsys):
     def load_run(*a, **k):
@@ -241,14 +228,14 @@ def test_bad_arguments_and_a_damaged_adapter_fail_before_the_model_loads(finishe
                          ({"reward_model": str(tmp_path / "nonexistent" / "rm")}, "is not a model directory")):
         with pytest.raises(LoraDpoError, match=text):
             evaluate(run, **kwargs)
-    no_eval = _copy_run(run, tmp_path / "no-eval", data__eval=None)
+    no_eval = copy_run(run, tmp_path / "no-eval", data__eval=None)
     with pytest.raises(LoraDpoError, match="has no data.eval or data.eval_split; pass --data"):
         evaluate(no_eval)
 
-    empty = _copy_run(run, tmp_path / "empty")
+    empty = copy_run(run, tmp_path / "empty")
     for f in (empty / "adapter").iterdir():
         f.unlink()
-    corrupt = _copy_run(run, tmp_path / "corrupt")
+    corrupt = copy_run(run, tmp_path / "corrupt")
     (corrupt / "adapter" / "adapter_model.safetensors").write_bytes(b"\x90\x3d" + bytes(998))
     for damaged, text in ((empty, "adapter_config.json' is missing"),
                           (corrupt, "adapter_model.safetensors' is corrupt or truncated")):
@@ -293,7 +280,7 @@ def test_eval_prints_no_library_noise(finished_run, tmp_path):
         load_run(finished_run.output_dir)
     assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]
     # a run whose base model has gone: the error comes after peft (and bitsandbytes) are imported, on one line
-    gone = _copy_run(finished_run.output_dir, tmp_path / "gone", model__name_or_path=str(tmp_path / "no-model"))
+    gone = copy_run(finished_run.output_dir, tmp_path / "gone", model__name_or_path=str(tmp_path / "no-model"))
     res = subprocess.run([sys.executable, "-m", "lora_dpo", "eval", str(gone)], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "no-model" in res.stderr, res.stderr

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import arithmetic_rows, build_tiny, write_jsonl
+from conftest import arithmetic_rows, build_tiny, copy_run, write_jsonl
 
 from lora_dpo import batching, cli, export, train
 from lora_dpo.errors import LoraDpoError
@@ -270,17 +270,6 @@ def test_cli_errors_and_nothing_half_written(run_dir, tmp_path, capsys, monkeypa
         recipe_from_dict(bad)
 
 
-def _copy_run(run_dir: Path, to: Path, **recipe_changes) -> Path:
-    """The run's recipe and adapter (what export and eval read) in `to`, to damage without touching the fixture."""
-    shutil.copytree(run_dir / "adapter", to / "adapter")
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
-    for key, value in recipe_changes.items():
-        section, name = key.split("__")
-        recipe[section][name] = value
-    (to / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    return to
-
-
 def _no_model_loads(monkeypatch) -> None:
     def load_run(*a, **k):
         raise AssertionError("the base model was loaded before the arguments were checked")
@@ -342,12 +331,12 @@ def test_damaged_adapter_and_bad_arguments_fail_before_the_model_loads(run_dir, 
         assert err.count("\n") == 0 and text in err and "Traceback" not in err, err
         return err
 
-    empty = _copy_run(run_dir, tmp_path / "empty")
+    empty = copy_run(run_dir, tmp_path / "empty")
     for f in (empty / "adapter").iterdir():
         f.unlink()
     err = fails(empty, "adapter_config.json' is missing")
     assert "train the run again" in err  # no checkpoint to restore it from
-    corrupt = _copy_run(run_dir, tmp_path / "corrupt")
+    corrupt = copy_run(run_dir, tmp_path / "corrupt")
     weights = corrupt / "adapter" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     step = corrupt / "checkpoints" / "step-00000002"
