@@ -196,6 +196,7 @@ def tokenize_rows(rows: list[dict], tokenizer, cfg: DataConfig, source: Any, spl
                         rows=len(rows), sources=list(getattr(rows, "sources", [])))
     pairs: list[Pair] = []
     seen: set[str] = set()
+    seen_tokens: set[tuple] = set()
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     text_rows = two_systems = 0
     for i, (row, where) in enumerate(zip(rows, origins)):
@@ -244,6 +245,11 @@ def tokenize_rows(rows: list[dict], tokenizer, cfg: DataConfig, source: Any, spl
         if c == r:
             report.drop("chosen == rejected after truncation", where)
             continue
+        tokens = (tuple(p), tuple(c), tuple(r))  # rows that differed only in what truncation cut are one pair now
+        if tokens in seen_tokens and cfg.drop_duplicates:
+            report.drop("duplicate after truncation", where)
+            continue
+        seen_tokens.add(tokens)
         pairs.append(Pair(p, c, r, i))
         report.keep(len(p), len(c), len(r))
     if text_rows:

@@ -211,6 +211,16 @@ def test_a_prompt_cut_from_the_left_keeps_its_bos(tokenizer):
     assert pairs[0].prompt_ids == [tokenizer.bos_token_id] + full_p[-15:] and rep.prompt_truncated == 1
 
 
+def test_rows_that_truncation_makes_identical_are_duplicates(tokenizer):
+    rows = [{"prompt": f"intro {i} " + " ".join(f"w{k}" for k in range(40)), "chosen": " yes", "rejected": " no"}
+            for i in range(3)]
+    pairs, rep = data.tokenize_rows(rows, tokenizer, cfg(max_length=32, max_prompt_length=16), "t")
+    assert len(pairs) == 1 and rep.dropped == {"duplicate after truncation": 2} and rep.prompt_truncated == 3
+    pairs, rep = data.tokenize_rows(rows, tokenizer, cfg(max_length=32, max_prompt_length=16,
+                                                         drop_duplicates=False), "t")
+    assert len(pairs) == 3
+
+
 def test_truncation_cuts_prompt_left_completion_right_and_counts(tokenizer):
     long_prompt = " ".join(f"w{i}" for i in range(60))
     rows = [{"prompt": long_prompt, "chosen": " " + "yes " * 30, "rejected": " no"},
