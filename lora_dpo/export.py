@@ -112,7 +112,9 @@ def export(run_dir, format: str = "adapter", base: str = "dequantized", dtype: s
             out.parent.rmdir()
         raise
     print(f"{format} export written to {out}: |Δ log-prob| vs the trained policy max {parity['max_abs_logp_diff']:.2e}"
-          f", mean {parity['mean_abs_logp_diff']:.2e} on {len(pairs)} pairs; reward accuracy: policy "
+          f", mean {parity['mean_abs_logp_diff']:.2e} on {len(pairs)} "
+          f"{'held-out pairs' if data_note['held_out'] else 'training pairs (the run has no held-out data)'}; "
+          "reward accuracy: policy "
           f"{parity['policy_reward_accuracy']:.2f}, exported {parity['exported_reward_accuracy']:.2f}")
     return out
 

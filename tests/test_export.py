@@ -239,6 +239,7 @@ def test_cli_errors_and_nothing_half_written(run_dir, tmp_path, capsys, monkeypa
     (no_eval / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     note = _parity(export(no_eval))["data"]
     assert not note["held_out"] and note["pairs_used"] == 8 and "no data.eval" in note["note"]
+    assert "on 8 training pairs (the run has no held-out data)" in capsys.readouterr().out
 
     # a run over a non-llama base: refused for GGUF before any model is loaded
     from transformers import GPT2Config
