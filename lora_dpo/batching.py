@@ -355,7 +355,8 @@ def describe(pairs: list[Pair], batch_size: int, accumulation: int, seed: int, l
     micro, _ = epoch_shape(len(pairs), batch_size, accumulation, group_by_length)
     batches = [next(stream) for _ in range(micro)]
     distinct, total = row_tokens(pairs, batches, layout)
-    size = f"{batch_size} pairs" if len(pairs) >= batch_size else f"{len(pairs)} pairs (all there are)"
+    size = (f"{batch_size} pairs" if len(pairs) >= batch_size
+            else f"{len(pairs)} pair{'s' * (len(pairs) != 1)} (all there are)")
     line = (f"batches of {size}, {'grouped by length' if group_by_length else 'shuffled'}, layout "
             f"{layout}: {distinct:,} tokens per epoch; ")
     if layout == "concatenated":

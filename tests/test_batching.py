@@ -97,3 +97,8 @@ def test_an_epoch_uses_each_pair_at_most_once_and_says_what_it_leaves_out(n, bat
     line = epochs_line(cfg, n, steps)
     assert line.startswith(f"{steps} optimizer step") and " = 1 epoch of " in line
     assert (f"each epoch leaves out {left_out} of the {n} pairs" in line) == (left_out > 0)
+
+
+def test_describe_says_when_the_data_is_smaller_than_a_batch():
+    assert describe([Pair([1, 2], [3], [4], 0)], 4, 1, 42, "packed", True).startswith(
+        "batches of 1 pair (all there are), grouped by length")
