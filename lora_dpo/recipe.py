@@ -198,10 +198,17 @@ def recipe_notes(r: Recipe) -> list[str]:
     if r.evaluation.behaviour_regex is not None and r.data.eval is None and r.data.eval_split is None:
         notes.append("evaluation.behaviour_regex is ignored: there is no held-out data (set data.eval or "
                      "data.eval_split)")
-    if t.max_steps > 0 and max(t.warmup_steps, t.warmup_ratio * t.max_steps) >= t.max_steps:
-        notes.append(f"the warmup ({t.warmup_steps or f'{t.warmup_ratio:g} ×'} steps) is not shorter than "
-                     f"train.max_steps ({t.max_steps}): the learning rate never reaches train.learning_rate")
+    if t.max_steps > 0 and (note := warmup_note(t, t.max_steps)):  # else known once the epochs are counted
+        notes.append(note)
     return notes
+
+
+def warmup_note(t: TrainConfig, steps: int) -> str | None:
+    """Said when the warmup takes the whole run of `steps` steps: the peak learning rate is never reached."""
+    if max(t.warmup_steps, t.warmup_ratio * steps) < steps:
+        return None
+    return (f"the warmup ({t.warmup_steps or f'{t.warmup_ratio:g} ×'} steps) is not shorter than the run's {steps} "
+            "steps: the learning rate never reaches train.learning_rate")
 
 
 def _check_data_sources(d: DataConfig) -> None:

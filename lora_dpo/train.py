@@ -26,7 +26,7 @@ from lora_dpo.evaluate import evaluate_pairs, print_before_after, snapshot, snap
 from lora_dpo.logps import causal_lm
 from lora_dpo.objective import MetricMeter, dpo_forward, step0_check
 from lora_dpo.optim import epochs_line, make_optimizer, make_scheduler, total_steps  # noqa: F401
-from lora_dpo.recipe import Recipe, recipe_from_dict, recipe_notes
+from lora_dpo.recipe import Recipe, recipe_from_dict, recipe_notes, warmup_note
 from lora_dpo.report import write_report
 
 
@@ -127,9 +127,8 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
                           tcfg.group_by_length))
     steps = total_steps(tcfg, len(train_pairs), ctx.world)
     say(epochs_line(tcfg, len(train_pairs), steps, ctx.world))
-    if tcfg.max_steps < 0 and max(tcfg.warmup_steps, tcfg.warmup_ratio * steps) >= steps:
-        say(f"note: the warmup ({tcfg.warmup_steps} steps) is not shorter than the run's {steps} steps: the learning "
-            "rate never reaches train.learning_rate")
+    if tcfg.max_steps < 0 and (note := warmup_note(tcfg, steps)):  # max_steps set: said with the recipe's notes
+        say(f"note: {note}")
     optimizer = make_optimizer(policy, tcfg)
     scheduler = make_scheduler(optimizer, tcfg, steps)
     pad_id = tokenizer.pad_token_id
