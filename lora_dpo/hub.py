@@ -44,3 +44,11 @@ def offline_if_unreachable() -> bool:
     if os.environ.get("RANK", "0") == "0":
         print(f"{host} cannot be resolved: working offline (hub ids load from the local cache only)", flush=True)
     return True
+
+
+def could_be_hub_id(name: str) -> bool:
+    """`owner/name` that is no local path: what lora-dpo looks up on the hub (for a model, a data set's rules are
+    its own: data_sources.source_kind)."""
+    from pathlib import Path
+
+    return not Path(name).expanduser().exists() and not name.startswith((".", "/", "~")) and name.count("/") == 1

@@ -21,6 +21,7 @@ import torch
 
 from lora_dpo import attention, mlp
 from lora_dpo.errors import LoraDpoError
+from lora_dpo.hub import could_be_hub_id
 from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig, checkpointed_layers
 
 DEMO_ALIAS = "demo:smollm2-135m-instruct"
@@ -82,7 +83,7 @@ def resolve_source(cfg: ModelConfig) -> Source:
             raise LoraDpoError(f"model.name_or_path: directory '{name}' has no config.json; point it at a "
                                "Hugging Face model directory (save_pretrained output) or a .gguf file")
         return Source("dir", str(path.resolve()))
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if not could_be_hub_id(name):
         raise LoraDpoError(f"model.name_or_path: '{name}' is not a model directory, a .gguf file or a hub id "
                            "(owner/name); check the path")
     from lora_dpo.hub import offline_if_unreachable
@@ -95,9 +96,7 @@ def check_local_model(cfg: ModelConfig) -> bool:
     """resolve_source's checks where name_or_path is local (a directory, a .gguf file, the demo model), without
     touching the hub (`lora-dpo validate`). → False for a hub id, which is not checked."""
     name = cfg.name_or_path
-    path = Path(name).expanduser()
-    if (name != DEMO_ALIAS and path.suffix != ".gguf" and not path.exists() and not name.startswith((".", "/", "~"))
-            and name.count("/") == 1):
+    if name != DEMO_ALIAS and Path(name).suffix != ".gguf" and could_be_hub_id(name):
         return False
     resolve_source(cfg)
     return True

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from lora_dpo.errors import LoraDpoError
+from lora_dpo.hub import could_be_hub_id
 
 
 def _architectures(name: str) -> list[str] | None:
@@ -19,7 +20,7 @@ def _architectures(name: str) -> list[str] | None:
             raise LoraDpoError(f"--reward-model: directory '{name}' has no config.json; point it at a saved "
                                "sequence-classification model (save_pretrained output) or a hub id")
         return json.loads((path / "config.json").read_text()).get("architectures") or []
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if not could_be_hub_id(name):
         raise LoraDpoError(f"--reward-model: '{name}' is not a model directory or a hub id (owner/name); check it")
     from lora_dpo.hub import offline_if_unreachable
 
