@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+from pathlib import Path
+
 import bitsandbytes as bnb
 import pytest
 import torch
+from conftest import build_tiny
 
 from lora_dpo import model as M
 from lora_dpo.batching import collate
@@ -57,6 +61,24 @@ def test_one_copy_of_the_base_weights(tiny_model_dir):
     with M.reference_mode(m):
         batch_logps(m, small_batch())
     assert {id(p) for p in m.parameters()} == before  # the reference pass created no weights
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_a_cpu_4bit_model_keeps_no_view_of_its_checkpoint_file(tmp_path, tokenizer):
+    """The unquantized tensors are copied out of the memory-mapped checkpoint, so the mapping (the whole
+    full-precision file, as read for quantization) closes; ties and values are kept."""
+    from safetensors.torch import load_file
+
+    path = build_tiny(tmp_path / "tied", tokenizer, tie_word_embeddings=True)
+    base = M.load_base(ModelConfig(name_or_path=str(path)), QuantizationConfig(), torch.float32, CPU)
+    gc.collect()
+    assert str(path / "model.safetensors") not in Path("/proc/self/maps").read_text()
+    emb = base.get_input_embeddings().weight
+    assert base.get_output_embeddings().weight is emb  # still tied: one tensor
+    saved = load_file(path / "model.safetensors")
+    assert torch.equal(emb, saved["model.embed_tokens.weight"])
+    assert torch.equal(base.model.norm.weight, saved["model.norm.weight"])
+    assert sum(t.device.type == "cpu" for t in base.parameters()) > 0
 
 
 def test_reference_equals_bare_base_and_policy_differs(tiny_model_dir):
