@@ -273,6 +273,21 @@ def apply_chat_template(cfg: DataConfig, tokenizer) -> None:
     template = chat_template(cfg)
     if template is not None:
         tokenizer.chat_template = template
+        check_template_syntax(tokenizer)
+
+
+def check_template_syntax(tokenizer) -> None:
+    """A data.chat_template that does not parse fails here, whatever the rows are: plain-text rows never render it,
+    but it is saved with the adapter's tokenizer and used by whoever chats with the model."""
+    import jinja2
+
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    except jinja2.TemplateSyntaxError as e:
+        raise LoraDpoError(f"data.chat_template: the template does not parse (line {e.lineno}: {e.message}); "
+                           "fix its Jinja syntax") from None
+    except Exception:  # noqa: BLE001 - it parses; a row it cannot render is reported with that row
+        pass
 
 
 def load(cfg: DataConfig, tokenizer, split: str = "train", rows: list[dict] | None = None,

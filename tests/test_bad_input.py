@@ -169,8 +169,10 @@ case("on-problem-error", "data.train: 1 data problems", "data.on_problem=warn")(
     lambda e: e.data(on_problem="error", train=e.file("dup.jsonl", _ok_rows_text(2) + _ok_rows_text(1))))
 case("chat-template-file-missing", "data.chat_template: file", "give a Jinja file")(
     lambda e: e.data(chat_template=str(e.root / "nope.jinja")))
+case("chat-template-syntax", "data.chat_template: the template does not parse (line 1", "fix its Jinja syntax")(
+    lambda e: e.data(chat_template="{% for m in messages %}{{ m.content }"))  # plain-text rows never render it
 case("chat-template-broken", "cannot render row 0", "fix data.chat_template")(
-    lambda e: e.data(chat_template="{% for m in messages %}{{ m.content }", train=e.file("c.jsonl", json.dumps(
+    lambda e: e.data(chat_template="{{ raise_exception('no conversations') }}", train=e.file("c.jsonl", json.dumps(
         {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
          "rejected": [{"role": "assistant", "content": "b"}]}) + "\n")))
 
