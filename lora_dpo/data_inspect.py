@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_dpo import data
+from lora_dpo import data, gguf_source
 from lora_dpo import model as model_lib
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.recipe import ModelConfig, Recipe
@@ -21,11 +21,11 @@ def load_tokenizer_only(cfg: ModelConfig):
     if cfg.tokenizer is not None or src.kind != "gguf":
         return model_lib.load_tokenizer(cfg)
     gguf = Path(src.path)
-    cached = model_lib.gguf_cache_dir(gguf)
+    cached = gguf_source.gguf_cache_dir(gguf)
     if (cached / "config.json").is_file():
         return model_lib.load_tokenizer(ModelConfig(name_or_path=str(cached)))
     try:
-        tok = model_lib.gguf_tokenizer(gguf)
+        tok = gguf_source.gguf_tokenizer(gguf)
     except Exception as e:  # noqa: BLE001 - any parser failure means the file is unusable
         raise LoraDpoError(f"model.name_or_path: cannot read a tokenizer from GGUF file '{gguf}' "
                            f"({type(e).__name__}); is it a complete, uncorrupted .gguf model?") from None

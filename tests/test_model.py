@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import build_tiny
 
+from lora_dpo import gguf_source
 from lora_dpo import model as M
 from lora_dpo.batching import collate
 from lora_dpo.data import Pair
@@ -181,12 +182,12 @@ def test_gguf_special_tokens_come_from_the_file(demo_dir, capsys):
     converts them wrongly (5.17 gave SmolLM2 eos = <|im_start|>): simulated here, then corrected and said."""
     from transformers import AutoTokenizer
 
-    ids = M.gguf_special_token_ids(M.demo_gguf_path())
+    ids = gguf_source.gguf_special_token_ids(M.demo_gguf_path())
     assert ids == {"bos": 1, "eos": 2, "unk": 0, "pad": 2}
     tok = AutoTokenizer.from_pretrained(demo_dir)
     assert (tok.bos_token_id, tok.eos_token_id) == (ids["bos"], ids["eos"])
     tok.eos_token = "<|im_start|>"  # what transformers 5.17 produced
-    M._special_tokens_from_gguf(tok, M.demo_gguf_path())
+    gguf_source._special_tokens_from_gguf(tok, M.demo_gguf_path())
     assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
     assert "eos_token set to '<|im_end|>' (id 2)" in capsys.readouterr().out
 
