@@ -248,20 +248,23 @@ def own_unquantized_weights(model) -> int:
     the process's memory for as long as the model lives (0.5 GiB for the 135M demo model against 0.1 GiB of
     tensors). Copied, the mapping closes. Ties (embeddings = LM head) are kept: a tensor shared by several modules
     is copied once. Returns the bytes copied."""
-    copies: dict[int, torch.Tensor] = {}
+    copies: dict[tuple, torch.Tensor] = {}
+    done: set[int] = set()
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for name, t in table.items():
-                if t is None or t.device.type != "cpu" or type(t).__name__ in ("Params4bit", "Int8Params"):
+                if (t is None or t.device.type != "cpu" or id(t) in done
+                        or type(t).__name__ in ("Params4bit", "Int8Params")):
                     continue
-                key = t.untyped_storage().data_ptr()
+                key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)  # a view is copied as that view
                 if key not in copies:
                     copies[key] = t.data.clone()
                 if isinstance(t, torch.nn.Parameter):
-                    t.data = copies[key]
+                    t.data = copies[key]  # the same Parameter object: modules that share it stay tied
+                    done.add(id(t))
                 else:
                     table[name] = copies[key]
-    return sum(c.untyped_storage().nbytes() for c in copies.values())
+    return sum(c.nbytes for c in copies.values())
 
 
 def _keep_cpu_4bit_differentiable(model) -> None:

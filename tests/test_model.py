@@ -82,6 +82,27 @@ def test_a_cpu_4bit_model_keeps_no_view_of_its_checkpoint_file(tmp_path, tokeniz
     assert sum(t.device.type == "cpu" for t in base.parameters()) > 0
 
 
+def test_copying_weights_out_keeps_views_ties_and_values():
+    """Two parameters that are different views of one buffer are each copied as their own view; a Parameter shared
+    by two modules is copied once and stays shared."""
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            flat = torch.arange(12.0)
+            self.a, self.b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+            self.b.weight = self.a.weight
+            self.c = torch.nn.Parameter(flat[:6].view(2, 3))
+            self.d = torch.nn.Parameter(flat[6:].view(3, 2))
+            self.register_buffer("e", flat[:4])
+
+    m = Shared()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    copied = M.own_unquantized_weights(m)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert m.a.weight is m.b.weight
+    assert copied == 4 * (4 + 2 + 2 + 6 + 6 + 4)  # a.weight once, two biases, c, d, e: fp32 bytes
+
+
 def test_reference_equals_bare_base_and_policy_differs(tiny_model_dir):
     m = qlora(tiny_model_dir)
     randomise_lora_b(m)
