@@ -101,7 +101,20 @@ class Probe:
         steps = len(self.times) - w
         return {"pairs_per_s": pairs_per_step * steps / elapsed, "tokens_per_s": sum(tokens_per_step[w:]) / elapsed,
                 "peak_bytes": self.peak, "resident_bytes": self.resident, "losses": self.losses,
-                "seconds_per_step": elapsed / steps}
+                "seconds_per_step": elapsed / steps, "process_peak_bytes": process_peak(self.device)}
+
+
+def process_peak(device: str) -> int:
+    """The whole process's peak — model load and the untimed first steps included: VmHWM on a CPU (the first step
+    runs the epoch's longest batch, which the timed peak leaves out), CUDA's max allocated since start on a GPU."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated()  # reset after the warm-up: the same as the timed peak there
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return 0
+    return next((int(ln.split()[1]) * 1024 for ln in status.read_text().splitlines() if ln.startswith("VmHWM:")), 0)
 
 
 def bench_pairs(model_dir: str, rows: list[dict], tokenizer=None) -> list:
@@ -517,6 +530,11 @@ def report(a, results: dict) -> None:
               f"{dl:.2e} | {mfu(a.n_params, med(t, 'tokens_per_s'))} / {mfu(a.n_params, med(o, 'tokens_per_s'))} | "
               f"{o[0]['padding']:.1%} | {o[0]['work_ratio']:.2f} |")
 
+        if all(x.get("process_peak_bytes") for x in t + o) and "predicted_bytes" not in o[0]:  # a CPU
+            notes.append(f"{ds}: whole-process peak RSS (load and the untimed first steps included): TRL "
+                         f"{med(t, 'process_peak_bytes') / 2**30:.2f} GiB, lora-dpo "
+                         f"{med(o, 'process_peak_bytes') / 2**30:.2f} GiB, ratio "
+                         f"{med(o, 'process_peak_bytes') / med(t, 'process_peak_bytes'):.2f}")
     for note in notes:
         print("\n" + note)
 
