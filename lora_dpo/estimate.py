@@ -9,9 +9,11 @@ for a recipe that does not fit is written. `Estimate.allocated` predicts `torch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,6 +47,7 @@ class Estimate:
     attention: str              # the kernel planned for (attn_implementation auto resolved)
     batch_size: int             # pairs per micro-batch
     max_length: int
+    max_prompt_length: int | None
     rows: int
     seq_len: int
     gradient_checkpointing: bool
@@ -61,6 +64,7 @@ class Estimate:
     checkpointed_layers: int = 0  # of them, those that recompute in backward
     checkpointing_auto: bool = False  # train.gradient_checkpointing_layers auto chose checkpointed_layers
     embeddings_on_cpu: bool = False  # model.offload_embeddings (and the table is not tied to the LM head)
+    sliding_window: int | None = None  # set when a pair outgrows the model's sliding window: concatenated layout
     advice: list[str] = field(default_factory=list)
 
     @property
@@ -101,8 +105,9 @@ def load_config(recipe: Recipe):
 
         known = known_config(src.path) if src.kind == "hub" else None
         if known is not None:
+            # on stderr: stdout is the estimate itself (--json must stay parseable)
             print(f"model.name_or_path: the config of '{cfg.name_or_path}' is not reachable; planning with its "
-                  "published shapes from lora-dpo's table", flush=True)
+                  "published shapes from lora-dpo's table", file=sys.stderr, flush=True)
             return known
         raise LoraDpoError(f"model.name_or_path: cannot read the config of '{cfg.name_or_path}' "
                            f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}); point it at a local "
@@ -161,6 +166,10 @@ def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str,
     base = q.bnb_4bit_quant_type if q.load_in_4bit else "int8" if q.load_in_8bit else dtype
     # max_prompt_length null: prompts are not cut, so the worst case is the shortest prompt (most completion tokens)
     prompt = recipe.data.max_prompt_length if recipe.data.max_prompt_length is not None else 1
+    window = None  # like batching.resolve_layout: a pair longer than a sliding window trains concatenated
+    if layout == "prefix-shared" and arch.sliding_window and shapes(layout, batch, max_length, prompt)[1] > \
+            arch.sliding_window:
+        layout, window = "concatenated", arch.sliding_window
     rows, T, N = shapes(layout, batch, max_length, prompt)
     targets = arch.lora_targets(lora.target_modules)
     attn = recipe.model.attn_implementation
@@ -170,7 +179,7 @@ def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str,
     if attn == "sdpa_causal" and layout == "prefix-shared":
         split = shapes("concatenated", batch, max_length, prompt)[:2]
     layer = layer_activation_bytes(arch, rows, T, targets, lora.r, b, masked=attn != "flex_attention" and not split,
-                                   eager=attn == "eager", split=split)
+                                   eager=attn == "eager", split=split, dropout=lora.lora_dropout > 0)
     residual = rows * T * arch.hidden * b
     # a checkpointed layer keeps only its input. The first layer's input norm saves nothing (frozen embeddings need
     # no gradient) and the final norm saves as much, so with the first layer kept whole they cancel out
@@ -193,7 +202,8 @@ def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str,
     offload = recipe.model.offload_embeddings and not arch.tied  # a tied table stays: the LM head needs it
     weights = weight_bytes(arch, base, b, q.bnb_4bit_use_double_quant) - (arch.vocab * arch.hidden * b if offload
                                                                           else 0)
-    return dict(dtype=dtype, base=base, attention=attn, rows=rows, seq_len=T, weights=weights,
+    return dict(dtype=dtype, base=base, attention=attn, layout=layout, sliding_window=window, rows=rows, seq_len=T,
+                weights=weights,
                 embeddings_on_cpu=offload, adapters=adapter_bytes(arch, lora.r, lora.target_modules, t.optim),
                 activations=activations, logps=logps)
 
@@ -245,38 +255,70 @@ def estimate_for(recipe: Recipe, gpu_memory_bytes: int | None = None, layout: st
             arch, recipe, t.per_device_train_batch_size, d.max_length, layout, reference, k)) <= budget), arch.layers)
     parts = _parts(arch, recipe, t.per_device_train_batch_size, d.max_length, layout, reference, ckpt)
     est = Estimate(recipe.model.name_or_path, arch.model_type, arch.num_params(),
-                   arch.lora_params(recipe.lora.r, recipe.lora.target_modules), layout=layout,
+                   arch.lora_params(recipe.lora.r, recipe.lora.target_modules),
                    batch_size=t.per_device_train_batch_size, max_length=d.max_length,
+                   max_prompt_length=d.max_prompt_length,
                    gradient_checkpointing=t.gradient_checkpointing, layers=arch.layers, checkpointed_layers=ckpt,
                    checkpointing_auto=auto, overhead=OVERHEAD_BYTES,
                    gpu_memory=gpu_memory_bytes, gpu_memory_source=source, **parts)
 
-    def fits(batch: int, length: int, ckpt_layers: int = ckpt) -> bool:
+    # auto resolves the layers again for another batch or length (at training time): a candidate fits when it fits
+    # with all of them recomputing (auto takes all when fewer do not fit with the spare)
+    search_ckpt = arch.layers if auto else ckpt
+
+    def fits(batch: int, length: int, ckpt_layers: int = search_ckpt) -> bool:
         return _total(_parts(arch, recipe, batch, length, layout, reference, ckpt_layers)) <= gpu_memory_bytes
 
     est.max_batch_size = _largest(lambda n: fits(n, d.max_length), 1, 1 << 16)
-    longest = _largest(lambda n: fits(t.per_device_train_batch_size, n), 2, max(2, arch.max_positions))
-    est.max_max_length = longest if longest >= 2 else 0
+    shortest = _shortest_max_length(recipe)  # data.max_prompt_length must stay below data.max_length
+    longest = _largest(lambda n: fits(t.per_device_train_batch_size, n), shortest, max(shortest, arch.max_positions))
+    est.max_max_length = longest if longest >= shortest else 0
     est.advice = _advice(est, recipe, arch, layout, reference, fits)
     return est
+
+
+def _shortest_max_length(recipe: Recipe) -> int:
+    """The shortest data.max_length the recipe accepts (it must exceed data.max_prompt_length; 2 tokens at least)."""
+    prompt = recipe.data.max_prompt_length
+    return max(2, prompt + 1 if prompt is not None else 2)
+
+
+def share_of_layers(k: int, layers: int) -> str:
+    """train.gradient_checkpointing_layers as written for k of `layers` recomputing: the shortest decimal that
+    recipe.checkpointed_layers maps back to exactly k (3 digits can round 7/32 up to 0.219, which is 8 layers)."""
+    for digits in range(3, 18):
+        text = f"{k / layers:.{digits}g}"
+        if checkpointed_layers(True, float(text), layers) == k:
+            return text
+    return repr(k / layers)
 
 
 def _advice(est: Estimate, recipe: Recipe, arch: Arch, layout: str, reference: str, fits) -> list[str]:
     t, d = recipe.train, recipe.data
     out = []
-    if not t.gradient_checkpointing:
-        alt = _parts(arch, recipe, t.per_device_train_batch_size, d.max_length, layout, reference, arch.layers)
-        gc_batch = _largest(lambda n: fits(n, d.max_length, arch.layers), 1, 1 << 16)
+    if not t.gradient_checkpointing:  # as it would run: the recipe's share of the layers (all with auto)
+        on = checkpointed_layers(True, t.gradient_checkpointing_layers, arch.layers)
+        alt = _parts(arch, recipe, t.per_device_train_batch_size, d.max_length, layout, reference, on)
+        gc_batch = _largest(lambda n: fits(n, d.max_length, on), 1, 1 << 16)
         out.append(f"train.gradient_checkpointing=true: activations {gib(est.activations)} → "
                    f"{gib(alt['activations'])}, largest batch {est.max_batch_size} → {gc_batch} (~30% slower steps)")
-    if t.gradient_checkpointing and est.fits and not est.checkpointing_auto:  # fewer recomputing = faster steps
-        c = est.checkpointed_layers  # n - 1 layers kept whole (the search starts at 1)
-        k = c + 1 - _largest(lambda n: fits(t.per_device_train_batch_size, d.max_length, c + 1 - n), 1, c + 1)
+    if t.gradient_checkpointing and not est.checkpointing_auto:
+        c, L = est.checkpointed_layers, arch.layers
+        if est.fits:  # fewer recomputing = faster steps; n - 1 layers kept whole (the search starts at 1)
+            k = c + 1 - _largest(lambda n: fits(t.per_device_train_batch_size, d.max_length, c + 1 - n), 1, c + 1)
+        else:  # more recomputing = less memory: the fewest above c that fit, if any
+            k = next((k for k in range(c + 1, L + 1) if fits(t.per_device_train_batch_size, d.max_length, k)), c)
         if k == 0:
             out.append("train.gradient_checkpointing=false: it fits without checkpointing (~30% faster steps)")
-        elif k < est.checkpointed_layers:
-            out.append(f"train.gradient_checkpointing_layers={k / arch.layers:.3g}: {k} of {arch.layers} layers "
-                       f"recompute instead of {est.checkpointed_layers} and it still fits (faster steps)")
+        elif k != c:
+            out.append(f"train.gradient_checkpointing_layers={share_of_layers(k, L)}: {k} of {L} layers "
+                       f"recompute instead of {c} and it " + ("still fits (faster steps)" if k < c else "fits"))
+    if not est.fits and recipe.lora.lora_dropout > 0:  # each adapted Linear keeps its own dropped input copy
+        plain = dataclasses.replace(recipe, lora=dataclasses.replace(recipe.lora, lora_dropout=0.0))
+        alt = _parts(arch, plain, t.per_device_train_batch_size, d.max_length, layout, reference,
+                     est.checkpointed_layers)
+        out.append(f"lora.lora_dropout=0: activations {gib(est.activations)} → {gib(alt['activations'])} (each "
+                   "adapted Linear keeps its own dropped copy of its input for backward)")
     if t.optim == "adamw_torch" and est.lora_params:
         saved = est.adapters - adapter_bytes(arch, recipe.lora.r, recipe.lora.target_modules, "paged_adamw_8bit")
         out.append(f"train.optim=paged_adamw_8bit: saves {gib(saved)} of optimizer state (LoRA state is small)")
@@ -284,7 +326,7 @@ def _advice(est: Estimate, recipe: Recipe, arch: Arch, layout: str, reference: s
         table = arch.vocab * arch.hidden * _value_bytes(est.dtype)
         out.append(f"model.offload_embeddings=true: the {gib(table)} embedding table moves to CPU memory")
     if not est.fits and t.gradient_checkpointing and not t.offload_activations and est.checkpointed_layers:
-        rows, T, _ = shapes(layout, t.per_device_train_batch_size, d.max_length,
+        rows, T, _ = shapes(est.layout, t.per_device_train_batch_size, d.max_length,
                             d.max_prompt_length if d.max_prompt_length is not None else 1)
         inputs = est.checkpointed_layers * rows * T * arch.hidden * _value_bytes(est.dtype)
         out.append(f"train.offload_activations=true: the {gib(inputs)} of layer inputs checkpointing keeps move to "
@@ -292,11 +334,29 @@ def _advice(est: Estimate, recipe: Recipe, arch: Arch, layout: str, reference: s
     if not est.fits and est.max_batch_size >= 1:
         pairs = t.per_device_train_batch_size * t.gradient_accumulation_steps
         b = est.max_batch_size
-        out.append(f"train.per_device_train_batch_size={b} with train.gradient_accumulation_steps="
-                   f"{math.ceil(pairs / b)} keeps ~{pairs} pairs per optimizer step and fits")
+        n = math.ceil(pairs / b)
+        out.append(f"train.per_device_train_batch_size={b} with train.gradient_accumulation_steps={n}: "
+                   + (f"still {pairs} pairs per optimizer step" if n * b == pairs else
+                      f"{n * b} pairs per optimizer step (now {pairs})") + ", and it fits")
     if not est.fits and est.max_batch_size < 1:
-        out.append(f"even one pair does not fit at data.max_length={d.max_length}; lower it (largest that fits at "
-                   f"this batch: {est.max_max_length or 'none'}) or use a GPU with more memory")
+        shortest = _shortest_max_length(recipe)
+        one = _largest(lambda n: fits(1, n), shortest, max(shortest, d.max_length - 1))  # one pair, shorter
+        if est.max_max_length:
+            out.append(f"data.max_length={est.max_max_length}: even one pair does not fit at data.max_length="
+                       f"{d.max_length}, and this is the longest that fits at this batch")
+        elif one >= shortest:
+            out.append(f"train.per_device_train_batch_size=1 with data.max_length={one}: even one pair does not fit "
+                       f"at data.max_length={d.max_length}, and this is the longest one pair fits")
+        else:  # not even one short pair with the layers recomputing as set: with all of them, if anything
+            one = _largest(lambda n: fits(1, n, arch.layers), shortest, max(shortest, d.max_length))
+            if one >= shortest:
+                out.append(f"train.gradient_checkpointing=true with train.gradient_checkpointing_layers=1, "
+                           f"train.per_device_train_batch_size=1 and data.max_length={one}: only then does one pair "
+                           "fit")
+            else:
+                floor = _total(_parts(arch, recipe, 1, shortest, layout, reference, arch.layers))
+                out.append(f"a GPU with more memory: even one pair at data.max_length={shortest}, with every layer "
+                           f"recomputing, predicts {gib(floor)} of {gib(est.gpu_memory)}")
     return out
 
 
@@ -323,14 +383,19 @@ def format_table(est: Estimate) -> str:
             "--gpu-memory": ""}[est.gpu_memory_source]
     lines = [f"{est.model} ({est.model_type}, {est.params / 1e6:,.1f}M parameters; LoRA {est.lora_params:,} "
              f"trainable), {est.dtype}",
-             f"micro-batch: {est.batch_size} pairs × max_length {est.max_length} = {est.rows} rows × "
-             f"{est.seq_len} tokens ({est.layout} layout, {est.attention} attention)", ""]
+             f"micro-batch: {est.batch_size} pair{'s' * (est.batch_size != 1)} × max_length {est.max_length} = "
+             f"{est.rows} row{'s' * (est.rows != 1)} × "
+             f"{est.seq_len} tokens ({est.layout} layout"
+             + (f": a pair outgrows the model's {est.sliding_window}-token sliding window" if est.sliding_window
+                else "") + f", {est.attention} attention)", ""]
     lines += [f"  {name:<48} {gib(n):>12}" for name, n in rows]
     lines += [f"  {'total':<48} {gib(est.total):>12}",
               f"  {'GPU memory':<48} {gib(est.gpu_memory):>12}{note}", "",
               f"{'fits' if est.fits else 'does NOT fit'}: predicted peak {gib(est.total)} of {gib(est.gpu_memory)}",
               f"largest per_device_train_batch_size at max_length {est.max_length}: {est.max_batch_size}",
-              f"largest max_length at per_device_train_batch_size {est.batch_size}: {est.max_max_length}"]
+              f"largest max_length at per_device_train_batch_size {est.batch_size}: "
+              + (str(est.max_max_length) if est.max_max_length or est.max_prompt_length is None else
+                 f"none above data.max_prompt_length {est.max_prompt_length}")]
     lines += [f"  try {a}" for a in est.advice]
     return "\n".join(lines)
 
@@ -340,6 +405,9 @@ def format_json(est: Estimate) -> str:
 
 
 def run(recipe: Recipe, gpu_memory: str | None = None, layout: str | None = None, as_json: bool = False) -> str:
+    if recipe.train.device == "cpu":  # a GPU plan (bf16, CUDA overhead) would answer a question nobody asked
+        raise LoraDpoError("train.device: cpu trains in fp32 in CPU memory, which estimate does not plan; it plans a "
+                           "GPU run: add train.device=auto (or cuda) to plan this recipe for one")
     est = estimate_for(recipe, None if gpu_memory is None else parse_size(gpu_memory), layout=layout)
     return format_json(est) if as_json else format_table(est)
 

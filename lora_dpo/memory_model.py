@@ -30,7 +30,9 @@ activations  What autograd saves in the policy forward, per token per layer (the
                targeted; the batch keeps two int64 gather indices (8 bytes per sequence and per row token);
                MLP input b·H (if gate/up targeted), gate and up 2·b·I (act(gate) is recomputed in backward:
                lora_dpo/mlp.py), their product b·I (if down targeted); LoRA A's output b·r per targeted Linear;
-               qwen3/gemma3 q/k norms 4·(A + K + heads + kv).
+               qwen3/gemma3 q/k norms 4·(A + K + heads + kv). With lora.lora_dropout > 0 (training mode) each
+               targeted Linear's LoRA A saves its own dropped copy of its input, b·in, and the dropout its mask
+               (1 byte on a GPU), (b + 1)·in in all: for Llama-3-8B with all-linear, +70 % on a layer's saved bytes.
              tests/test_estimate.py checks this against the tensors autograd really saves (fp32, CPU, 4-bit and
              16-bit bases, with and without padding): equal to 0.3 % (RoPE's shared cos/sin are left out). On a GPU
              the same Python modules run; that the CUDA SDPA kernels save the same tensors is an assumption.
@@ -49,6 +51,8 @@ overhead     A stated constant, estimate.OVERHEAD_BYTES = 1 GiB, for the CUDA co
 shapes       Worst case: every row at max_length. Concatenated layout: 2·B rows of T = max_length (prompt +
              completion); prefix-shared (`shared`, and `packed`, whose rows hold one full-length pair each at the
              worst case): B rows of P + 2·(max_length − P); N = 2·B·(max_length − P), P = data.max_prompt_length.
+             A model with an active sliding window shorter than such a row trains concatenated (as
+             batching.resolve_layout decides), and is planned so.
              The reference forward is counted when dpo.reference is live and the loss needs one. Evaluation and
              the reference precompute pass run without grad and are assumed to peak lower.
 """
@@ -88,6 +92,7 @@ class Arch:
     qk_norm: bool = False
     bias: dict = field(default_factory=dict)  # Linear name → has a bias
     max_positions: int = 1 << 22               # the model's context: the longest max_length worth considering
+    sliding_window: int | None = None          # an active sliding window (a longer pair trains concatenated)
 
     @classmethod
     def from_config(cls, config) -> Arch:
@@ -101,10 +106,12 @@ class Arch:
         attn_bias = bool(getattr(config, "attention_bias", False)) and rule == "config"
         mlp_bias = bool(getattr(config, "mlp_bias", False)) and rule == "config"
         bias = {n: attn_bias or (rule == "qkv" and n != "o_proj") for n in ATTN} | {n: mlp_bias for n in MLP}
+        window = getattr(config, "sliding_window", None)  # as batching.resolve_layout reads it
+        active = bool(window) and getattr(config, "use_sliding_window", True) is not False
         return cls(mt, config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
                    heads, getattr(config, "num_key_value_heads", None) or heads, head_dim,
                    bool(getattr(config, "tie_word_embeddings", False)), norms, qk_norm, bias,
-                   getattr(config, "max_position_embeddings", None) or 1 << 22)
+                   getattr(config, "max_position_embeddings", None) or 1 << 22, window if active else None)
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """Per decoder layer: Linear name → (in_features, out_features)."""
@@ -168,13 +175,18 @@ def adapter_bytes(arch: Arch, r: int, target_modules, optim: str) -> int:
 
 
 def layer_activation_bytes(arch: Arch, rows: int, T: int, targets: list[str], r: int, b: int, *,
-                           masked: bool, eager: bool = False, split: tuple[int, int] | None = None) -> int:
+                           masked: bool, eager: bool = False, split: tuple[int, int] | None = None,
+                           dropout: bool = False) -> int:
     """Bytes autograd saves in one decoder layer's forward (see the module docstring). split: sdpa_causal's
-    (sequences, their length) when attention runs on the pairs' gathered sequences."""
+    (sequences, their length) when attention runs on the pairs' gathered sequences. dropout: lora.lora_dropout > 0
+    (training mode)."""
     H, F, nh, nkv = arch.hidden, arch.intermediate, arch.heads, arch.kv_heads
     A, K = nh * arch.head_dim, nkv * arch.head_dim
     t = set(targets)
     per_tok = arch.norms * (4 * H + 4)
+    if dropout:  # each targeted Linear's LoRA A saves its own dropped copy of the input, and dropout its mask
+        lin = arch.linears()
+        per_tok += (b + 1) * sum(lin[n][0] for n in t)
     if arch.qk_norm:
         per_tok += 4 * (A + K) + 4 * (nh + nkv)
     if t & {"q_proj", "k_proj", "v_proj"}:

@@ -223,7 +223,8 @@ def test_planner_counts_sdpa_causal_on_the_gathered_sequences_and_as_sdpa_elsewh
     (plain, (_, kw_plain)), (causal, (_, kw_causal)) = est("sdpa", "concatenated"), est("sdpa_causal", "concatenated")
     assert causal.activations == plain.activations and kw_causal == kw_plain and kw_plain["masked"]
     (sdpa, (T, kw_sdpa)), (causal, (_, kw)) = est("sdpa", "prefix-shared"), est("sdpa_causal", "prefix-shared")
-    assert kw_sdpa["split"] is None and kw == {"masked": False, "eager": False, "split": (4, 4096)}
+    assert kw_sdpa["split"] is None and kw == {"masked": False, "eager": False, "split": (4, 4096),
+                                                  "dropout": False}
     rows = 2
     layer = lambda **k: formula(DEMO_LIKE, rows, T, DEMO_LIKE.lora_targets("all-linear"), 16, 2, **k)  # noqa: E731
     # no checkpointing: every layer saves, one more is the transient (the live reference pass's no-grad layer);
@@ -352,6 +353,8 @@ def test_advice_when_it_does_not_fit():
     assert "gradient_checkpointing=true" in text and "paged_adamw_8bit" in text
     steps = -(-128 // e.max_batch_size)
     assert f"per_device_train_batch_size={e.max_batch_size} with train.gradient_accumulation_steps={steps}" in text
+    kept = e.max_batch_size * steps  # the pairs per optimizer step it names are the ones it makes
+    assert (f"still {kept} pairs" if kept == 128 else f"{kept} pairs per optimizer step (now 128)") in text
     assert plan(gpu=est_lib.OVERHEAD_BYTES).max_batch_size == 0
 
 
@@ -435,9 +438,9 @@ def test_shipped_recipes_plan_offline_from_the_table_of_published_shapes(monkeyp
     monkeypatch.setattr(AutoConfig, "from_pretrained", unreachable)
     path = Path(__file__).resolve().parents[1] / "recipes" / "llama-3.1-8b-instruct-ultrafeedback-t4.yaml"
     assert main(["estimate", str(path), "--gpu-memory", "16GiB", "--json"]) == 0
-    out = capsys.readouterr().out
-    assert "planning with its published shapes from lora-dpo's table" in out
-    got = json.loads(out[out.index("{"):])
+    captured = capsys.readouterr()
+    assert "planning with its published shapes from lora-dpo's table" in captured.err  # said, on stderr:
+    got = json.loads(captured.out)  # stdout is the JSON alone, so `--json | jq` works offline too
     r = load_recipe(path)
     want = estimate_for(r, 16 << 30, arch=Arch.from_config(known_config(r.model.name_or_path)))
     assert got["total"] == want.total and got["params"] == 8_030_261_248  # Llama-3.1-8B's published count
@@ -524,3 +527,190 @@ def test_the_readme_example_is_what_estimate_prints(monkeypatch, capsys):
     printed = capsys.readouterr().out
     for line in block.strip().splitlines():
         assert line in printed, line
+
+
+# ---------------------------------------------------------------- audit fixes
+
+@pytest.mark.parametrize("targets,quantized", [("all-linear", True), ("all-linear", False),
+                                               (["q_proj", "v_proj"], True)])
+def test_lora_dropout_formula_equals_what_autograd_saves(tmp_path, targets, quantized):
+    """lora.lora_dropout > 0 in training mode (every shipped GPU recipe: 0.05): each targeted Linear's LoRA A saves
+    its own dropped copy of its input, so a layer saves far more than without dropout; the formula must count it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lora_dpo.mlp import lean_gated_mlps
+    from lora_dpo.model import _keep_cpu_4bit_differentiable
+
+    config = tiny_config("llama", hidden_size=96, intermediate_size=352, num_hidden_layers=3, head_dim=24)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    kw = {}
+    if quantized:
+        kw = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+                  device_map={"": "cpu"})
+    base = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, **kw)
+    _keep_cpu_4bit_differentiable(base)
+    lean_gated_mlps(base)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(base, LoraConfig(r=8, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM"))
+    model.train()  # as training runs: dropout on
+    rows, T = 3, 37
+    ids = torch.randint(0, config.vocab_size, (rows, T), generator=torch.Generator().manual_seed(0))
+    measured = _saved_bytes(model, ids, torch.ones(rows, T, dtype=torch.long))
+    arch = Arch.from_config(config)
+    layer = lambda **k: layer_activation_bytes(arch, rows, T, arch.lora_targets(targets), 8, 4,  # noqa: E731
+                                               masked=False, **k)
+    assert abs(arch.layers * layer(dropout=True) - measured) / measured < 0.03, (layer(dropout=True), measured)
+    assert arch.layers * layer() < 0.9 * measured  # without the dropout term it falls well short
+
+
+def test_planner_counts_lora_dropout():
+    def with_dropout(p: float) -> est_lib.Estimate:
+        r = recipe_from_dict({**recipe().to_dict(), "lora": {"lora_dropout": p}})
+        return estimate_for(r, 16 << 30, layout="concatenated", reference="live", arch=DEMO_LIKE)
+
+    off, on = with_dropout(0.0), with_dropout(0.05)
+    assert on.weights == off.weights and on.adapters == off.adapters
+    ins = sum(i for i, _ in DEMO_LIKE.linears().values())  # all-linear: every Linear's input, (2 + 1) bytes each
+    # every layer saves it, and one layer more: the transient (its gradients in backward)
+    assert on.activations - off.activations == (DEMO_LIKE.layers + 1) * on.rows * on.seq_len * 3 * ins
+    assert on.max_batch_size < off.max_batch_size
+    r = recipe_from_dict({**recipe(per_device_train_batch_size=64).to_dict(), "lora": {"lora_dropout": 0.05}})
+    tight = estimate_for(r, 4 << 30, layout="concatenated", reference="live", arch=DEMO_LIKE)
+    assert not tight.fits and f"lora.lora_dropout=0: activations {gib(tight.activations)} → " in "\n".join(tight.advice)
+
+
+def test_auto_checkpointing_plans_the_largest_batch_and_length_with_the_layers_auto_would_pick():
+    """With gradient_checkpointing_layers auto, a larger batch makes auto recompute more layers (at training time):
+    the largest batch / max_length must not be searched with the layer count auto chose for the recipe's batch."""
+    full = plan(gradient_checkpointing=True)  # all layers recompute
+    gpu = int(plan(gradient_checkpointing=True, gradient_checkpointing_layers=0.5).total / (1 - est_lib.AUTO_SPARE))
+    auto = plan(gpu=gpu, gradient_checkpointing=True, gradient_checkpointing_layers="auto")
+    assert auto.checkpointed_layers < DEMO_LIKE.layers
+    every = plan(gpu=gpu, gradient_checkpointing=True)
+    assert auto.max_batch_size == every.max_batch_size > full.batch_size
+    assert auto.max_max_length == every.max_max_length
+    bigger = plan(gpu=gpu, gradient_checkpointing=True, gradient_checkpointing_layers="auto",
+                  per_device_train_batch_size=auto.max_batch_size)  # applied: it fits, auto recomputing more
+    assert bigger.fits and bigger.checkpointed_layers >= auto.checkpointed_layers
+    assert not plan(gpu=gpu, gradient_checkpointing=True, gradient_checkpointing_layers="auto",
+                    per_device_train_batch_size=auto.max_batch_size + 1).fits
+
+
+def test_the_advised_share_of_layers_is_the_count_it_names():
+    """A share printed with 3 digits can round up past a layer (7/32 → 0.219 → 8 layers): the advised share must
+    recompute exactly the layers the advice names."""
+    from lora_dpo.recipe import checkpointed_layers
+
+    for L in range(1, 129):
+        for k in range(1, L + 1):
+            assert checkpointed_layers(True, float(est_lib.share_of_layers(k, L)), L) == k, (k, L)
+    assert est_lib.share_of_layers(16, 32) == "0.5" and est_lib.share_of_layers(32, 32) == "1"
+
+
+def test_a_share_that_does_not_fit_is_advised_up_to_the_fewest_layers_that_do():
+    L = DEMO_LIKE.layers
+    low = plan(gradient_checkpointing=True, gradient_checkpointing_layers=3 / L)
+    full = plan(gradient_checkpointing=True)
+    gpu = (low.total + full.total) // 2
+    e = plan(gpu=gpu, gradient_checkpointing=True, gradient_checkpointing_layers=3 / L)
+    assert not e.fits
+    line = next(a for a in e.advice if a.startswith("train.gradient_checkpointing_layers="))
+    share = float(line.split("=")[1].split(":")[0])
+    applied = plan(gpu=gpu, gradient_checkpointing=True, gradient_checkpointing_layers=share)
+    assert applied.fits and f"{applied.checkpointed_layers} of {L} layers recompute instead of 3" in line
+    assert not plan(gpu=gpu, gradient_checkpointing=True,
+                    gradient_checkpointing_layers=(applied.checkpointed_layers - 1) / L).fits  # the fewest
+
+
+def _with(r, **data):
+    raw = r.to_dict()
+    return recipe_from_dict({**raw, "data": {**raw["data"], **data}})
+
+
+def test_the_largest_max_length_is_one_the_recipe_accepts_and_it_fits():
+    """data.max_prompt_length must stay below data.max_length: a "largest max_length" at or under it cannot be
+    applied (the recipe is refused), so the search stays above it and says when nothing there fits."""
+    base = _with(recipe(), max_prompt_length=256)
+    at = lambda r, gpu: estimate_for(r, gpu, layout="concatenated", reference="live", arch=DEMO_LIKE)  # noqa: E731
+    gpu = at(_with(base, max_length=300), 1 << 40).total  # 300 tokens just fit
+    e = at(base, gpu)
+    assert e.max_max_length == 300
+    assert at(_with(base, max_length=e.max_max_length), gpu).fits
+    tight = at(base, at(_with(base, max_length=257), 1 << 40).total - 1)  # not even 257 (> 256) fits
+    assert tight.max_max_length == 0
+    assert "largest max_length at per_device_train_batch_size 4: none above data.max_prompt_length 256" in \
+        format_table(tight)
+    with pytest.raises(LoraDpoError, match="max_prompt_length"):  # why: 256 or less is refused
+        _with(base, max_length=256)
+
+
+def test_when_no_pair_fits_the_advice_is_an_override_that_fits():
+    """Every advice line reads `try KEY=VALUE: why` (never "try even one pair …"), and the one for a batch where not
+    even one pair fits, applied, fits."""
+    r = _with(recipe(per_device_train_batch_size=2), max_length=2048, max_prompt_length=256)
+    at = lambda r, gpu: estimate_for(r, gpu, layout="concatenated", reference="live", arch=DEMO_LIKE)  # noqa: E731
+    gpu = at(_with(recipe(per_device_train_batch_size=1), max_length=1024, max_prompt_length=256), 1 << 40).total
+    e = at(r, gpu)
+    assert not e.fits and e.max_batch_size == 0
+    table = format_table(e)
+    assert "try even" not in table
+    last = e.advice[-1]
+    assert last.startswith(("data.max_length=", "train.per_device_train_batch_size=1 with data.max_length=")), last
+    applied = _with(r, max_length=int(last.split("data.max_length=")[1].split(":")[0]))
+    if last.startswith("train."):
+        applied.train.per_device_train_batch_size = 1
+    assert at(applied, gpu).fits
+    nothing = at(r, est_lib.OVERHEAD_BYTES)
+    assert nothing.advice[-1].startswith("a GPU with more memory: even one pair at data.max_length=257")
+
+
+def test_one_pair_and_one_row_are_singular():
+    e = plan(layout="shared", per_device_train_batch_size=1)
+    assert "micro-batch: 1 pair × max_length 512 = 1 row × 768 tokens" in format_table(e)
+    assert "micro-batch: 4 pairs × max_length 512 = 8 rows × 512 tokens" in format_table(plan())
+
+
+def test_known_hub_ids_match_case_insensitively_as_the_hub_does():
+    from lora_dpo.known_models import known_config
+
+    assert known_config("meta-llama/llama-3.1-8b-instruct").vocab_size == 128_256
+    assert known_config("Qwen/Qwen2.5-7B-Instruct").hidden_size == 3584
+    assert known_config("meta-llama/Llama-3.1-8B") is None  # the base model is another model
+
+
+def test_a_cpu_recipe_is_not_planned_as_a_gpu_run(recipe_file, capsys):
+    assert main(["estimate", str(recipe_file), "train.device=cpu", "--gpu-memory", "8GiB"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.device: cpu" in err and "train.device=auto" in err and len(err.splitlines()) == 1
+    assert main(["estimate", str(recipe_file), "train.device=auto", "--gpu-memory", "8GiB"]) == 0
+
+
+def test_a_pair_longer_than_the_sliding_window_is_planned_concatenated_as_it_trains():
+    """batching.resolve_layout trains a model whose sliding window is shorter than a [prompt | chosen | rejected] row
+    in the concatenated layout; the plan must be that layout's, not the shared one's."""
+    from lora_dpo.known_models import known_config
+
+    windowed = Arch.from_config(tiny_config("mistral", sliding_window=600))
+    assert windowed.sliding_window == 600
+    r = _with(recipe(), max_length=512, max_prompt_length=256)  # shared rows: 256 + 2 × 256 = 768 > 600
+    e = estimate_for(r, 16 << 30, layout="shared", reference="live", arch=windowed)
+    concatenated = estimate_for(r, 16 << 30, layout="concatenated", reference="live", arch=windowed)
+    assert (e.layout, e.rows, e.seq_len, e.total) == ("concatenated", 8, 512, concatenated.total)
+    assert "concatenated layout: a pair outgrows the model's 600-token sliding window" in format_table(e)
+    short = estimate_for(_with(r, max_length=400), 16 << 30, layout="shared", reference="live", arch=windowed)
+    assert short.layout == "prefix-shared" and short.seq_len == 544 and short.sliding_window is None
+    off = Arch.from_config(tiny_config("qwen2", sliding_window=600, use_sliding_window=False))
+    assert off.sliding_window is None  # configured but off: shared rows
+    # Mistral-7B-Instruct-v0.3 publishes sliding_window null (transformers' MistralConfig defaults to 4096)
+    assert Arch.from_config(known_config("mistralai/Mistral-7B-Instruct-v0.3")).sliding_window is None
+
+
+def test_checkpointing_advice_plans_the_recipes_share_of_the_layers():
+    """train.gradient_checkpointing=true, applied to a recipe that sets gradient_checkpointing_layers 0.5, recomputes
+    half the layers: the advice's figures must be that run's, not all layers'."""
+    e = plan(gpu=3 << 30, gradient_checkpointing_layers=0.5)
+    half = plan(gpu=3 << 30, gradient_checkpointing=True, gradient_checkpointing_layers=0.5)
+    line = next(a for a in e.advice if a.startswith("train.gradient_checkpointing=true:"))
+    assert f"→ {gib(half.activations)}, largest batch {e.max_batch_size} → {half.max_batch_size} " in line
