@@ -90,7 +90,9 @@ RESUME_MAY_CHANGE = ("output.dir", "output.overwrite", "output.export", "train.r
                      "train.max_nonfinite_steps", "train.per_device_eval_batch_size", "train.device",
                      "train.gradient_checkpointing", "train.gradient_checkpointing_layers",
                      "train.offload_activations", "train.layout", "model.attn_implementation",
-                     "model.offload_embeddings", "data.on_problem", "evaluation.")
+                     "model.offload_embeddings", "data.on_problem", "evaluation.",
+                     # where the reference cache lives, not what it holds (its key says that): a moved cache hits
+                     "dpo.reference_cache_dir")
 
 
 def check_resumable(recipe, path: Path, run_dir: Path) -> None:
@@ -118,6 +120,20 @@ def check_resumable(recipe, path: Path, run_dir: Path) -> None:
                 raise LoraDpoError(f"{name}: {value!r} differs from {before!r} in the run being resumed ({path}); "
                                    f"a resumed run continues the same training: set {name} back, or start a new "
                                    "run in another output.dir")
+
+
+def check_same_data(path: Path, fingerprint: str) -> None:
+    """Refuse to resume on other training pairs than the checkpoint's run trained on (its data files edited since, or
+    its tokenizer): the same recipe then trains something else. Checkpoints written before they held the
+    fingerprint are not checked."""
+    try:
+        saved = json.loads((path / STATE).read_text()).get("data_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return  # unreadable: checkpoints.load says so
+    if saved is not None and saved != fingerprint:
+        raise LoraDpoError(f"data.train: the training pairs differ from those of the run being resumed ({path}): its "
+                           "data files or tokenizer changed since; restore them, or start a new run in another "
+                           "output.dir")
 
 
 def load(path: Path, model, optimizer, scheduler) -> dict:

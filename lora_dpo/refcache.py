@@ -7,7 +7,9 @@ checkpointing) computes them before training; training then runs no reference fo
 The cache key covers everything the values depend on:
 - the base model: its source, revision (the hub snapshot's commit where one is cached) and a content hash of its
   weight and config files (sampled: size + first, middle and last MiB of each file, so multi-GB bases hash in
-  milliseconds; a weight file edited in place elsewhere than those bytes would be missed);
+  milliseconds; for a local directory or .gguf file also each file's modification time, so a file rewritten in
+  place, same size, new bytes elsewhere than those sampled, is seen too — and a copy that does not keep the times
+  recomputes once);
 - quantization settings and the compute dtype / device type;
 - the tokenizer, chat template and truncation settings, both as named settings and through the data fingerprint:
   a hash of every pair's prompt / chosen / rejected token ids in order, which changes whenever the data, the
@@ -22,6 +24,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -30,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from lora_dpo import batching
 from lora_dpo import model as model_lib
 from lora_dpo.data import Pair
+from lora_dpo.errors import LoraDpoError
 from lora_dpo.logps import batch_logps
 from lora_dpo.recipe import Recipe
 
@@ -41,9 +46,12 @@ def cache_root(recipe: Recipe) -> Path:
     return Path(recipe.dpo.reference_cache_dir or model_lib.cache_dir() / "refcache").expanduser()
 
 
-def _sampled_hash(path: Path, h) -> None:
-    size = path.stat().st_size
+def _sampled_hash(path: Path, h, with_mtime: bool = False) -> None:
+    st = path.stat()
+    size = st.st_size
     h.update(f"{path.name}|{size}".encode())
+    if with_mtime:  # a file rewritten in place (a merged model saved over the last one) with the same size
+        h.update(f"|{st.st_mtime_ns}".encode())
     with path.open("rb") as f:
         for offset in sorted({0, max(0, size // 2 - _MIB // 2), max(0, size - _MIB)}):
             f.seek(offset)
@@ -68,8 +76,8 @@ def model_fingerprint(recipe: Recipe) -> dict:
         except Exception:  # noqa: BLE001 — not cached locally: the id and revision are all there is
             pass
     h = hashlib.sha256()
-    for f in files:
-        _sampled_hash(f, h)
+    for f in files:  # a hub snapshot's files are immutable blobs named by their commit: their mtime says nothing
+        _sampled_hash(f, h, with_mtime=src.kind != "hub")
     return {"source": f"{src.kind}:{src.path}", "revision": revision, "content": h.hexdigest()[:20]}
 
 
@@ -111,9 +119,20 @@ def _what_changed(root: Path, key: dict) -> str:
             other = json.loads(meta.read_text())
         except (OSError, ValueError):
             continue
+        if not isinstance(other, dict):  # some other JSON file in the directory
+            continue
         diff = [k for k in key if key[k] != other.get(k)]
         best = diff if best is None or len(diff) < len(best) else best
     return ", ".join(best) if best else ""
+
+
+def _check_writable(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as e:
+        raise LoraDpoError(f"dpo.reference_cache_dir: cannot write '{root}' ({e.strerror or type(e).__name__}); set "
+                           "dpo.reference_cache_dir to a writable directory") from None
 
 
 class ReferenceCache:
@@ -154,33 +173,54 @@ def load_or_compute(recipe: Recipe, model, tokenizer, pairs: list[Pair], *, layo
     key = cache_key(recipe, pairs, dtype, device, tokenizer)
     digest = _digest(key)
     path = root / f"{digest}.safetensors"
+    t = None
     if path.is_file():
         try:
             t = load_file(path)
-            if t["chosen"].shape == (len(pairs),) and t["rejected"].shape == (len(pairs),):
-                say(f"reference log-probs: cache hit ({len(pairs)} pairs, {path}); no reference forward in training")
-                return ReferenceCache(pairs, t["chosen"], t["rejected"]), True
-            say(f"reference log-probs: cache file {path} has the wrong shape; recomputing")
+            if not t["chosen"].shape == t["rejected"].shape == (len(pairs),):
+                t = None
+                say(f"reference log-probs: cache file {path} has the wrong shape; recomputing")
         except Exception as e:  # noqa: BLE001 — a damaged cache file is recomputed, never trusted
+            t = None
             say(f"reference log-probs: cache file {path} is unreadable ({type(e).__name__}); recomputing")
+    # data parallel: every process must take the same branch, else those computing wait forever in the gather below
+    # for those training (another node's own cache directory, a file written between two processes' looks)
+    if ctx.enabled and ctx.sum([float(t is None)], device)[0] > 0 and t is not None:
+        say("reference log-probs: another process has no usable copy of the cache; recomputing with it")
+        t = None
+    if t is not None:
+        say(f"reference log-probs: cache hit ({len(pairs)} pairs, {path}); no reference forward in training")
+        return ReferenceCache(pairs, t["chosen"], t["rejected"]), True
+    if ctx.main:  # said before the pass, not after it: the directory must take the result
+        _check_writable(root)
     changed = _what_changed(root, key)
     say(f"reference log-probs: cache miss{f' ({changed} changed)' if changed else ''}; computing {len(pairs)} "
         f"pairs once (adapters off, no grad)")
     mine = list(range(ctx.rank, len(pairs), ctx.world))
     bs = recipe.train.per_device_eval_batch_size
-    chosen, rejected = compute(model, [pairs[i] for i in mine], tokenizer.pad_token_id, bs, layout, device,
-                               autocast_factory())
+    try:
+        chosen, rejected = compute(model, [pairs[i] for i in mine], tokenizer.pad_token_id, bs, layout, device,
+                                   autocast_factory())
+    except torch.cuda.OutOfMemoryError:
+        fix = (f"train.per_device_eval_batch_size={bs // 2}" if bs > 1
+               else f"data.max_length={max(16, recipe.data.max_length // 2)}")
+        raise LoraDpoError(f"out of GPU memory in the reference pass of dpo.reference: precompute ({bs} pairs a "
+                           f"batch); set {fix}") from None
     if ctx.enabled:  # every process computed a disjoint shard: a sum gathers them all
         full = torch.zeros(2, len(pairs), dtype=torch.float64)
         full[0, mine], full[1, mine] = chosen.double(), rejected.double()
         full = torch.tensor(ctx.sum(full.flatten().tolist(), device), dtype=torch.float64).view(2, -1)
         chosen, rejected = full[0].float(), full[1].float()
     if ctx.main:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".{digest}.{os.getpid()}.tmp"
-        save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp))
-        (root / f"{digest}.json").write_text(json.dumps(key, indent=1))
-        os.replace(tmp, path)
+        # a name no other writer has (two runs sharing the directory, in containers whose pids are alike, may both
+        # miss), created as save_file creates files: readable by whoever may read the directory
+        tmp = root / f".{digest}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp))
+            (root / f"{digest}.json").write_text(json.dumps(key, indent=1))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         say(f"reference log-probs: cached in {path}")
     ctx.barrier()
     return ReferenceCache(pairs, chosen, rejected), False

@@ -109,6 +109,9 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     prepared = data.prepare(recipe.data, tokenizer, train_rows, eval_rows, say)  # prints the report; on_problem
     train_pairs, eval_pairs = prepared.train_pairs, prepared.eval_pairs
     preflight.check_context(recipe, train_pairs, eval_pairs)
+    fingerprint = refcache.data_fingerprint(train_pairs)  # checkpoints hold it: a resume trains on the same pairs
+    if ckpt:
+        checkpoints.check_same_data(ckpt, fingerprint)
 
     policy = _load_policy(recipe, device, dtype, ctx)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -166,6 +169,8 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
 
     policy.train()
     meter, tokens, t_window = MetricMeter(), 0, time.perf_counter()
+    if resumed.get("meter") and ctx.main:  # the logging window the checkpoint fell in (all processes' sums)
+        vars(meter).update(resumed["meter"])
     bar = _progress(steps, start, enabled=ctx.main)
     nonfinite, last_ckpt = 0, None
     # fp16 has 5 exponent bits: small gradients underflow to 0 unless the loss is scaled up first
@@ -231,12 +236,15 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
                     _log(out, row, trackers, bar)
                 meter, tokens, t_window = MetricMeter(), 0, time.perf_counter()
             stopping = ctx.sum([float(stop.requested is not None)], device)[0] > 0 and step != steps
-            if ((tcfg.save_steps and step % tcfg.save_steps == 0 and step != steps) or stopping) and ctx.main:
-                last_ckpt = checkpoints.save(out, step, policy, optimizer, scheduler,
-                                             {"steps": steps, "grad_scaler": scaler.state_dict() if scaler else None,
-                                              "recipe": recipe.to_dict()},
-                                             tcfg.save_total_limit)
-                bar.write(f"checkpoint {last_ckpt}")
+            if (tcfg.save_steps and step % tcfg.save_steps == 0 and step != steps) or stopping:
+                window = MetricMeter()  # the logging window so far, so a resumed run logs its row as this one would
+                window.merge(meter)
+                window.reduce(ctx, device)
+                if ctx.main:
+                    state = {"steps": steps, "grad_scaler": scaler.state_dict() if scaler else None,
+                             "recipe": recipe.to_dict(), "meter": vars(window), "data_fingerprint": fingerprint}
+                    last_ckpt = checkpoints.save(out, step, policy, optimizer, scheduler, state, tcfg.save_total_limit)
+                    bar.write(f"checkpoint {last_ckpt}")
             if stopping:
                 bar.close()
                 message = (f"stopped by {stop.requested} at step {step}/{steps}; checkpoint {last_ckpt}. Resume with: "

@@ -4,15 +4,20 @@ that hits on a β sweep / resume and misses (saying why) when the model, quantiz
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from lora_dpo import train
+from lora_dpo.errors import LoraDpoError
 from lora_dpo.recipe import recipe_from_dict
-from tests.conftest import arithmetic_rows, build_tiny, write_jsonl
+from tests.conftest import arithmetic_rows, build_tiny, trained_lora, write_jsonl
 
 MODEL = sys.modules["lora_dpo.model"]
+MODEL_CTX = sys.modules["lora_dpo.distributed"].Context
 
 
 @pytest.fixture
@@ -91,3 +96,159 @@ def test_damaged_cache_file_is_recomputed(cached, tmp_path, capsys):
     f.write_bytes(b"not a safetensors file")
     _, out = _run(cached, tmp_path, "second", capsys)
     assert "unreadable" in out and "cached in" in out
+
+
+def test_resume_with_the_cache_is_exact_and_may_move_the_cache(cached, tmp_path, capsys):
+    """A run that computed the cache, stopped after a checkpoint and resumed (reading the cache, from another
+    directory: where it lives is not what the run computes) ends bit for bit as the uninterrupted run."""
+    cached["lora"] = {"lora_dropout": 0.1}  # the RNG state matters too
+    cached["train"].update(max_steps=6, save_steps=3)
+    full, out = _run(cached, tmp_path, "full", capsys)
+    assert "cache miss" in out
+    crashed = tmp_path / "crashed"
+    shutil.copytree(full.output_dir, crashed)
+    shutil.rmtree(crashed / "adapter")  # as if killed after the step-3 checkpoint
+    lines = (crashed / "metrics.jsonl").read_text().splitlines()
+    (crashed / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    shutil.copytree(tmp_path / "refcache", tmp_path / "moved")
+    cached["dpo"]["reference_cache_dir"] = str(tmp_path / "moved")
+    cached["train"]["resume_from_checkpoint"] = "latest"
+    resumed, out = _run(cached, tmp_path, "crashed", capsys)
+    assert "cache hit" in out and "resumed from" in out
+    wa = load_file(full.adapter_dir / "adapter_model.safetensors")
+    wb = load_file(resumed.adapter_dir / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [r["loss"] for r in full.history] == [r["loss"] for r in resumed.history]
+
+
+def test_a_model_file_rewritten_in_place_recomputes(cached, tmp_path, capsys, tokenizer):
+    """Same path, same size, new weights (a merged model saved over the last round's): the sampled content hash
+    reads 3 MiB of the file, so the rewrite must be seen some other way."""
+    model_dir = build_tiny(tmp_path / "merged", tokenizer)
+    cached["model"]["name_or_path"] = str(model_dir)
+    _run(cached, tmp_path, "first", capsys)
+    f = model_dir / "model.safetensors"
+    raw = bytearray(f.read_bytes())
+    header = json.loads(raw[8: 8 + int.from_bytes(raw[:8], "little")])
+    start, end = (8 + int.from_bytes(raw[:8], "little") + o for o in header["lm_head.weight"]["data_offsets"])
+    lo, hi = max(start, (3 << 20) // 2), min(end, len(raw) // 2 - (1 << 20))  # outside the sampled MiBs
+    assert hi - lo > 1 << 20
+    torch.manual_seed(1)
+    raw[lo: hi] = torch.randn((hi - lo) // 4).numpy().tobytes()
+    f.write_bytes(bytes(raw))
+    _, out = _run(cached, tmp_path, "second", capsys)
+    assert "cache miss (model changed)" in out
+
+
+def test_an_unwritable_cache_dir_is_a_one_line_error_before_the_pass(cached, tmp_path, reference_calls):
+    (tmp_path / "refcache").write_text("a file where the cache directory should be")
+    cached["output"]["dir"] = str(tmp_path / "run")
+    with pytest.raises(LoraDpoError, match=r"^dpo\.reference_cache_dir: cannot write .*refcache"):
+        train(recipe_from_dict(cached))
+    assert reference_calls["n"] == 0  # said before the reference pass, not after it
+
+
+class _RankZeroOfTwo:
+    """Rank 0 of two data-parallel processes, the other of which has no copy of the cache (another node, with its
+    own cache directory)."""
+    rank, world, main, enabled = 0, 2, True, True
+
+    def sum(self, values, device):
+        return [1.0] if len(values) == 1 else values  # the other process missed; its shard of the gather is 0
+
+    def barrier(self):
+        pass
+
+
+def test_data_parallel_processes_agree_on_a_hit(cached, tmp_path, capsys, tiny_model_dir, reference_calls):
+    """A process that hits while another misses would train while the other waits in the gather, forever."""
+    import contextlib
+
+    from lora_dpo import data, refcache
+
+    _run(cached, tmp_path, "first", capsys)  # the cache holds this data now, on this process's disk
+    recipe = recipe_from_dict(cached)
+    tok = MODEL.load_tokenizer(recipe.model)
+    pairs = data.prepare(recipe.data, tok, *data.read_data(recipe.data), lambda *a: None).train_pairs
+    calls = reference_calls["n"]
+    _, hit = refcache.load_or_compute(recipe, trained_lora(tiny_model_dir), tok, pairs, layout="packed",
+                                      device=torch.device("cpu"), dtype=torch.float32,
+                                      autocast_factory=contextlib.nullcontext, ctx=_RankZeroOfTwo(), say=print)
+    assert not hit and reference_calls["n"] == calls + 1
+    assert "another process has no usable copy" in capsys.readouterr().out
+
+
+def _key_inputs(cached, tiny_model_dir):
+    from lora_dpo.data import Pair
+
+    recipe = recipe_from_dict(cached)
+    pairs = [Pair([1, 2, 3], [4, 5], [6], i) for i in range(4)]
+    return recipe, MODEL.load_tokenizer(recipe.model), pairs
+
+
+def test_two_runs_writing_the_same_entry_at_once_both_finish(cached, tiny_model_dir, monkeypatch):
+    """A β sweep started at once in two containers sharing the cache directory (their pids alike): both miss, both
+    write the entry; neither may fail, and the entry must be whole."""
+    import contextlib
+    import threading
+
+    from lora_dpo import refcache
+
+    recipe, tok, pairs = _key_inputs(cached, tiny_model_dir)
+    monkeypatch.setattr(refcache, "compute", lambda *a: (torch.arange(4.0), -torch.arange(4.0)))
+    both_writing, real_save = threading.Barrier(2, timeout=30), refcache.save_file
+
+    def slow_save(tensors, path):  # the two writes overlap
+        real_save(tensors, path)
+        both_writing.wait()
+
+    monkeypatch.setattr(refcache, "save_file", slow_save)
+    errors = []
+
+    def one_run():
+        try:
+            refcache.load_or_compute(recipe, None, tok, pairs, layout="packed", device=torch.device("cpu"),
+                                     dtype=torch.float32, autocast_factory=contextlib.nullcontext,
+                                     ctx=MODEL_CTX(), say=lambda *a: None)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    runs = [threading.Thread(target=one_run) for _ in range(2)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    assert not errors
+    monkeypatch.undo()
+    cache, hit = refcache.load_or_compute(recipe, None, tok, pairs, layout="packed", device=torch.device("cpu"),
+                                          dtype=torch.float32, autocast_factory=contextlib.nullcontext,
+                                          ctx=MODEL_CTX(), say=lambda *a: None)
+    assert hit and torch.equal(cache.chosen, torch.arange(4.0))
+    assert not list(refcache.cache_root(recipe).glob("*.tmp"))  # no temporary file left behind
+
+
+def test_other_json_files_in_the_cache_dir_are_ignored(cached, tiny_model_dir):
+    from lora_dpo import refcache
+
+    recipe, tok, pairs = _key_inputs(cached, tiny_model_dir)
+    root = refcache.cache_root(recipe)
+    root.mkdir(parents=True)
+    (root / "notes.json").write_text("[1, 2]")
+    (root / "entry.json").write_text(json.dumps({**refcache.cache_key(recipe, pairs, torch.float32,
+                                                                      torch.device("cpu"), tok), "data": "other"}))
+    assert refcache._what_changed(root, refcache.cache_key(recipe, pairs, torch.float32, torch.device("cpu"),
+                                                           tok)) == "data"
+
+
+def test_out_of_memory_in_the_reference_pass_names_the_batch_size(cached, tmp_path, monkeypatch):
+    from lora_dpo import refcache
+
+    def oom(*a, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(refcache, "batch_logps", oom)
+    cached["train"]["per_device_eval_batch_size"] = 8
+    cached["output"]["dir"] = str(tmp_path / "run")
+    with pytest.raises(LoraDpoError, match=r"^out of GPU memory in the reference pass .*; set "
+                                           r"train\.per_device_eval_batch_size=4$"):
+        train(recipe_from_dict(cached))

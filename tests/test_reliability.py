@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -332,3 +333,35 @@ def test_trust_remote_code_is_off_unless_asked(tiny_model_dir, monkeypatch, caps
     M.load_base(ModelConfig(name_or_path=str(tiny_model_dir), trust_remote_code=True),
                 QuantizationConfig(load_in_4bit=False), torch.float32, torch.device("cpu"))
     assert seen[-1] is True and "trust_remote_code is on" in capsys.readouterr().out
+
+
+def test_resume_inside_a_logging_window_logs_the_same_rows(recipe_dict, tmp_path):
+    """A checkpoint (save_steps, or a stop signal at any step) that falls inside a logging window: the resumed run's
+    next row still averages the whole window, as the uninterrupted run's does."""
+    recipe_dict["data"].pop("eval")
+    recipe_dict["train"].update(max_steps=6, save_steps=3, logging_steps=2)
+    full = train(recipe_from_dict({**recipe_dict, "output": {"dir": str(tmp_path / "full")}}))
+    crashed = tmp_path / "crashed"
+    shutil.copytree(full.output_dir, crashed)
+    shutil.rmtree(crashed / "adapter")  # as if killed after the step-3 checkpoint, in the window of steps 3-4
+    lines = (crashed / "metrics.jsonl").read_text().splitlines()
+    (crashed / "metrics.jsonl").write_text(lines[0] + "\n")  # step 2's row
+    resumed = train(recipe_from_dict({**recipe_dict, "output": {"dir": str(crashed)},
+                                      "train": {**recipe_dict["train"], "resume_from_checkpoint": "latest"}}))
+    assert [r["step"] for r in resumed.history] == [2, 4, 6]
+    assert _rows(crashed) == _rows(full.output_dir)
+
+
+def test_resume_refuses_training_data_edited_since_before_loading_the_model(recipe_dict, monkeypatch):
+    """The same recipe over an edited data file would train on other pairs than the run it claims to continue."""
+    recipe_dict["data"].pop("eval")
+    recipe_dict["train"].update(max_steps=3, save_steps=2)
+    train(recipe_from_dict(recipe_dict))
+    data = Path(recipe_dict["data"]["train"])
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[5]["chosen"] = " forty-two."
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _refuse_model_loads(monkeypatch)
+    with pytest.raises(LoraDpoError, match=r"^data\.train: the training pairs differ from those of the run being "
+                                           r"resumed \(.*step-00000002\).*restore them"):
+        train(recipe_from_dict({**recipe_dict, "train": {**recipe_dict["train"], "resume_from_checkpoint": "latest"}}))
