@@ -277,6 +277,21 @@ def estimate_for(recipe: Recipe, gpu_memory_bytes: int | None = None, layout: st
     return est
 
 
+def for_data(recipe: Recipe, pairs: list) -> Recipe:
+    """The recipe with data.max_length / max_prompt_length set so that the planner's worst-case micro-batch is the
+    worst the tokenised `pairs` can make: rows as long as the longest [prompt | chosen | rejected] and completions as
+    long as the longest chosen + rejected. Training's `gradient_checkpointing_layers: auto` plans with it, since the
+    recipe's own worst case (prompts of max_prompt_length) is not the longest row: truncation lets a short prompt
+    keep answers of up to max_length − prompt tokens each, and such pairs make rows of up to 2·max_length − 1."""
+    if not pairs:
+        return recipe
+    row = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    half = max(1, math.ceil(max(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs) / 2))
+    length = max(row - half, half + 1)  # shapes(): rows of 2·length − prompt tokens, 2·(length − prompt) scored
+    data = dataclasses.replace(recipe.data, max_length=length, max_prompt_length=length - half)
+    return dataclasses.replace(recipe, data=data)
+
+
 def _shortest_max_length(recipe: Recipe) -> int:
     """The shortest data.max_length the recipe accepts (it must exceed data.max_prompt_length; 2 tokens at least)."""
     prompt = recipe.data.max_prompt_length

@@ -167,7 +167,7 @@ class TrainConfig:
         1.0, "With gradient_checkpointing: the share of decoder layers that recompute (the first ones). 1.0 = all, "
         "least memory; lower = faster steps, each layer left out keeping its activations (`lora-dpo estimate` "
         "names the lowest share that fits). auto = the fewest layers that `lora-dpo estimate` says fit in the GPU "
-        "with 10% of its memory to spare (all of them on a CPU).",
+        "with 10% of its memory to spare, for the training pairs' longest rows (all of them on a CPU).",
         check=("in (0, 1] or auto", lambda v: v == "auto" or 0 < v <= 1))
     offload_activations: bool = _f(
         False, "With gradient_checkpointing on a GPU: the input each checkpointed layer keeps for backward (tokens × "

@@ -113,7 +113,7 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     if ckpt:
         checkpoints.check_same_data(ckpt, fingerprint)
 
-    policy = _load_policy(recipe, device, dtype, ctx)
+    policy = _load_policy(recipe, device, dtype, ctx, train_pairs)
     params = [p for p in policy.parameters() if p.requires_grad]
     layout, note = batching.resolve_layout(tcfg.layout, causal_lm(policy).config, train_pairs)
     if note:
@@ -269,7 +269,8 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     return RunResult(out, out / "adapter", steps, step0, history, eval_metrics)
 
 
-def _load_policy(recipe: Recipe, device: torch.device, dtype: torch.dtype, ctx: distributed.Context):
+def _load_policy(recipe: Recipe, device: torch.device, dtype: torch.dtype, ctx: distributed.Context,
+                 train_pairs: list):
     """The base model with a fresh adapter, saying what was loaded: precision, attention kernel, LoRA size and
     checkpointed layers."""
     tcfg, q, say = recipe.train, recipe.quantization, ctx.print
@@ -287,7 +288,7 @@ def _load_policy(recipe: Recipe, device: torch.device, dtype: torch.dtype, ctx: 
         say(offload.offload_embeddings(base))
     share, why = tcfg.gradient_checkpointing_layers, ""
     if tcfg.gradient_checkpointing and share == "auto":
-        share, why = _auto_checkpoint_share(recipe, base, device)
+        share, why = _auto_checkpoint_share(recipe, base, device, train_pairs)
     policy = model_lib.attach_lora(base, recipe.lora, seed=tcfg.seed, gradient_checkpointing=tcfg.
                                    gradient_checkpointing, checkpoint_share=share)
     attn = causal_lm(policy).config._attn_implementation
@@ -303,16 +304,17 @@ def _load_policy(recipe: Recipe, device: torch.device, dtype: torch.dtype, ctx: 
     return policy
 
 
-def _auto_checkpoint_share(recipe: Recipe, base, device: torch.device) -> tuple[float, str]:
+def _auto_checkpoint_share(recipe: Recipe, base, device: torch.device, pairs: list) -> tuple[float, str]:
     """train.gradient_checkpointing_layers auto → (share, the reason to print): the fewest recomputing layers that
-    `lora-dpo estimate` says fit in this GPU with estimate.AUTO_SPARE of it to spare; all layers on a CPU."""
-    from lora_dpo.estimate import AUTO_SPARE, Arch, estimate_for, gib
+    `lora-dpo estimate` says fit in this GPU with estimate.AUTO_SPARE of it to spare, for micro-batches as long as
+    the training pairs can make (estimate.for_data); all layers on a CPU."""
+    from lora_dpo.estimate import AUTO_SPARE, Arch, estimate_for, for_data, gib
 
     if device.type != "cuda":
         return 1.0, " (auto: all, on a CPU)"
     total = torch.cuda.get_device_properties(device).total_memory
     try:
-        est = estimate_for(recipe, total, arch=Arch.from_config(base.config))
+        est = estimate_for(for_data(recipe, pairs), total, arch=Arch.from_config(base.config))
     except LoraDpoError as e:  # a model family the planner does not model: the safe choice, said
         return 1.0, f" (auto: all, since {str(e).split(': ', 1)[-1]})"
     return est.checkpointed_layers / est.layers, (

@@ -714,3 +714,25 @@ def test_checkpointing_advice_plans_the_recipes_share_of_the_layers():
     half = plan(gpu=3 << 30, gradient_checkpointing=True, gradient_checkpointing_layers=0.5)
     line = next(a for a in e.advice if a.startswith("train.gradient_checkpointing=true:"))
     assert f"→ {gib(half.activations)}, largest batch {e.max_batch_size} → {half.max_batch_size} " in line
+
+
+def test_training_plans_auto_checkpointing_for_the_longest_rows_its_pairs_make():
+    """A short prompt keeps answers of up to max_length − prompt tokens each, so its row is longer than the recipe's
+    worst case (prompts of max_prompt_length); for_data plans the pairs' real longest row and completions."""
+    from lora_dpo.data import Pair
+    from lora_dpo.estimate import for_data
+    from lora_dpo.memory_model import shapes
+
+    recipe = recipe_from_dict({"model": {"name_or_path": "x"}, "output": {"dir": "x"},
+                               "data": {"train": "t.jsonl", "max_length": 64, "max_prompt_length": 32},
+                               "train": {"per_device_train_batch_size": 1}})
+    arch = Arch.from_config(tiny_config("llama", max_position_embeddings=4096))
+    short_prompt = Pair([1], list(range(63)), list(range(63)), 0)   # 1 + 63 + 63 = 127 tokens in one row
+    long_prompt = Pair(list(range(32)), list(range(10)), list(range(5)), 1)
+    assert estimate_for(recipe, 80 * 2**30, arch=arch).seq_len == 32 + 2 * 32  # the recipe's "worst case": 96
+    for pairs, row, scored in (([short_prompt, long_prompt], 127, 126), ([long_prompt], 47, 15)):
+        planned = for_data(recipe, pairs)
+        rows, T, N = shapes("prefix-shared", 1, planned.data.max_length, planned.data.max_prompt_length)
+        assert T == row and scored <= N <= scored + 1  # completions rounded up to an even count
+        assert estimate_for(planned, 80 * 2**30, arch=arch).seq_len == row
+    assert for_data(recipe, []) is recipe

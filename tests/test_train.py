@@ -272,10 +272,10 @@ def test_auto_checkpoint_share_plans_against_the_gpu(tiny_model_dir, recipe_dict
     for gib, share, said in ((80, 0.5, "the fewest that fit"), (0.01, 1.0, "auto: all, and even so")):
         monkeypatch.setattr(torch.cuda, "get_device_properties",
                             lambda device, n=gib: SimpleNamespace(total_memory=int(n * 2**30)))
-        got, why = _auto_checkpoint_share(recipe, base, torch.device("cuda"))
+        got, why = _auto_checkpoint_share(recipe, base, torch.device("cuda"), [])
         assert got == share and said in why
     monkeypatch.setattr("lora_dpo.memory_model.FAMILIES", {})  # a family the planner does not model
-    got, why = _auto_checkpoint_share(recipe, base, torch.device("cuda"))
+    got, why = _auto_checkpoint_share(recipe, base, torch.device("cuda"), [])
     assert got == 1.0 and "auto: all, since estimate models the" in why and "'llama' is not one of them" in why
 
 
