@@ -156,5 +156,12 @@ def load(path: Path, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(sched)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(rng["cuda"]))
+        restore_cuda_rng(list(rng["cuda"]))
     return state
+
+
+def restore_cuda_rng(states: list) -> None:
+    """Each visible GPU's generator from the checkpoint's, as far as both go: a checkpoint written where more (or
+    fewer) GPUs were visible still resumes (torch.cuda.set_rng_state_all would fail on the extra states)."""
+    for index, s in enumerate(states[:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(s, index)

@@ -172,7 +172,7 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     if resumed.get("meter") and ctx.main:  # the logging window the checkpoint fell in (all processes' sums)
         vars(meter).update(resumed["meter"])
     bar = _progress(steps, start, enabled=ctx.main)
-    nonfinite, last_ckpt = 0, None
+    nonfinite, last_ckpt = resumed.get("nonfinite", 0), None  # skipped steps count across a resume
     # fp16 has 5 exponent bits: small gradients underflow to 0 unless the loss is scaled up first
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     if scaler and resumed.get("grad_scaler"):  # the calibrated scale, so a resume does not re-learn it
@@ -242,7 +242,8 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
                 window.reduce(ctx, device)
                 if ctx.main:
                     state = {"steps": steps, "grad_scaler": scaler.state_dict() if scaler else None,
-                             "recipe": recipe.to_dict(), "meter": vars(window), "data_fingerprint": fingerprint}
+                             "recipe": recipe.to_dict(), "meter": vars(window), "data_fingerprint": fingerprint,
+                             "nonfinite": nonfinite}
                     last_ckpt = checkpoints.save(out, step, policy, optimizer, scheduler, state, tcfg.save_total_limit)
                     bar.write(f"checkpoint {last_ckpt}")
             if stopping:

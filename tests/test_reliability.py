@@ -365,3 +365,34 @@ def test_resume_refuses_training_data_edited_since_before_loading_the_model(reci
     with pytest.raises(LoraDpoError, match=r"^data\.train: the training pairs differ from those of the run being "
                                            r"resumed \(.*step-00000002\).*restore them"):
         train(recipe_from_dict({**recipe_dict, "train": {**recipe_dict["train"], "resume_from_checkpoint": "latest"}}))
+
+
+def test_skipped_steps_count_across_a_resume(recipe_dict, tmp_path, monkeypatch, capsys):
+    """train.max_nonfinite_steps counts the run's skipped steps, not those since the last resume."""
+    recipe_dict["data"].pop("eval")
+    recipe_dict["train"].update(max_steps=4, save_steps=2, max_nonfinite_steps=5)
+    _inject(monkeypatch, {1})  # step 1
+    full = train(recipe_from_dict(recipe_dict))
+    ckpt = full.output_dir / "checkpoints" / "step-00000002"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["nonfinite"] == 1
+    shutil.rmtree(full.output_dir / "adapter")  # as if killed after the step-2 checkpoint
+    capsys.readouterr()
+    _inject(monkeypatch, {1})  # the resumed run's first step, step 3
+    train(recipe_from_dict({**recipe_dict, "train": {**recipe_dict["train"], "resume_from_checkpoint": "latest"}}))
+    assert "warning: step 3: non-finite loss or gradient" in (out := capsys.readouterr().out)
+    assert "step skipped (2/5)" in out
+
+
+def test_cuda_generators_restore_as_far_as_the_visible_gpus_go(monkeypatch):
+    """A checkpoint written where two GPUs were visible resumes where one is (and the other way round)."""
+    from lora_dpo import checkpoints
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.append(index))
+    checkpoints.restore_cuda_rng([torch.zeros(16, dtype=torch.uint8)] * 2)
+    assert restored == [0]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    restored.clear()
+    checkpoints.restore_cuda_rng([torch.zeros(16, dtype=torch.uint8)] * 2)
+    assert restored == [0, 1]
