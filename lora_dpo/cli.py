@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 import sys
 
 from lora_dpo.errors import LoraDpoError, TrainingStopped
@@ -94,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
             args.overrides += extra
         elif extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            unit = vars(args).get("gpu_memory") and re.fullmatch(r"[KMGT]i?B?", extra[0], re.IGNORECASE)
+            parser.error(f"unrecognized arguments: {' '.join(extra)}" + (
+                f" (write the size as one word: --gpu-memory {args.gpu_memory}{extra[0]})" if unit else ""))
     except SystemExit as e:  # argparse already printed a one-line usage error; normalise its code to 2
         return 0 if e.code == 0 else 2
     try:

@@ -407,6 +407,7 @@ def test_cli_prints_the_table(recipe_file, capsys):
 @pytest.mark.parametrize("args,needle", [(["--gpu-memory", "lots"], "--gpu-memory 'lots'"),
                                          (["--gpu-memory", "16"], "give a unit, e.g. 16GiB"),
                                          (["--gpu-memory", "8GiB", "--bogus"], "unrecognized arguments: --bogus"),
+                                         (["--gpu-memory", "16", "GiB"], "as one word: --gpu-memory 16GiB"),
                                          ([], "not found")])
 def test_cli_errors_are_one_line_exit_2(recipe_file, tmp_path, capsys, args, needle):
     path = str(recipe_file) if args else str(tmp_path / "missing.yaml")
