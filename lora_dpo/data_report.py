@@ -82,12 +82,12 @@ class DataReport:
         return "; ".join(parts[:limit]) + ("; …" if len(parts) > limit else "")
 
     def lines(self) -> list[str]:
-        out = [f"data.{self.split}: {self.source}: {self.rows} rows read, {self.kept} pairs kept, "
+        out = [f"data.{self.split}: {self.source}: {_n(self.rows, 'row')} read, {_n(self.kept, 'pair')} kept, "
                f"{sum(self.dropped.values())} dropped; prompts cut from the left: {self.prompt_truncated}, "
                f"completions cut from the right: {self.completion_truncated}"]
         if len(self.sources) > 1 or any(s["taken"] != s["read"] for s in self.sources):
             for s in self.sources:
-                out.append(f"  source {s['label']} ({_fmt(s)}): {s['read']} rows read, {s['taken']} taken")
+                out.append(f"  source {s['label']} ({_fmt(s)}): {_n(s['read'], 'row')} read, {s['taken']} taken")
         elif self.sources:
             out[0] += f"; format {_fmt(self.sources[0])}"
         for s in self.sources:
@@ -179,3 +179,8 @@ def as_text(reports: list[DataReport]) -> str:
 def save(out_dir: Path, reports: list[DataReport]) -> None:
     (out_dir / "data_report.json").write_text(json.dumps(as_json(reports), indent=1, ensure_ascii=False))
     (out_dir / "data_report.txt").write_text(as_text(reports), encoding="utf-8")
+
+
+def _n(count: int, noun: str) -> str:
+    """'1 pair', '2 pairs'."""
+    return f"{count} {noun}{'s' * (count != 1)}"

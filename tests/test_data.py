@@ -257,7 +257,7 @@ def test_dropped_rows_are_counted_with_reasons(tokenizer):
     kept, rep_all = data.tokenize_rows(rows, tokenizer, cfg(drop_duplicates=False), "t")
     assert [p.index for p in kept] == [0, 5] and "duplicate" not in rep_all.dropped  # repeats kept when asked
     text = "\n".join(rep.lines())
-    assert "7 rows read, 1 pairs kept, 6 dropped" in text and "rows 2, 4" in text
+    assert "7 rows read, 1 pair kept, 6 dropped" in text and "rows 2, 4" in text
 
 
 def test_template_problems_are_found_with_row_numbers(tokenizer):
