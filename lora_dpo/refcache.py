@@ -39,7 +39,8 @@ from lora_dpo.logps import batch_logps
 from lora_dpo.recipe import Recipe
 
 _MIB = 1 << 20
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".json", ".model")
+# the files that decide a model's log-probs; .py: the code a trust_remote_code model ships
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".json", ".model", ".py")
 
 
 def cache_root(recipe: Recipe) -> Path:

@@ -4,14 +4,16 @@ that hits on a β sweep / resume and misses (saying why) when the model, quantiz
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_dpo import train
+from lora_dpo import refcache, train
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.recipe import recipe_from_dict
 from tests.conftest import arithmetic_rows, build_tiny, trained_lora, write_jsonl
@@ -252,3 +254,18 @@ def test_out_of_memory_in_the_reference_pass_names_the_batch_size(cached, tmp_pa
     with pytest.raises(LoraDpoError, match=r"^out of GPU memory in the reference pass .*; set "
                                            r"train\.per_device_eval_batch_size=4$"):
         train(recipe_from_dict(cached))
+
+
+def test_the_model_code_of_a_remote_code_model_is_part_of_its_fingerprint(tmp_path, tokenizer):
+    """A model that ships its own modelling code (trust_remote_code): editing that code changes the log-probs, so
+    it changes the model's key."""
+    from lora_dpo.recipe import ModelConfig
+
+    model_dir = build_tiny(tmp_path / "remote", tokenizer)
+    code = model_dir / "modeling_custom.py"
+    code.write_text("SCALE = 1.0\n")
+    recipe = SimpleNamespace(model=ModelConfig(name_or_path=str(model_dir)))
+    before = refcache.model_fingerprint(recipe)
+    code.write_text("SCALE = 2.0\n")
+    os.utime(code, ns=(code.stat().st_atime_ns, code.stat().st_mtime_ns + 10**9))
+    assert refcache.model_fingerprint(recipe)["content"] != before["content"]
