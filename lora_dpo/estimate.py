@@ -65,6 +65,11 @@ class Estimate:
     checkpointing_auto: bool = False  # train.gradient_checkpointing_layers auto chose checkpointed_layers
     embeddings_on_cpu: bool = False  # model.offload_embeddings (and the table is not tied to the LM head)
     sliding_window: int | None = None  # set when a pair outgrows the model's sliding window: concatenated layout
+    # the same micro-batch with 1-token prompts, whose answers keep max_length − 1 tokens each: the longest rows
+    # truncation allows (set when they are longer than the planned ones)
+    short_prompt_seq_len: int | None = None
+    short_prompt_total: int | None = None
+    short_prompt_layers: int | None = None  # what auto would recompute for them
     advice: list[str] = field(default_factory=list)
 
     @property
@@ -274,6 +279,12 @@ def estimate_for(recipe: Recipe, gpu_memory_bytes: int | None = None, layout: st
     longest = _largest(lambda n: fits(t.per_device_train_batch_size, n), shortest, max(shortest, arch.max_positions))
     est.max_max_length = longest if longest >= shortest else 0
     est.advice = _advice(est, recipe, arch, layout, reference, fits)
+    if d.max_prompt_length is not None and d.max_prompt_length > 1:  # (max_prompt_length 1: no deeper recursion)
+        short = estimate_for(dataclasses.replace(recipe, data=dataclasses.replace(d, max_prompt_length=1)),
+                             gpu_memory_bytes, layout, reference, arch)
+        if short.seq_len > est.seq_len and short.total > est.total:  # longer rows (not the concatenated layout)
+            est.short_prompt_seq_len, est.short_prompt_total = short.seq_len, short.total
+            est.short_prompt_layers = short.checkpointed_layers if auto else None
     return est
 
 
@@ -412,6 +423,14 @@ def format_table(est: Estimate) -> str:
               + (str(est.max_max_length) if est.max_max_length or est.max_prompt_length is None else
                  f"none above data.max_prompt_length {est.max_prompt_length}")]
     lines += [f"  try {a}" for a in est.advice]
+    if est.short_prompt_total:
+        layers = "" if est.short_prompt_layers is None else \
+            f" with {est.short_prompt_layers} of {est.layers} layers recomputing (auto)"
+        lines.append(f"pairs with shorter prompts keep longer answers (max_length − prompt tokens each): rows of up to "
+                     f"{est.short_prompt_seq_len} tokens predict {gib(est.short_prompt_total)}{layers}"
+                     + ("" if est.short_prompt_total <= est.gpu_memory else ", which does NOT fit")
+                     + (" (training's auto checkpointing plans for the data's own longest pairs)"
+                        if est.checkpointing_auto else " (`lora-dpo inspect` shows the data's token lengths)"))
     return "\n".join(lines)
 
 

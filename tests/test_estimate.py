@@ -737,3 +737,19 @@ def test_training_plans_auto_checkpointing_for_the_longest_rows_its_pairs_make()
         assert T == row and scored <= N <= scored + 1  # completions rounded up to an even count
         assert estimate_for(planned, 80 * 2**30, arch=arch).seq_len == row
     assert for_data(recipe, []) is recipe
+
+
+def test_the_estimate_says_what_rows_of_short_prompts_and_long_answers_need():
+    """Truncation keeps max_length − prompt tokens of each answer, so a short prompt makes a row longer than the
+    planned one (prompts of max_prompt_length): the estimate prints the peak of those rows too, with the layers auto
+    would recompute for them."""
+    raw = {"model": {"name_or_path": "org/model"}, "output": {"dir": "x"},
+           "data": {"train": "t.jsonl", "max_length": 1024, "max_prompt_length": 512},
+           "train": {"per_device_train_batch_size": 4, "gradient_checkpointing": True,
+                     "gradient_checkpointing_layers": "auto"}}
+    est = estimate_for(recipe_from_dict(raw), 24 << 30, arch=DEMO_LIKE)
+    assert est.seq_len == 512 + 2 * 512 and est.short_prompt_seq_len == 1 + 2 * 1023
+    assert est.short_prompt_total > est.total and est.short_prompt_layers >= est.checkpointed_layers
+    assert "rows of up to 2047 tokens predict" in format_table(est)
+    raw["data"]["max_prompt_length"] = None  # prompts not cut: the plan is already for 1-token prompts
+    assert estimate_for(recipe_from_dict(raw), 24 << 30, arch=DEMO_LIKE).short_prompt_total is None
