@@ -127,16 +127,9 @@ def _saved_bytes(model, input_ids, attention_mask, **inputs) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("model_type,targets,padded,quantized", [
-    ("llama", "all-linear", False, True),
-    ("llama", "all-linear", True, True),
-    ("llama", ["q_proj", "v_proj"], True, True),
-    ("llama", ["k_proj", "o_proj", "gate_proj"], True, False),
-    ("qwen3", "all-linear", True, False),
-])
-def test_activation_formula_equals_what_autograd_saves(tmp_path, model_type, targets, padded, quantized):
-    """fp32 on CPU runs the same Python modules as bf16 on a GPU; the formula must predict the saved bytes."""
-    from peft import LoraConfig, get_peft_model
+def _frozen_base(tmp_path, model_type: str, quantized: bool):
+    """A tiny model of `model_type` saved and loaded as lora-dpo loads bases (4-bit on CPU kept differentiable, the
+    lean gated MLP, frozen): → (config, model)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from lora_dpo.mlp import lean_gated_mlps
@@ -153,6 +146,21 @@ def test_activation_formula_equals_what_autograd_saves(tmp_path, model_type, tar
     assert lean_gated_mlps(base) == config.num_hidden_layers  # as lora-dpo loads models
     for p in base.parameters():
         p.requires_grad_(False)
+    return config, base
+
+
+@pytest.mark.parametrize("model_type,targets,padded,quantized", [
+    ("llama", "all-linear", False, True),
+    ("llama", "all-linear", True, True),
+    ("llama", ["q_proj", "v_proj"], True, True),
+    ("llama", ["k_proj", "o_proj", "gate_proj"], True, False),
+    ("qwen3", "all-linear", True, False),
+])
+def test_activation_formula_equals_what_autograd_saves(tmp_path, model_type, targets, padded, quantized):
+    """fp32 on CPU runs the same Python modules as bf16 on a GPU; the formula must predict the saved bytes."""
+    from peft import LoraConfig, get_peft_model
+
+    config, base = _frozen_base(tmp_path, model_type, quantized)
     model = get_peft_model(base, LoraConfig(r=8, target_modules=targets, task_type="CAUSAL_LM"))
     rows, T = 3, 37
     ids = torch.randint(0, config.vocab_size, (rows, T), generator=torch.Generator().manual_seed(0))
@@ -538,22 +546,8 @@ def test_lora_dropout_formula_equals_what_autograd_saves(tmp_path, targets, quan
     """lora.lora_dropout > 0 in training mode (every shipped GPU recipe: 0.05): each targeted Linear's LoRA A saves
     its own dropped copy of its input, so a layer saves far more than without dropout; the formula must count it."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from lora_dpo.mlp import lean_gated_mlps
-    from lora_dpo.model import _keep_cpu_4bit_differentiable
-
-    config = tiny_config("llama", hidden_size=96, intermediate_size=352, num_hidden_layers=3, head_dim=24)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    kw = {}
-    if quantized:
-        kw = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
-                  device_map={"": "cpu"})
-    base = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, **kw)
-    _keep_cpu_4bit_differentiable(base)
-    lean_gated_mlps(base)
-    for p in base.parameters():
-        p.requires_grad_(False)
+    config, base = _frozen_base(tmp_path, "llama", quantized)
     model = get_peft_model(base, LoraConfig(r=8, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM"))
     model.train()  # as training runs: dropout on
     rows, T = 3, 37
