@@ -6,7 +6,7 @@
     lora-dpo eval RUN_DIR [--reward-model M]               held-out metrics, KL, generations (+ win rate)
     lora-dpo export RUN_DIR --format adapter|merged|gguf  adapter / merged model / GGUF, with parity.json
     lora-dpo keys                                          every recipe key with its type, default and meaning
-    lora-dpo estimate RECIPE.yaml [key=value ...] [--gpu-memory 16GiB] [--json]  will it fit? (reads the config only)
+    lora-dpo estimate RECIPE.yaml [key=value ...] [--gpu-memory 16GiB] [--json] [--data]  will it fit?
 
 User errors print one line on stderr and exit with code 2.
 """
@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--gpu-memory", help="e.g. 16GiB, 24GB, 80G (default: the visible GPU's memory, else 16GiB)")
     m.add_argument("--layout", choices=("concatenated", "shared", "packed"), help="default: the recipe's")
     m.add_argument("--json", action="store_true", help="machine-readable output")
+    m.add_argument("--data", action="store_true", help="plan for the training data's own longest pairs (reads and "
+                   "tokenises the data: the tokenizer only, no weights)")
     return p
 
 
@@ -147,7 +149,7 @@ def _dispatch(args) -> int:
     if args.command == "estimate":
         from lora_dpo.estimate import run as estimate
 
-        print(estimate(r, gpu_memory=args.gpu_memory, layout=args.layout, as_json=args.json))
+        print(estimate(r, gpu_memory=args.gpu_memory, layout=args.layout, as_json=args.json, with_data=args.data))
         return 0
     if args.command == "inspect":
         from lora_dpo.data_inspect import inspect

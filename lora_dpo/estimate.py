@@ -67,6 +67,8 @@ class Estimate:
     sliding_window: int | None = None  # set when a pair outgrows the model's sliding window: concatenated layout
     # the same micro-batch with 1-token prompts, whose answers keep max_length − 1 tokens each: the longest rows
     # truncation allows (set when they are longer than the planned ones)
+    data_pairs: int | None = None     # --data: planned for these many tokenised training pairs' longest rows
+    data_longest: int | None = None   # the longest pair's prompt + chosen + rejected tokens
     short_prompt_seq_len: int | None = None
     short_prompt_total: int | None = None
     short_prompt_layers: int | None = None  # what auto would recompute for them
@@ -409,7 +411,9 @@ def format_table(est: Estimate) -> str:
             "--gpu-memory": ""}[est.gpu_memory_source]
     lines = [f"{est.model} ({est.model_type}, {est.params / 1e6:,.1f}M parameters; LoRA {est.lora_params:,} "
              f"trainable), {est.dtype}",
-             f"micro-batch: {est.batch_size} pair{'s' * (est.batch_size != 1)} × max_length {est.max_length} = "
+             f"micro-batch: {est.batch_size} pair{'s' * (est.batch_size != 1)} × "
+             + (f"the longest of the {est.data_pairs:,} training pairs ({est.data_longest} tokens)"
+                if est.data_pairs else f"max_length {est.max_length}") + " = "
              f"{est.rows} row{'s' * (est.rows != 1)} × "
              f"{est.seq_len} tokens ({est.layout} layout"
              + (f": a pair outgrows the model's {est.sliding_window}-token sliding window" if est.sliding_window
@@ -422,6 +426,8 @@ def format_table(est: Estimate) -> str:
               f"largest max_length at per_device_train_batch_size {est.batch_size}: "
               + (str(est.max_max_length) if est.max_max_length or est.max_prompt_length is None else
                  f"none above data.max_prompt_length {est.max_prompt_length}")]
+    if est.data_pairs:  # lengths planned from the data: the max_length lines would speak of a stand-in length
+        lines[-2:] = [f"largest per_device_train_batch_size for these pairs: {est.max_batch_size}"]
     lines += [f"  try {a}" for a in est.advice]
     if est.short_prompt_total:
         layers = "" if est.short_prompt_layers is None else \
@@ -438,10 +444,30 @@ def format_json(est: Estimate) -> str:
     return json.dumps(est.to_dict(), indent=1)
 
 
-def run(recipe: Recipe, gpu_memory: str | None = None, layout: str | None = None, as_json: bool = False) -> str:
+def run(recipe: Recipe, gpu_memory: str | None = None, layout: str | None = None, as_json: bool = False,
+        with_data: bool = False) -> str:
     if recipe.train.device == "cpu":  # a GPU plan (bf16, CUDA overhead) would answer a question nobody asked
         raise LoraDpoError("train.device: cpu trains in fp32 in CPU memory, which estimate does not plan; it plans a "
                            "GPU run: add train.device=auto (or cuda) to plan this recipe for one")
-    est = estimate_for(recipe, None if gpu_memory is None else parse_size(gpu_memory), layout=layout)
-    return format_json(est) if as_json else format_table(est)
+    gpu = None if gpu_memory is None else parse_size(gpu_memory)
+    if not with_data:
+        return (format_json if as_json else format_table)(estimate_for(recipe, gpu, layout=layout))
+    pairs = training_pairs(recipe)
+    est = estimate_for(for_data(recipe, pairs), gpu, layout=layout)
+    est.data_pairs = len(pairs)
+    est.data_longest = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    est.short_prompt_seq_len = est.short_prompt_total = est.short_prompt_layers = None  # the data's own lengths
+    est.advice = [a for a in est.advice if "data.max_length=" not in a]  # a stand-in length, not the recipe's
+    return (format_json if as_json else format_table)(est)
+
+
+def training_pairs(recipe: Recipe) -> list:
+    """The tokenised training pairs, as training makes them (the tokenizer only: no weights are read)."""
+    from lora_dpo import data as data_lib
+    from lora_dpo.data_inspect import load_tokenizer_only
+
+    train_rows, eval_rows = data_lib.read_data(recipe.data)
+    prepared = data_lib.prepare(recipe.data, load_tokenizer_only(recipe.model), train_rows, eval_rows,
+                                say=lambda *_: None, check=False)
+    return prepared.train_pairs
 

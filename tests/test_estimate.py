@@ -747,3 +747,24 @@ def test_the_estimate_says_what_rows_of_short_prompts_and_long_answers_need():
     assert "rows of up to 2047 tokens predict" in format_table(est)
     raw["data"]["max_prompt_length"] = None  # prompts not cut: the plan is already for 1-token prompts
     assert estimate_for(recipe_from_dict(raw), 24 << 30, arch=DEMO_LIKE).short_prompt_total is None
+
+
+def test_data_flag_plans_for_the_training_pairs_longest_rows(recipe_dict, tmp_path, capsys):
+    """`lora-dpo estimate R.yaml --data` tokenises the training data (no weights) and plans micro-batches of its
+    longest pair, and the max_length lines, which would speak of a stand-in length, give way to one for the pairs."""
+    import yaml
+
+    from lora_dpo.estimate import training_pairs
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict))
+    pairs = training_pairs(recipe_from_dict(recipe_dict))
+    longest = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    assert main(["estimate", str(path), "--data", "--gpu-memory", "8GiB", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["data_pairs"], got["data_longest"], got["seq_len"]) == (len(pairs), longest, longest)
+    assert longest < recipe_from_dict(recipe_dict).data.max_length  # the data's rows are shorter than the plan's
+    assert main(["estimate", str(path), "--data", "--gpu-memory", "8GiB"]) == 0
+    table = capsys.readouterr().out
+    assert f"the longest of the {len(pairs)} training pairs ({longest} tokens)" in table
+    assert "largest per_device_train_batch_size for these pairs:" in table and "largest max_length" not in table
