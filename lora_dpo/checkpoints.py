@@ -31,16 +31,26 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def atomic_dir(final: Path, write) -> None:
-    """Call write(tmp_dir), then rename tmp_dir → final, so a crash never leaves a half-written `final`."""
+    """Call write(tmp_dir), then rename tmp_dir → final, so a crash never leaves a half-written `final`. A previous
+    `final` is renamed aside first and deleted only once the new one is in place: deleting it first (seconds for a
+    merged model) left a half-deleted `final`, or none, to a crash or Ctrl-C in between."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+    old = None
     try:
         write(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-old-{final.name}-")) / final.name
+            os.replace(final, old)
         os.replace(tmp, final)
+    except BaseException:
+        if old is not None and not final.exists():
+            os.replace(old, final)  # the new one did not arrive: the previous one is back
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old.parent, ignore_errors=True)
 
 
 def _rng_state() -> dict:

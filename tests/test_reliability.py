@@ -396,3 +396,26 @@ def test_cuda_generators_restore_as_far_as_the_visible_gpus_go(monkeypatch):
     restored.clear()
     checkpoints.restore_cuda_rng([torch.zeros(16, dtype=torch.uint8)] * 2)
     assert restored == [0, 1]
+
+
+def test_replacing_a_directory_never_leaves_it_half_deleted(tmp_path, monkeypatch):
+    """atomic_dir over an existing directory: the new one replaces it whole, and if moving the new one in fails
+    the previous one is still there, complete (it was deleted first, file by file, before)."""
+    from lora_dpo import checkpoints
+
+    final = tmp_path / "export"
+    final.mkdir()
+    (final / "weights.bin").write_text("old")
+    checkpoints.atomic_dir(final, lambda d: (d / "weights.bin").write_text("new"))
+    assert (final / "weights.bin").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["export"]
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if Path(dst) == final and "tmp-old" not in str(src):
+            raise OSError("disk gone")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoints.os, "replace", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        checkpoints.atomic_dir(final, lambda d: (d / "weights.bin").write_text("newer"))
+    assert (final / "weights.bin").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["export"]
