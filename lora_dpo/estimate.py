@@ -341,12 +341,12 @@ def _advice(est: Estimate, recipe: Recipe, arch: Arch, layout: str, reference: s
         elif k != c:
             out.append(f"train.gradient_checkpointing_layers={share_of_layers(k, L)}: {k} of {L} layers "
                        f"recompute instead of {c} and it " + ("still fits (faster steps)" if k < c else "fits"))
-    if not est.fits and recipe.lora.lora_dropout > 0:  # each adapted Linear keeps its own dropped input copy
+    if not est.fits and recipe.lora.lora_dropout > 0:  # each adapted Linear keeps its dropout mask
         plain = dataclasses.replace(recipe, lora=dataclasses.replace(recipe.lora, lora_dropout=0.0))
         alt = _parts(arch, plain, t.per_device_train_batch_size, d.max_length, layout, reference,
                      est.checkpointed_layers)
         out.append(f"lora.lora_dropout=0: activations {gib(est.activations)} → {gib(alt['activations'])} (each "
-                   "adapted Linear keeps its own dropped copy of its input for backward)")
+                   "adapted Linear keeps a 1-byte dropout mask per input value for backward)")
     if t.optim == "adamw_torch" and est.lora_params:
         saved = est.adapters - adapter_bytes(arch, recipe.lora.r, recipe.lora.target_modules, "paged_adamw_8bit")
         out.append(f"train.optim=paged_adamw_8bit: saves {gib(saved)} of optimizer state (LoRA state is small)")

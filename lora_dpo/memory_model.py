@@ -31,8 +31,9 @@ activations  What autograd saves in the policy forward, per token per layer (the
                MLP input b·H (if gate/up targeted), gate and up 2·b·I (act(gate) is recomputed in backward:
                lora_dpo/mlp.py), their product b·I (if down targeted); LoRA A's output b·r per targeted Linear;
                qwen3/gemma3 q/k norms 4·(A + K + heads + kv). With lora.lora_dropout > 0 (training mode) each
-               targeted Linear's LoRA A saves its own dropped copy of its input, b·in, and the dropout its mask
-               (1 byte on a GPU), (b + 1)·in in all: for Llama-3-8B with all-linear, +70 % on a layer's saved bytes.
+               targeted Linear keeps its dropout's boolean mask, 1·in: lora-dpo folds the dropout into LoRA A
+               (lora_dpo/lora_dropout.py), which keeps the layer input the base layer keeps anyway instead of a
+               dropped copy (peft's own forward keeps (b + 1)·in: +68 % on a Llama-3-8B all-linear layer, +23 % folded).
              tests/test_estimate.py checks this against the tensors autograd really saves (fp32, CPU, 4-bit and
              16-bit bases, with and without padding): equal to 0.3 % (RoPE's shared cos/sin are left out). On a GPU
              the same Python modules run; that the CUDA SDPA kernels save the same tensors is an assumption.
@@ -184,9 +185,9 @@ def layer_activation_bytes(arch: Arch, rows: int, T: int, targets: list[str], r:
     A, K = nh * arch.head_dim, nkv * arch.head_dim
     t = set(targets)
     per_tok = arch.norms * (4 * H + 4)
-    if dropout:  # each targeted Linear's LoRA A saves its own dropped copy of the input, and dropout its mask
+    if dropout:  # each targeted Linear keeps its dropout mask, 1 byte per input value (lora_dpo/lora_dropout.py)
         lin = arch.linears()
-        per_tok += (b + 1) * sum(lin[n][0] for n in t)
+        per_tok += sum(lin[n][0] for n in t)
     if arch.qk_norm:
         per_tok += 4 * (A + K) + 4 * (nh + nkv)
     if t & {"q_proj", "k_proj", "v_proj"}:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lora_dpo import attention, mlp
+from lora_dpo import attention, lora_dropout, mlp
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.gguf_source import gguf_to_hf_dir
 from lora_dpo.hub import could_be_hub_id
@@ -282,9 +282,11 @@ def _keep_cpu_4bit_differentiable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def attach_lora(base, cfg: LoraConfig, *, seed: int, gradient_checkpointing: bool, checkpoint_share: float = 1.0):
+def attach_lora(base, cfg: LoraConfig, *, seed: int, gradient_checkpointing: bool, checkpoint_share: float = 1.0,
+                fold_dropout: bool = True):
     """The trainable adapter on `base`. With gradient_checkpointing, the first ceil(checkpoint_share × layers) decoder
-    layers recompute their activations in backward; the others keep them (faster, more memory)."""
+    layers recompute their activations in backward; the others keep them (faster, more memory). fold_dropout: LoRA
+    dropout folded into lora_A (lora_dpo/lora_dropout.py: the same numbers, less kept); False leaves peft's own."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -299,6 +301,8 @@ def attach_lora(base, cfg: LoraConfig, *, seed: int, gradient_checkpointing: boo
     except ValueError as e:
         raise LoraDpoError(f"lora.target_modules: {str(e).splitlines()[0]}; use 'all-linear' or names of "
                            "Linear modules of this model") from None
+    if fold_dropout:  # a 1-byte mask kept for backward, not a dropped copy of each input
+        lora_dropout.fuse_lora_dropout(model)
     if gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # the name since transformers 5.2x
         if enable is not None:

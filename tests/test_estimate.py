@@ -543,21 +543,27 @@ def test_the_readme_example_is_what_estimate_prints(monkeypatch, capsys):
 @pytest.mark.parametrize("targets,quantized", [("all-linear", True), ("all-linear", False),
                                                (["q_proj", "v_proj"], True)])
 def test_lora_dropout_formula_equals_what_autograd_saves(tmp_path, targets, quantized):
-    """lora.lora_dropout > 0 in training mode (every shipped GPU recipe: 0.05): each targeted Linear's LoRA A saves
-    its own dropped copy of its input, so a layer saves far more than without dropout; the formula must count it."""
+    """lora.lora_dropout > 0 in training mode (every shipped GPU recipe: 0.05): with the dropout folded into LoRA A
+    (as lora-dpo attaches adapters) each targeted Linear keeps a 1-byte mask per input value; peft's own forward keeps
+    a dropped copy of each input as well, far more. The formula must count what lora-dpo keeps."""
     from peft import LoraConfig, get_peft_model
+
+    from lora_dpo.lora_dropout import fuse_lora_dropout
 
     config, base = _frozen_base(tmp_path, "llama", quantized)
     model = get_peft_model(base, LoraConfig(r=8, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM"))
     model.train()  # as training runs: dropout on
     rows, T = 3, 37
     ids = torch.randint(0, config.vocab_size, (rows, T), generator=torch.Generator().manual_seed(0))
+    peft_kept = _saved_bytes(model, ids, torch.ones(rows, T, dtype=torch.long))
+    assert fuse_lora_dropout(model) > 0
     measured = _saved_bytes(model, ids, torch.ones(rows, T, dtype=torch.long))
     arch = Arch.from_config(config)
     layer = lambda **k: layer_activation_bytes(arch, rows, T, arch.lora_targets(targets), 8, 4,  # noqa: E731
                                                masked=False, **k)
     assert abs(arch.layers * layer(dropout=True) - measured) / measured < 0.03, (layer(dropout=True), measured)
-    assert arch.layers * layer() < 0.9 * measured  # without the dropout term it falls well short
+    plain = arch.layers * layer()
+    assert plain < measured and peft_kept - plain > 4 * (measured - plain)  # fp32: masks of 1 byte, not 4 + 1
 
 
 def test_planner_counts_lora_dropout():
@@ -567,9 +573,9 @@ def test_planner_counts_lora_dropout():
 
     off, on = with_dropout(0.0), with_dropout(0.05)
     assert on.weights == off.weights and on.adapters == off.adapters
-    ins = sum(i for i, _ in DEMO_LIKE.linears().values())  # all-linear: every Linear's input, (2 + 1) bytes each
+    ins = sum(i for i, _ in DEMO_LIKE.linears().values())  # all-linear: every Linear's input, a 1-byte mask each
     # every layer saves it, and one layer more: the transient (its gradients in backward)
-    assert on.activations - off.activations == (DEMO_LIKE.layers + 1) * on.rows * on.seq_len * 3 * ins
+    assert on.activations - off.activations == (DEMO_LIKE.layers + 1) * on.rows * on.seq_len * 1 * ins
     assert on.max_batch_size < off.max_batch_size
     r = recipe_from_dict({**recipe(per_device_train_batch_size=64).to_dict(), "lora": {"lora_dropout": 0.05}})
     tight = estimate_for(r, 4 << 30, layout="concatenated", reference="live", arch=DEMO_LIKE)

@@ -405,7 +405,9 @@ def test_the_models_dropout_is_off_and_the_step0_check_runs_in_training_mode(tmp
     with pytest.raises(LoraDpoError, match="step-0 check failed"):
         step0_check(m, batch, DpoConfig(), lambda s: None)
     assert M.disable_dropout(m) == ["Dropout p=0.3", "attention_dropout 0.3"]
-    assert [mod.p for n, mod in m.named_modules() if n.endswith("lora_dropout.default")][0] == 0.2  # the user's
+    from lora_dpo.lora_dropout import DropoutLinear  # LoRA's dropout, folded into lora_A
+
+    assert {mod.p for mod in m.modules() if isinstance(mod, DropoutLinear)} == {0.2}  # the user's, kept
     assert m.training and abs(step0_check(m, batch, DpoConfig(), lambda s: None) - math.log(2)) < 1e-5
 
 
