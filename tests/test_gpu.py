@@ -130,3 +130,35 @@ def test_gpu_offloaded_activations(tiny_model_dir, recipe_dict, capsys):
     recipe_dict["train"].update(max_steps=2, device="cuda", gradient_checkpointing=True, offload_activations=True)
     _run_and_check(recipe_dict)
     assert "checkpointed layers keep for backward wait in CPU memory" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_folded_lora_dropout_under_autocast(dtype):
+    """lora_A with the dropout folded in, on CUDA under autocast: the output and the gradients of x and of the fp32
+    LoRA weight equal the plain ops' with the same mask (redrawn from the same seed); twin:
+    test_lora_dropout.test_folded_dropout_gives_peft_numbers_and_keeps_less (CPU, fp32, whole model)."""
+    import torch.nn.functional as F
+
+    from lora_dpo.lora_dropout import _DroppedLinear
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x0 = torch.randn(3, 37, 96, device="cuda", dtype=dtype, generator=g)
+    w0 = torch.randn(8, 96, device="cuda", generator=g) * 0.1
+    grad = torch.randn(3, 37, 8, device="cuda", dtype=dtype, generator=g)
+    outs = []
+    for folded in (True, False):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        torch.manual_seed(7)
+        with torch.autocast("cuda", dtype=dtype):
+            if folded:
+                out = _DroppedLinear.apply(x, w, 0.1)
+            else:
+                keep = F.dropout(torch.ones_like(x), 0.1, training=True) != 0
+                out = F.linear(x * keep * (1 / 0.9), w)
+        out.backward(grad)
+        outs.append((out.detach(), x.grad, w.grad))
+    (o1, gx1, gw1), (o2, gx2, gw2) = outs
+    assert o1.dtype == o2.dtype == dtype and gw1.dtype == torch.float32
+    assert torch.equal(o1, o2)
+    torch.testing.assert_close(gx1, gx2)
+    torch.testing.assert_close(gw1, gw2, rtol=1e-2, atol=1e-3)
