@@ -65,10 +65,10 @@ class Estimate:
     checkpointing_auto: bool = False  # train.gradient_checkpointing_layers auto chose checkpointed_layers
     embeddings_on_cpu: bool = False  # model.offload_embeddings (and the table is not tied to the LM head)
     sliding_window: int | None = None  # set when a pair outgrows the model's sliding window: concatenated layout
-    # the same micro-batch with 1-token prompts, whose answers keep max_length − 1 tokens each: the longest rows
-    # truncation allows (set when they are longer than the planned ones)
     data_pairs: int | None = None     # --data: planned for these many tokenised training pairs' longest rows
     data_longest: int | None = None   # the longest pair's prompt + chosen + rejected tokens
+    # the same micro-batch with 1-token prompts, whose answers keep max_length − 1 tokens each: the longest rows
+    # truncation allows (set when they are longer than the planned ones)
     short_prompt_seq_len: int | None = None
     short_prompt_total: int | None = None
     short_prompt_layers: int | None = None  # what auto would recompute for them
