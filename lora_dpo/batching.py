@@ -176,7 +176,8 @@ def collate(pairs: list[Pair], pad_token_id: int) -> Batch:
     return Batch(ids, attn, comp, [p.index for p in pairs])
 
 
-def _pair_len(p: Pair) -> int:
+def pair_len(p: Pair) -> int:
+    """Tokens of a pair in the prefix-shared row: prompt + chosen + rejected."""
     return len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
 
 
@@ -200,7 +201,7 @@ def collate_shared(pairs: list[Pair], pad_token_id: int, pack: bool = True) -> S
     """One [prompt | chosen | rejected] segment per pair; with `pack`, pairs share rows up to the longest pair's
     length, so padding stays below one pair per batch."""
     B = len(pairs)
-    lengths = [_pair_len(p) for p in pairs]
+    lengths = [pair_len(p) for p in pairs]
     groups = pack_rows(lengths, max(lengths)) if pack else [[k] for k in range(B)]
     T = max(sum(lengths[k] for k in g) for g in groups)
     R = len(groups)
@@ -250,7 +251,7 @@ def resolve_layout(layout: str, config, pairs: list[Pair]) -> tuple[str, str | N
     shorter than the longest [prompt | chosen | rejected] segment gets the concatenated layout instead."""
     window = getattr(config, "sliding_window", None)
     active = window and getattr(config, "use_sliding_window", True) is not False
-    longest = max((_pair_len(p) for p in pairs), default=0)
+    longest = max((pair_len(p) for p in pairs), default=0)
     if layout != "concatenated" and active and longest > window:
         return "concatenated", (f"train.layout: {layout} → concatenated: the model attends through a {window}-token "
                                 f"sliding window and the longest pair spans {longest} tokens")
@@ -326,7 +327,7 @@ def micro_batch_indices(lengths: list[int], batch_size: int, seed: int, start: i
 def micro_batches(pairs: list[Pair], batch_size: int, seed: int, start: int = 0, group_by_length: bool = False,
                   accumulation: int = 1) -> Iterator[list[Pair]]:
     """micro_batch_indices, as pairs."""
-    for b in micro_batch_indices([_pair_len(p) for p in pairs], batch_size, seed, start, group_by_length,
+    for b in micro_batch_indices([pair_len(p) for p in pairs], batch_size, seed, start, group_by_length,
                                  accumulation):
         yield [pairs[i] for i in b]
 
@@ -334,14 +335,14 @@ def micro_batches(pairs: list[Pair], batch_size: int, seed: int, start: int = 0,
 def row_tokens(pairs: list[Pair], batches: list[list[int]], layout: str) -> tuple[int, int]:
     """(distinct tokens, tokens the forward runs on) for these batches in `layout`: the difference is padding, and in
     the concatenated layout also the second copy of every prompt."""
-    distinct = sum(_pair_len(pairs[i]) for b in batches for i in b)
+    distinct = sum(pair_len(pairs[i]) for b in batches for i in b)
     total = 0
     for b in batches:
         if layout == "concatenated":
             total += 2 * len(b) * max(len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids),
                                                                     len(pairs[i].rejected_ids)) for i in b)
             continue
-        ls = [_pair_len(pairs[i]) for i in b]
+        ls = [pair_len(pairs[i]) for i in b]
         groups = pack_rows(ls, max(ls)) if layout == "packed" else [[k] for k in range(len(ls))]
         total += len(groups) * max(sum(ls[k] for k in g) for g in groups)
     return distinct, total
@@ -350,7 +351,7 @@ def row_tokens(pairs: list[Pair], batches: list[list[int]], layout: str) -> tupl
 def describe(pairs: list[Pair], batch_size: int, accumulation: int, seed: int, layout: str,
              group_by_length: bool) -> str:
     """One line on the work of the first epoch: padding in this layout and order, and what TRL's layout would cost."""
-    stream = micro_batch_indices([_pair_len(p) for p in pairs], batch_size, seed, group_by_length=group_by_length,
+    stream = micro_batch_indices([pair_len(p) for p in pairs], batch_size, seed, group_by_length=group_by_length,
                                  accumulation=accumulation)
     micro, _ = epoch_shape(len(pairs), batch_size, accumulation, group_by_length)
     batches = [next(stream) for _ in range(micro)]

@@ -17,6 +17,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lora_dpo.batching import pair_len
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.memory_model import (  # noqa: F401 — Arch, the formulas: part of this module's API
     LAYOUTS,
@@ -298,7 +299,7 @@ def for_data(recipe: Recipe, pairs: list) -> Recipe:
     keep answers of up to max_length − prompt tokens each, and such pairs make rows of up to 2·max_length − 1."""
     if not pairs:
         return recipe
-    row = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    row = max(pair_len(p) for p in pairs)
     half = max(1, math.ceil(max(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs) / 2))
     length = max(row - half, half + 1)  # shapes(): rows of 2·length − prompt tokens, 2·(length − prompt) scored
     data = dataclasses.replace(recipe.data, max_length=length, max_prompt_length=length - half)
@@ -455,7 +456,7 @@ def run(recipe: Recipe, gpu_memory: str | None = None, layout: str | None = None
     pairs = training_pairs(recipe)
     est = estimate_for(for_data(recipe, pairs), gpu, layout=layout)
     est.data_pairs = len(pairs)
-    est.data_longest = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    est.data_longest = max(pair_len(p) for p in pairs)
     est.short_prompt_seq_len = est.short_prompt_total = est.short_prompt_layers = None  # the data's own lengths
     est.advice = [a for a in est.advice if "data.max_length=" not in a]  # a stand-in length, not the recipe's
     return (format_json if as_json else format_table)(est)
