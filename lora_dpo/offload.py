@@ -99,6 +99,12 @@ def offload_checkpointed_inputs(model, layers: list, device: torch.device) -> st
             "(train.offload_activations)")
 
 
+def _on(tensor_device: torch.device, source: torch.device) -> bool:
+    """A tensor on `tensor_device` lies on `source`: a device named without an index ("cuda", as recipes and the
+    trainer name it) covers every index of its type, since tensors always carry one ("cuda:0")."""
+    return tensor_device.type == source.type and source.index in (None, tensor_device.index)
+
+
 def inputs_on_host(checkpoint, keep: set[int], source: torch.device, min_bytes: int = MIN_OFFLOAD_BYTES,
                    moved: list | None = None):
     """`checkpoint` (a layer's checkpoint function) whose saved tensors — a non-reentrant checkpoint saves only its
@@ -109,7 +115,7 @@ def inputs_on_host(checkpoint, keep: set[int], source: torch.device, min_bytes: 
     cuda = source.type == "cuda"
 
     def pack(t: torch.Tensor):
-        if t.device != source or t.numel() * t.element_size() < min_bytes or t.untyped_storage().data_ptr() in keep:
+        if not _on(t.device, source) or t.numel() * t.element_size() < min_bytes or t.untyped_storage().data_ptr() in keep:
             return t
         host = torch.empty(t.size(), dtype=t.dtype, pin_memory=cuda)
         host.copy_(t, non_blocking=cuda)

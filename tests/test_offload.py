@@ -127,6 +127,15 @@ def test_inputs_on_host_packs_only_large_non_parameter_tensors():
     assert torch.allclose(x_big.grad, weight.sum(1).expand(64, 64)) and x_small.grad is not None
 
 
+def test_a_device_named_without_an_index_covers_the_tensors_on_it():
+    """Training names its device "cuda"; the tensors on it say "cuda:0". Comparing the two with `!=` offloaded
+    nothing on a GPU (found by tests/test_gpu.py::test_gpu_offloaded_activations on an H200)."""
+    cuda, cuda0, cuda1, cpu = (torch.device(d) for d in ("cuda", "cuda:0", "cuda:1", "cpu"))
+    assert offload._on(cuda0, cuda) and offload._on(cuda1, cuda) and offload._on(cuda0, cuda0)
+    assert not offload._on(cuda1, cuda0) and not offload._on(cpu, cuda) and not offload._on(cuda0, cpu)
+    assert offload._on(cpu, cpu)
+
+
 def test_offload_activations_on_a_cpu_run_says_there_is_nothing_to_offload(recipe_dict, capsys):
     from lora_dpo import train
     from lora_dpo.recipe import recipe_from_dict
