@@ -101,7 +101,11 @@ class Probe:
         steps = len(self.times) - w
         return {"pairs_per_s": pairs_per_step * steps / elapsed, "tokens_per_s": sum(tokens_per_step[w:]) / elapsed,
                 "peak_bytes": self.peak, "resident_bytes": self.resident, "losses": self.losses,
-                "seconds_per_step": elapsed / steps, "process_peak_bytes": process_peak(self.device)}
+                "seconds_per_step": elapsed / steps, "process_peak_bytes": process_peak(self.device),
+                # each timed step on its own: one slow step (an allocator retry, a new shape) reads differently
+                # from a uniformly slow run, and the rate per token tells a long batch from a slow one
+                "step_seconds": [b - a for a, b in zip(self.times[w - 1:], self.times[w:])],
+                "step_tokens": list(tokens_per_step[w:])}
 
 
 def process_peak(device: str) -> int:
@@ -535,6 +539,10 @@ def report(a, results: dict) -> None:
                          f"{med(t, 'process_peak_bytes') / 2**30:.2f} GiB, lora-dpo "
                          f"{med(o, 'process_peak_bytes') / 2**30:.2f} GiB, ratio "
                          f"{med(o, 'process_peak_bytes') / med(t, 'process_peak_bytes'):.2f}")
+        for name, side in (("TRL", t), ("lora-dpo", o)):
+            if "step_seconds" in side[0]:
+                notes.append(f"{ds}: {name}'s timed steps, s (tokens/s): " + ", ".join(
+                    f"{s:.2f} ({n / s:.0f})" for s, n in zip(side[0]["step_seconds"], side[0]["step_tokens"])))
     for note in notes:
         print("\n" + note)
 

@@ -115,7 +115,8 @@ def inputs_on_host(checkpoint, keep: set[int], source: torch.device, min_bytes: 
     cuda = source.type == "cuda"
 
     def pack(t: torch.Tensor):
-        if not _on(t.device, source) or t.numel() * t.element_size() < min_bytes or t.untyped_storage().data_ptr() in keep:
+        small = t.numel() * t.element_size() < min_bytes
+        if small or not _on(t.device, source) or t.untyped_storage().data_ptr() in keep:
             return t
         host = torch.empty(t.size(), dtype=t.dtype, pin_memory=cuda)
         host.copy_(t, non_blocking=cuda)

@@ -84,7 +84,7 @@ vs_trl="python3 benchmarks/vs_trl.py $model --batch 4 --steps $steps --warmup 2 
 memory="python3 benchmarks/memory.py $model --prompt-tokens $m --completion-tokens $m --batch 1 --steps 3"
 on model && stage model 240 30 python3 benchmarks/vs_trl.py $model --build-only
 on long && stage long 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --json "$out/long.json"
-on short && stage short 200 90 $vs_trl --datasets short --short-prompt $((w / 2)) --json "$out/short.json"
+on short && stage short 240 150 $vs_trl --datasets short --short-prompt $((w / 2)) --repeats 2 --json "$out/short.json"
 profile="python3 benchmarks/profile_step.py $model --steps 2 --rows 10 \
   --settings packed:sdpa,packed:sdpa_causal,packed:flex_attention,concatenated:sdpa"
 on profile && stage profile 240 90 bash -c "$profile --prompt-tokens $((w / 2)) --completion-tokens $w; \
