@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lora_dpo import attention, lora_dropout, mlp
+from lora_dpo import attention, lora_dropout, lora_forward, mlp
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.gguf_source import gguf_to_hf_dir
 from lora_dpo.hub import could_be_hub_id
@@ -283,10 +283,11 @@ def _keep_cpu_4bit_differentiable(model) -> None:
 
 
 def attach_lora(base, cfg: LoraConfig, *, seed: int, gradient_checkpointing: bool, checkpoint_share: float = 1.0,
-                fold_dropout: bool = True):
+                fold_dropout: bool = True, fuse_forward: bool = True):
     """The trainable adapter on `base`. With gradient_checkpointing, the first ceil(checkpoint_share × layers) decoder
     layers recompute their activations in backward; the others keep them (faster, more memory). fold_dropout: LoRA
-    dropout folded into lora_A (lora_dpo/lora_dropout.py: the same numbers, less kept); False leaves peft's own."""
+    dropout folded into lora_A (lora_dpo/lora_dropout.py: the same numbers, less kept); fuse_forward: each LoRA update
+    added to its base output in one GEMM (lora_dpo/lora_forward.py); False leaves peft's own for either."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -303,6 +304,8 @@ def attach_lora(base, cfg: LoraConfig, *, seed: int, gradient_checkpointing: boo
                            "Linear modules of this model") from None
     if fold_dropout:  # a 1-byte mask kept for backward, not a dropped copy of each input
         lora_dropout.fuse_lora_dropout(model)
+    if fuse_forward:  # no clone, scale or add of its own per adapted layer; no fp32 copy of inputs under autocast
+        lora_forward.fuse_lora_forward(model)
     if gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # the name since transformers 5.2x
         if enable is not None:

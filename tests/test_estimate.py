@@ -160,6 +160,8 @@ def test_activation_formula_equals_what_autograd_saves(tmp_path, model_type, tar
     """fp32 on CPU runs the same Python modules as bf16 on a GPU; the formula must predict the saved bytes."""
     from peft import LoraConfig, get_peft_model
 
+    from lora_dpo.lora_forward import fuse_lora_forward
+
     config, base = _frozen_base(tmp_path, model_type, quantized)
     model = get_peft_model(base, LoraConfig(r=8, target_modules=targets, task_type="CAUSAL_LM"))
     rows, T = 3, 37
@@ -172,6 +174,9 @@ def test_activation_formula_equals_what_autograd_saves(tmp_path, model_type, tar
     predicted = arch.layers * layer_activation_bytes(arch, rows, T, arch.lora_targets(targets), 8, 4, masked=padded)
     # the formula leaves out RoPE's cos/sin (2·T·head_dim·4 bytes, shared by all layers)
     assert abs(predicted - measured) / measured < 0.01, (predicted, measured)
+    assert fuse_lora_forward(model) > 0  # lora-dpo's own forward keeps what peft's keeps, to the same 1 %
+    fused = _saved_bytes(model, ids, mask)
+    assert abs(predicted - fused) / fused < 0.01, (predicted, fused)
 
 
 @pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]])

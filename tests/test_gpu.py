@@ -162,3 +162,32 @@ def test_gpu_folded_lora_dropout_under_autocast(dtype):
     assert torch.equal(o1, o2)
     torch.testing.assert_close(gx1, gx2)
     torch.testing.assert_close(gw1, gw2, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_fused_lora_forward_under_autocast(tiny_model_dir, dtype):
+    """The fused LoRA forward on a CUDA 4-bit base under autocast: log-probs and LoRA gradients within the compute
+    dtype's rounding of peft's own forward (the fused form rounds once where peft rounds three times), in the
+    autocast dtype throughout; twin: test_lora_forward.test_fused_forward_gives_peft_numbers (CPU, fp32)."""
+    from lora_dpo.lora_forward import fuse_lora_forward
+
+    cuda = torch.device("cuda")
+    base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(), dtype, cuda)
+    peft_model = M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=True, fuse_forward=False)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).to(p) * 0.05)
+    m, batch, results = peft_model, build(PAIRS, 2, "packed").to(cuda), []
+    for fused in (False, True):  # the same model and weights, peft's forward first, then fused
+        assert not fused or fuse_lora_forward(m) > 0
+        m.train()
+        m.zero_grad()
+        with torch.autocast("cuda", dtype=dtype):
+            logps, _ = batch_logps(m, batch)
+        logps.float().sum().backward()
+        results.append((logps.detach().float(), [p.grad.float().clone() for p in m.parameters() if p.requires_grad]))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=0.1)  # sums of rounded per-token log-probs
+    for a, b in zip(got_grads, want_grads):
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99

@@ -22,7 +22,7 @@ def _peft(path, quantized: bool, checkpointing: bool = False):
     base = M.load_base(ModelConfig(name_or_path=str(path)), QuantizationConfig(load_in_4bit=quantized),
                        torch.float32, CPU)
     model = M.attach_lora(base, LoraConfig(lora_dropout=0.1), seed=0, gradient_checkpointing=checkpointing,
-                          fold_dropout=False)  # peft's own forward: the reference
+                          fold_dropout=False, fuse_forward=False)  # peft's own forward: the reference
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():

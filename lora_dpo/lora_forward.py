@@ -1,0 +1,73 @@
+"""The LoRA update added to the base layer's output in one GEMM.
+
+peft's LoRA layers compute `result = base(x)`, then (4-bit base) a defensive `result.clone()`, then
+`lora_B(lora_A(x))`, `· scaling` and `result + …`: three passes over a (tokens, out_features) tensor per adapted
+Linear, each a kernel of its own, in every policy forward, recompute and backward. Its 16-bit layers also cast `x` to
+the adapter's dtype (fp32) even under autocast, where the matmul casts it straight back: a full fp32 copy of every
+adapted layer's input. `fuse_lora_forward` gives each LoRA layer a forward that computes
+
+    result = addmm(base(x), lora_A(x), lora_Bᵀ, alpha=scaling)
+
+— the scaling and the sum in the GEMM's epilogue, accumulated in fp32 and rounded once (peft rounds the product, the
+scaled product and the sum: the fused form is the more exact one), no clone (nothing is modified in place), no fp32
+copy under autocast, and nothing kept for backward that peft's forward does not keep. The same parameters,
+state-dict keys, merge and save; the reference pass (adapters disabled), merged layers, LoRA variants (DoRA …), a
+bias on lora_B, mixed-adapter batches and dtype mixes it was not written for run peft's own forward. Equality with
+peft's forward, values and gradients, with and without gradient checkpointing and folded dropout:
+tests/test_lora_forward.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_FUSED: dict[type, type] = {}  # peft class → its subclass with the fused forward
+
+
+def _fusable(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+    if args or kwargs or layer.disable_adapters or layer.merged:
+        return False
+    for name in layer.active_adapters:
+        if name in layer.lora_A and (name in layer.lora_variant or layer.lora_B[name].bias is not None):
+            return False
+    return True
+
+
+def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    peft_forward = type(self).__mro__[1].forward
+    if not _fusable(self, x, args, kwargs):
+        return peft_forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    for name in self.active_adapters:
+        if name not in self.lora_A:
+            continue
+        a, b = self.lora_A[name], self.lora_B[name]
+        h = a(self.lora_dropout[name](x if autocast else x.to(a.weight.dtype)))
+        dtype = torch.get_autocast_dtype(device) if autocast else h.dtype
+        if result.dtype != dtype:  # e.g. a bf16 base under an fp32 adapter without autocast: peft's sum
+            result = result + (b(h) * self.scaling[name]).to(result.dtype)
+            continue
+        out = result.shape[-1]  # lora_B's weight as it is (a view of the parameter is all addmm keeps for backward)
+        result = torch.addmm(result.reshape(-1, out), h.reshape(-1, h.shape[-1]), b.weight.t(),
+                             alpha=self.scaling[name]).view(result.shape)
+    return result
+
+
+def fuse_lora_forward(model) -> int:
+    """Give every LoRA Linear layer of `model` the fused forward (see the module docstring); → how many."""
+    from peft.tuners.lora import LoraLayer
+
+    n = 0
+    for module in model.modules():
+        cls = type(module)
+        if not isinstance(module, LoraLayer) or cls in _FUSED.values() or not hasattr(module, "base_layer"):
+            continue
+        if not isinstance(module.get_base_layer(), torch.nn.Linear):  # embeddings, convolutions: peft's own
+            continue
+        if cls not in _FUSED:
+            _FUSED[cls] = type(cls.__name__, (cls,), {"forward": _forward, "__module__": cls.__module__})
+        module.__class__ = _FUSED[cls]  # the same object: parameters, hooks and keys unchanged
+        n += 1
+    return n
