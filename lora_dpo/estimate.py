@@ -235,13 +235,15 @@ def _largest(fits, lo: int, cap: int) -> int:
 
 
 def estimate_for(recipe: Recipe, gpu_memory_bytes: int | None = None, layout: str | None = None,
-                 reference: str | None = None, arch: Arch | None = None) -> Estimate:
+                 reference: str | None = None, arch: Arch | None = None, short_prompt_rows: bool = False) -> Estimate:
     """Predict the peak memory of training `recipe`; reads the model config only (pass `arch` to skip even that).
 
     layout: "concatenated" or "prefix-shared" ("shared"; "packed" is estimated as shared: at the worst case every
     pair is full length and fills its row); default: the recipe's train.layout when the schema has it.
     reference: "live" (a no-grad reference forward each step) or "precompute" (cached log-probs); default: the
     recipe's dpo.reference when the schema has it, else "live".
+    short_prompt_rows: also predict rows of 1-token prompts with full answers (est.short_prompt_*), which the
+    recipe's worst case does not plan (`lora-dpo estimate` prints them; training plans from its data instead).
     """
     layout = layout or getattr(recipe.train, "layout", "concatenated")
     layout = {"shared": "prefix-shared", "packed": "prefix-shared"}.get(layout, layout.replace("_", "-"))
@@ -282,7 +284,7 @@ def estimate_for(recipe: Recipe, gpu_memory_bytes: int | None = None, layout: st
     longest = _largest(lambda n: fits(t.per_device_train_batch_size, n), shortest, max(shortest, arch.max_positions))
     est.max_max_length = longest if longest >= shortest else 0
     est.advice = _advice(est, recipe, arch, layout, reference, fits)
-    if d.max_prompt_length is not None and d.max_prompt_length > 1:  # (max_prompt_length 1: no deeper recursion)
+    if short_prompt_rows and d.max_prompt_length is not None and d.max_prompt_length > 1:
         short = estimate_for(dataclasses.replace(recipe, data=dataclasses.replace(d, max_prompt_length=1)),
                              gpu_memory_bytes, layout, reference, arch)
         if short.seq_len > est.seq_len and short.total > est.total:  # longer rows (not the concatenated layout)
@@ -452,12 +454,12 @@ def run(recipe: Recipe, gpu_memory: str | None = None, layout: str | None = None
                            "GPU run: add train.device=auto (or cuda) to plan this recipe for one")
     gpu = None if gpu_memory is None else parse_size(gpu_memory)
     if not with_data:
-        return (format_json if as_json else format_table)(estimate_for(recipe, gpu, layout=layout))
+        return (format_json if as_json else format_table)(estimate_for(recipe, gpu, layout=layout,
+                                                                       short_prompt_rows=True))
     pairs = training_pairs(recipe)
     est = estimate_for(for_data(recipe, pairs), gpu, layout=layout)
     est.data_pairs = len(pairs)
     est.data_longest = max(pair_len(p) for p in pairs)
-    est.short_prompt_seq_len = est.short_prompt_total = est.short_prompt_layers = None  # the data's own lengths
     est.advice = [a for a in est.advice if "data.max_length=" not in a]  # a stand-in length, not the recipe's
     return (format_json if as_json else format_table)(est)
 

@@ -752,12 +752,14 @@ def test_the_estimate_says_what_rows_of_short_prompts_and_long_answers_need():
            "data": {"train": "t.jsonl", "max_length": 1024, "max_prompt_length": 512},
            "train": {"per_device_train_batch_size": 4, "gradient_checkpointing": True,
                      "gradient_checkpointing_layers": "auto"}}
-    est = estimate_for(recipe_from_dict(raw), 24 << 30, arch=DEMO_LIKE)
+    est = estimate_for(recipe_from_dict(raw), 24 << 30, arch=DEMO_LIKE, short_prompt_rows=True)
+    assert estimate_for(recipe_from_dict(raw), 24 << 30, arch=DEMO_LIKE).short_prompt_total is None  # not asked
     assert est.seq_len == 512 + 2 * 512 and est.short_prompt_seq_len == 1 + 2 * 1023
     assert est.short_prompt_total > est.total and est.short_prompt_layers >= est.checkpointed_layers
     assert "rows of up to 2047 tokens predict" in format_table(est)
     raw["data"]["max_prompt_length"] = None  # prompts not cut: the plan is already for 1-token prompts
-    assert estimate_for(recipe_from_dict(raw), 24 << 30, arch=DEMO_LIKE).short_prompt_total is None
+    assert estimate_for(recipe_from_dict(raw), 24 << 30, arch=DEMO_LIKE, short_prompt_rows=True).short_prompt_total \
+        is None
 
 
 def test_data_flag_plans_for_the_training_pairs_longest_rows(recipe_dict, tmp_path, capsys):
