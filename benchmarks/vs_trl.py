@@ -138,8 +138,11 @@ def _step_batches(a, order: list[int]) -> list[list[int]]:
     return [order[s * a.batch:(s + 1) * a.batch] for s in range(a.steps)]
 
 
-def _pair_len(p) -> int:
-    return len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+def _step_tokens(a, pairs: list, order: list[int]) -> list[int]:
+    """Each step's distinct tokens (a prompt once, both completions): what both sides' tokens/s count."""
+    from lora_dpo.batching import pair_len
+
+    return [sum(pair_len(pairs[i]) for i in b) for b in _step_batches(a, order)]
 
 
 def _recipe_dict(a) -> dict:
@@ -203,7 +206,7 @@ def worker_ours(a, rows, order) -> dict:
         M.attach_lora = real_attach
     from torch._dynamo.utils import counters
     pairs = bench_pairs(a.model_dir, rows)
-    per_step = [sum(_pair_len(pairs[i]) for i in b) for b in _step_batches(a, order)]
+    per_step = _step_tokens(a, pairs, order)
     result = probe.result(a.batch, per_step)
     result["padding"] = padding(a, pairs, order, a.layout)
     result["work_ratio"] = work_ratio(a, pairs, order, a.layout)
@@ -266,7 +269,7 @@ def worker_trl(a, rows, order) -> dict:
                 p.data = init[name].to(p.device, torch.float32)
         trainer.train()
         pairs = bench_pairs(a.model_dir, rows, trainer.processing_class)
-    per_step = [sum(_pair_len(pairs[i]) for i in b) for b in _step_batches(a, order)]
+    per_step = _step_tokens(a, pairs, order)
     return probe.result(a.batch, per_step)
 
 
@@ -362,11 +365,11 @@ def dataset_rows(a, name: str) -> tuple[list[dict], list[int]]:
     """The rows, and the order both sides see them in: lora-dpo's first micro-batches (TRL runs them sequentially)."""
     from itertools import islice
 
-    from lora_dpo.batching import micro_batch_indices
+    from lora_dpo.batching import micro_batch_indices, pair_len
 
     prompt = a.long_prompt if name == "long" else a.short_prompt
     rows = synthetic_rows(max(64, a.batch * a.steps), prompt, a.completion, seed=1 if name == "long" else 0)
-    lengths = [_pair_len(p) for p in bench_pairs(a.model_dir, rows)]
+    lengths = [pair_len(p) for p in bench_pairs(a.model_dir, rows)]
     batches = islice(micro_batch_indices(lengths, a.batch, 42, group_by_length=a.group), a.steps)
     return rows, [i for b in batches for i in b]
 
