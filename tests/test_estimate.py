@@ -781,3 +781,30 @@ def test_data_flag_plans_for_the_training_pairs_longest_rows(recipe_dict, tmp_pa
     table = capsys.readouterr().out
     assert f"the longest of the {len(pairs)} training pairs ({longest} tokens)" in table
     assert "largest per_device_train_batch_size for these pairs:" in table and "largest max_length" not in table
+
+
+def test_activation_formula_holds_for_a_16_bit_base_under_autocast(tmp_path):
+    """A bf16 base under bf16 autocast with lora-dpo's fused LoRA forward: what autograd keeps is the formula's
+    per-token bytes plus autocast's bf16 casts of the LoRA weights (a fixed size: r·(in + out)·2 bytes per adapted
+    Linear). peft's own forward keeps more — its 16-bit layers cast each input to fp32 and autocast casts it back, a
+    copy per adapted Linear — which is what the fused forward removes (lora_dpo/lora_forward.py)."""
+    from peft import LoraConfig, get_peft_model
+
+    from lora_dpo.lora_forward import fuse_lora_forward
+
+    config, base = _frozen_base(tmp_path, "llama", False)
+    model = get_peft_model(base.to(torch.bfloat16), LoraConfig(r=8, target_modules="all-linear",
+                                                               task_type="CAUSAL_LM"))
+    rows, T = 3, 37
+    ids = torch.randint(0, config.vocab_size, (rows, T), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(rows, T, dtype=torch.long)
+    arch = Arch.from_config(config)
+    predicted = arch.layers * layer_activation_bytes(arch, rows, T, arch.lora_targets("all-linear"), 8, 2,
+                                                     masked=False)
+    casts = sum(p.numel() * 2 for n, p in model.named_parameters() if "lora_" in n)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        peft_kept = _saved_bytes(model, ids, mask)
+        assert fuse_lora_forward(model) == 7 * arch.layers
+        fused_kept = _saved_bytes(model, ids, mask)
+    assert abs(fused_kept - casts - predicted) / predicted < 0.01, (fused_kept, casts, predicted)
+    assert peft_kept - casts > 1.15 * predicted  # peft's forward: the copies the formula does not count
