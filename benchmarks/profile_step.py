@@ -33,10 +33,10 @@ def main() -> None:
     p.add_argument("--completion-tokens", type=int, default=48)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--settings", default="packed:sdpa,packed:sdpa_causal,concatenated:sdpa",
-                   help="comma-separated layout:attention[:sdpa kernel] (layouts packed, shared, concatenated; "
-                        "attention sdpa, sdpa_causal, flex_attention, eager; the optional third part forces sdpa's "
-                        "kernel: efficient (the memory-efficient one, which older GPUs such as the T4 run), flash, "
-                        "math)")
+                   help="comma-separated layout:attention[:option…] (layouts packed, shared, concatenated; "
+                        "attention sdpa, sdpa_causal, flex_attention, eager; options: a forced sdpa kernel, "
+                        "efficient (the memory-efficient one, which older GPUs such as the T4 run), flash or math; "
+                        "peft: peft's own LoRA forward instead of lora-dpo's fused one, lora_dpo/lora_forward.py)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="timed steps per setting")
     p.add_argument("--rows", type=int, default=15, help="kernels listed per setting")
@@ -50,6 +50,7 @@ def main() -> None:
     from lora_dpo import model as model_lib
     from lora_dpo.data import Pair
     from lora_dpo.logps import causal_lm
+    from lora_dpo.lora_forward import fuse_lora_forward, unfuse_lora_forward
     from lora_dpo.objective import dpo_forward
     from lora_dpo.recipe import DpoConfig, LoraConfig, ModelConfig, QuantizationConfig
 
@@ -84,8 +85,13 @@ def main() -> None:
 
     kernels = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                "math": SDPBackend.MATH}
-    for layout, attn, *kernel in settings:
-        name = ":".join([layout, attn, *kernel])
+    for layout, attn, *options in settings:
+        name = ":".join([layout, attn, *options])
+        kernel = [o for o in options if o in kernels]
+        unknown = [o for o in options if o not in kernels and o != "peft"]
+        if unknown:
+            p.error(f"--settings {name}: unknown option {unknown[0]} (efficient, flash, math or peft)")
+        (unfuse_lora_forward if "peft" in options else fuse_lora_forward)(model)
         if attn == "flex_attention" and not cuda:
             print(f"=== {name}: skipped (FlexAttention has no backward on a CPU)\n")
             continue
@@ -123,7 +129,7 @@ def main() -> None:
               f"{1e3 * t_mask:.1f} ms; {counters['stats']['unique_graphs']} compiled graphs so far")
         print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total",
                                         row_limit=a.rows, max_name_column_width=60))
-    print("| layout:attention[:sdpa kernel] | row tokens | s/step | ms per 1k row tokens |\n|---|---|---|---|")
+    print("| layout:attention[:options] | row tokens | s/step | ms per 1k row tokens |\n|---|---|---|---|")
     for name, tokens, seconds in summary:
         print(f"| {name} | {tokens} | {seconds:.3f} | {1e6 * seconds / tokens:.1f} |")
     shared = [(seconds, name) for name, _, seconds in summary if not name.startswith("concatenated")]

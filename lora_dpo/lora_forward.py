@@ -71,3 +71,13 @@ def fuse_lora_forward(model) -> int:
         module.__class__ = _FUSED[cls]  # the same object: parameters, hooks and keys unchanged
         n += 1
     return n
+
+
+def unfuse_lora_forward(model) -> int:
+    """Give the fused layers of `model` back peft's own forward (benchmarks compare the two); → how many."""
+    n = 0
+    for module in model.modules():
+        if type(module) in _FUSED.values():
+            module.__class__ = type(module).__mro__[1]
+            n += 1
+    return n

@@ -11,19 +11,22 @@
 #   long       lora-dpo vs TRL, long prompts (prompt ~2/3 of the tokens): pairs/s, peak memory, MFU, both losses;
 #              lora-dpo on its default kernel (attn_implementation auto: flex_attention on Ampere+), TRL on sdpa;
 #              two untimed steps (flex compiles its kernels in the first ones)
-#   short      the same, short prompts (prompt ~1/5 of the tokens)
-#   profile    lora-dpo steps timed and one under torch.profiler, short- and long-prompt shapes, packed on sdpa
-#              (dense mask), sdpa_causal (no mask) and flex, concatenated (TRL's rows) on sdpa, and at the long
+#   short      the same, short prompts (prompt ~1/5 of the tokens), two alternated repeats (TRL's one run of it on
+#              the H200 went at half its usual rate per token; the per-step times now printed tell why)
+#   long-offload  the long stage with lora-dpo keeping embeddings and checkpointed inputs in CPU memory
+#              (model.offload_embeddings, train.offload_activations; TRL has neither): the memory ratio and its cost
+#   gpu-tests  the GPU-marked tests: bf16 + paged 8-bit AdamW, fp16 + GradScaler, flex_attention training,
+#              prefix sharing on a CUDA 4-bit base (sdpa, sdpa_causal and flex) against the plain forward, offloaded
+#              embeddings and activations, folded LoRA dropout and the fused LoRA forward under bf16/fp16 autocast
+#   profile    lora-dpo steps timed and one under torch.profiler, short- and long-prompt shapes, packed on flex
+#              with lora-dpo's fused LoRA forward and with peft's own (lora_dpo/lora_forward.py: its GPU gain), on
+#              sdpa (dense mask) and sdpa_causal (no mask), concatenated (TRL's rows) on sdpa, and at the long
 #              shape sdpa and sdpa_causal on the memory-efficient kernel (the T4's): s/step per row token and the
 #              busiest kernels of each — what decides whether auto should pick sdpa_causal
-#   gpu-tests  the GPU-marked tests: bf16 + paged 8-bit AdamW, fp16 + GradScaler, flex_attention training,
-#              prefix sharing on a CUDA 4-bit base (sdpa, sdpa_causal and flex) against the plain forward
 #   losses     both trainers in fp32 on the GPU, 3 small steps, both datasets: the losses must agree as on a CPU
 #              (in bf16 they drift apart by rounding after step 1, so the speed stages cannot judge them)
 #   memory     2×2048-token pairs (1024 prompt + 2 × 1024), default kernel: measured peak vs `lora-dpo estimate`
 #   short-causal  the short stage with lora-dpo on sdpa_causal (no mask; flash kernel)
-#   long-offload  the long stage with lora-dpo keeping embeddings and checkpointed inputs in CPU memory
-#              (model.offload_embeddings, train.offload_activations; TRL has neither): the memory ratio and its cost
 #   long-b16   the long stage at 16 pairs per step, 4 steps: the memory ratio where activations, not the 4-bit
 #              weights both sides hold, make most of the peak
 #   long-sdpa  the long stage with lora-dpo on sdpa (its dense 4-D mask; measured 2.3× slower than flex on an H200)
@@ -72,7 +75,7 @@ stage() {  # stage NAME LIMIT MIN_NEEDED command...
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$log"
 }
-want=" ${*:-model long short profile gpu-tests losses memory short-causal long-offload long-b16 long-sdpa ckpt offload} "
+want=" ${*:-model long short long-offload gpu-tests profile losses memory short-causal long-b16 long-sdpa ckpt offload} "
 on() { [[ $want == *" $1 "* ]]; }
 # KIT_* variables shrink the kit for a smoke run on a CPU (e.g. KIT_MODEL=demo KIT_WORDS=16 KIT_TOKENS=32)
 model="--model ${KIT_MODEL:-llama3-8b-random}"
@@ -85,20 +88,20 @@ memory="python3 benchmarks/memory.py $model --prompt-tokens $m --completion-toke
 on model && stage model 240 30 python3 benchmarks/vs_trl.py $model --build-only
 on long && stage long 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --json "$out/long.json"
 on short && stage short 240 150 $vs_trl --datasets short --short-prompt $((w / 2)) --repeats 2 --json "$out/short.json"
+on long-offload && stage long-offload 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --offload both \
+  --json "$out/long-offload.json"
+on gpu-tests && stage gpu-tests 150 45 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
+  tests/test_train.py
 profile="python3 benchmarks/profile_step.py $model --steps 2 --rows 10 \
-  --settings packed:sdpa,packed:sdpa_causal,packed:flex_attention,concatenated:sdpa"
+  --settings packed:flex_attention,packed:flex_attention:peft,packed:sdpa,packed:sdpa_causal,concatenated:sdpa"
 on profile && stage profile 240 90 bash -c "$profile --prompt-tokens $((w / 2)) --completion-tokens $w; \
   $profile,packed:sdpa:efficient,packed:sdpa_causal:efficient --prompt-tokens $((4 * w)) --completion-tokens $w \
   --batch 2"
-on gpu-tests && stage gpu-tests 150 45 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
-  tests/test_train.py
 on losses && stage losses 150 60 python3 benchmarks/vs_trl.py $model --precision fp32 --batch 2 --steps 3 \
   --repeats 1 --completion $((w / 4)) --short-prompt $((w / 8)) --long-prompt $w --json "$out/losses.json"
 on memory && stage memory 150 60 $memory --json "$out/memory.json"
 on short-causal && stage short-causal 200 90 $vs_trl --datasets short --short-prompt $((w / 2)) --attn sdpa_causal \
   --json "$out/short-causal.json"
-on long-offload && stage long-offload 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --offload both \
-  --json "$out/long-offload.json"
 on long-b16 && stage long-b16 240 150 $vs_trl --datasets long --long-prompt $((4 * w)) --batch 16 --steps 4 \
   --warmup 2 --json "$out/long-b16.json"
 on long-sdpa && stage long-sdpa 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --attn sdpa \
