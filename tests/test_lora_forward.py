@@ -81,6 +81,8 @@ def test_fused_forward_leaves_the_reference_pass_and_the_adapter_alone(tiny_mode
             got = batch_logps(fused, build(PAIRS, 0, "packed"))[0]
         adapted = batch_logps(fused, build(PAIRS, 0, "packed"))[0]
     assert torch.equal(got, want)  # adapters off: peft's own path, bit for bit
+    with M.reference_mode(fused):  # training's reference pass: the adapter layers' own off switches
+        assert torch.equal(batch_logps(fused, build(PAIRS, 0, "packed"))[0], want)
     assert not torch.allclose(adapted, got)  # and on: the adapter counts
     assert fuse_lora_forward(fused) == 0  # fusing twice changes nothing
 
