@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -148,6 +149,23 @@ class ReferenceCache:
         return self.chosen[idx].to(device), self.rejected[idx].to(device)
 
 
+STALE_TEMP_SECONDS = 24 * 3600  # a writer's temp file lives for one save_file call: a day old, its writer died
+
+
+def _remove_stale_temps(root: Path) -> int:
+    """Delete the temp files of writers killed mid-write (SIGKILL skips their cleanup), never a live one; → how
+    many. Best effort: a file another process removes first, or one this user may not remove, is left."""
+    n, now = 0, time.time()
+    for tmp in root.glob(".*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_TEMP_SECONDS:
+                tmp.unlink()
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
 @torch.no_grad()
 def compute(model, pairs: list[Pair], pad_id: int, batch_size: int, layout: str, device: torch.device,
             autocast) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,5 +241,6 @@ def load_or_compute(recipe: Recipe, model, tokenizer, pairs: list[Pair], *, layo
         finally:
             tmp.unlink(missing_ok=True)
         say(f"reference log-probs: cached in {path}")
+        _remove_stale_temps(root)
     ctx.barrier()
     return ReferenceCache(pairs, chosen, rejected), False

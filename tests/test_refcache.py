@@ -269,3 +269,24 @@ def test_the_model_code_of_a_remote_code_model_is_part_of_its_fingerprint(tmp_pa
     code.write_text("SCALE = 2.0\n")
     os.utime(code, ns=(code.stat().st_atime_ns, code.stat().st_mtime_ns + 10**9))
     assert refcache.model_fingerprint(recipe)["content"] != before["content"]
+
+
+def test_a_killed_writers_temp_files_are_removed_by_the_next_write(cached, tiny_model_dir, monkeypatch):
+    """A writer killed mid-write (SIGKILL: no cleanup) leaves a `.….tmp` file; the next run that writes an entry
+    removes temp files over a day old and never a younger one, which may be another run's write in progress."""
+    import contextlib
+
+    recipe, tok, pairs = _key_inputs(cached, tiny_model_dir)
+    root = refcache.cache_root(recipe)
+    root.mkdir(parents=True)
+    old, young = root / ".deadbeef.1.aaaaaaaaaaaa.tmp", root / ".cafef00d.2.bbbbbbbbbbbb.tmp"
+    for f in (old, young):
+        f.write_bytes(b"half a file")
+    day_and_a_bit = refcache.STALE_TEMP_SECONDS + 60
+    os.utime(old, (old.stat().st_atime - day_and_a_bit, old.stat().st_mtime - day_and_a_bit))
+    monkeypatch.setattr(refcache, "compute", lambda *a: (torch.arange(4.0), -torch.arange(4.0)))
+    refcache.load_or_compute(recipe, None, tok, pairs, layout="packed", device=torch.device("cpu"),
+                             dtype=torch.float32, autocast_factory=contextlib.nullcontext, ctx=MODEL_CTX(),
+                             say=lambda *a: None)
+    assert not old.exists() and young.exists()
+    assert len(list(root.glob("*.safetensors"))) == 1  # the entry itself written
