@@ -210,8 +210,18 @@ def load_or_compute(recipe: Recipe, model, tokenizer, pairs: list[Pair], *, layo
     if t is not None:
         say(f"reference log-probs: cache hit ({len(pairs)} pairs, {path}); no reference forward in training")
         return ReferenceCache(pairs, t["chosen"], t["rejected"]), True
-    if ctx.main:  # said before the pass, not after it: the directory must take the result
-        _check_writable(root)
+    problem = None  # said before the pass, not after it: the directory must take the result
+    if ctx.main:
+        try:
+            _check_writable(root)
+        except LoraDpoError as e:
+            problem = e
+    # data parallel: the others learn it too, rather than waiting for the main process in the gather after the pass
+    if ctx.enabled and ctx.sum([float(problem is not None)], device)[0] > 0 and problem is None:
+        problem = LoraDpoError(f"dpo.reference_cache_dir: the main process cannot write '{root}' (its own message "
+                               "says why); set dpo.reference_cache_dir to a directory it can write")
+    if problem is not None:
+        raise problem
     changed = _what_changed(root, key)
     say(f"reference log-probs: cache miss{f' ({changed} changed)' if changed else ''}; computing {len(pairs)} "
         f"pairs once (adapters off, no grad)")

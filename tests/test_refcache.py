@@ -154,12 +154,35 @@ class _RankZeroOfTwo:
     """Rank 0 of two data-parallel processes, the other of which has no copy of the cache (another node, with its
     own cache directory)."""
     rank, world, main, enabled = 0, 2, True, True
+    others_votes = (1.0, 0.0)  # it missed the cache; it checks no directory (only the main process writes)
 
     def sum(self, values, device):
-        return [1.0] if len(values) == 1 else values  # the other process missed; its shard of the gather is 0
+        if len(values) == 1:  # the votes, in the order load_or_compute takes them
+            self.votes = getattr(self, "votes", 0) + 1
+            return [values[0] + self.others_votes[self.votes - 1]]
+        return values  # the gather: the other process's shard is 0
 
     def barrier(self):
         pass
+
+
+class _RankOneOfTwo(_RankZeroOfTwo):
+    """Rank 1 of two, whose main process (rank 0) found the cache directory unwritable."""
+    rank, main = 1, False
+    others_votes = (1.0, 1.0)  # rank 0 missed too, and cannot write the directory
+
+
+def test_data_parallel_processes_all_stop_on_an_unwritable_cache_dir(cached, tiny_model_dir, reference_calls):
+    """Only the main process writes the cache, so only it can see that the directory is unwritable; the others
+    must stop with it before the pass, not wait in the gather after it for a process that has gone."""
+    import contextlib
+
+    recipe, tok, pairs = _key_inputs(cached, tiny_model_dir)
+    with pytest.raises(LoraDpoError, match=r"^dpo\.reference_cache_dir: the main process cannot write"):
+        refcache.load_or_compute(recipe, None, tok, pairs, layout="packed", device=torch.device("cpu"),
+                                 dtype=torch.float32, autocast_factory=contextlib.nullcontext, ctx=_RankOneOfTwo(),
+                                 say=lambda *a: None)
+    assert reference_calls["n"] == 0
 
 
 def test_data_parallel_processes_agree_on_a_hit(cached, tmp_path, capsys, tiny_model_dir, reference_calls):
