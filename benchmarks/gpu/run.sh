@@ -15,6 +15,8 @@
 #              the H200 went at half its usual rate per token; the per-step times now printed tell why)
 #   long-offload  the long stage with lora-dpo keeping embeddings and checkpointed inputs in CPU memory
 #              (model.offload_embeddings, train.offload_activations; TRL has neither): the memory ratio and its cost
+#   long-b16   the long stage at 16 pairs per step, 4 steps: the memory ratio where activations, not the 4-bit
+#              weights both sides hold, make most of the peak
 #   gpu-tests  the GPU-marked tests: bf16 + paged 8-bit AdamW, fp16 + GradScaler, flex_attention training,
 #              prefix sharing on a CUDA 4-bit base (sdpa, sdpa_causal and flex) against the plain forward, offloaded
 #              embeddings and activations, folded LoRA dropout and the fused LoRA forward under bf16/fp16 autocast
@@ -27,8 +29,6 @@
 #              (in bf16 they drift apart by rounding after step 1, so the speed stages cannot judge them)
 #   memory     2×2048-token pairs (1024 prompt + 2 × 1024), default kernel: measured peak vs `lora-dpo estimate`
 #   short-causal  the short stage with lora-dpo on sdpa_causal (no mask; flash kernel)
-#   long-b16   the long stage at 16 pairs per step, 4 steps: the memory ratio where activations, not the 4-bit
-#              weights both sides hold, make most of the peak
 #   long-sdpa  the long stage with lora-dpo on sdpa (its dense 4-D mask; measured 2.3× slower than flex on an H200)
 #   ckpt       the memory stage with all, half (train.gradient_checkpointing_layers 0.5), auto (the fewest that
 #              fit this GPU) and no layers checkpointed: s/step and peak of each, and the planner's prediction
@@ -75,7 +75,7 @@ stage() {  # stage NAME LIMIT MIN_NEEDED command...
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$log"
 }
-want=" ${*:-model long short long-offload gpu-tests profile losses memory short-causal long-b16 long-sdpa ckpt offload} "
+want=" ${*:-model long short long-offload long-b16 gpu-tests profile losses memory short-causal long-sdpa ckpt offload} "
 on() { [[ $want == *" $1 "* ]]; }
 # KIT_* variables shrink the kit for a smoke run on a CPU (e.g. KIT_MODEL=demo KIT_WORDS=16 KIT_TOKENS=32)
 model="--model ${KIT_MODEL:-llama3-8b-random}"
@@ -90,6 +90,8 @@ on long && stage long 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) -
 on short && stage short 240 150 $vs_trl --datasets short --short-prompt $((w / 2)) --repeats 2 --json "$out/short.json"
 on long-offload && stage long-offload 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --offload both \
   --json "$out/long-offload.json"
+on long-b16 && stage long-b16 240 150 $vs_trl --datasets long --long-prompt $((4 * w)) --batch 16 --steps 4 \
+  --warmup 2 --json "$out/long-b16.json"
 on gpu-tests && stage gpu-tests 150 45 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
   tests/test_train.py
 profile="python3 benchmarks/profile_step.py $model --steps 2 --rows 10 \
@@ -102,8 +104,6 @@ on losses && stage losses 150 60 python3 benchmarks/vs_trl.py $model --precision
 on memory && stage memory 150 60 $memory --json "$out/memory.json"
 on short-causal && stage short-causal 200 90 $vs_trl --datasets short --short-prompt $((w / 2)) --attn sdpa_causal \
   --json "$out/short-causal.json"
-on long-b16 && stage long-b16 240 150 $vs_trl --datasets long --long-prompt $((4 * w)) --batch 16 --steps 4 \
-  --warmup 2 --json "$out/long-b16.json"
 on long-sdpa && stage long-sdpa 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --attn sdpa \
   --json "$out/long-sdpa.json"
 on ckpt && stage ckpt 240 150 $memory --checkpointing on,0.5,auto,off --json "$out/ckpt.json"
