@@ -2,9 +2,9 @@
 
 peft computes `lora_B(lora_A(dropout(x)))`: the dropout makes a new tensor `x · mask / (1 − p)` and `lora_A` keeps
 it for its weight gradient, so every adapted Linear keeps its own full copy of its input (2–4 bytes per value) on top
-of the mask — +68 % of a Llama-3-8B layer's saved activations with all-linear targets. `x` itself is kept anyway
+of the mask — +76 % of a Llama-3-8B layer's saved activations with all-linear targets. `x` itself is kept anyway
 (the frozen base layer keeps it for its input gradient), so `fuse_lora_dropout` makes `lora_A` apply the dropout
-itself and keep only `x` (shared) and a boolean mask, rebuilding the dropped input in backward: +23 % instead.
+itself and keep only `x` (shared) and a boolean mask, rebuilding the dropped input in backward: +25 % instead.
 
 The mask is drawn as peft's `nn.Dropout` draws it (`F.dropout` on a tensor of x's shape, dtype and device,
 consuming the same random numbers), so on a CPU training gives peft's own numbers, bit for bit in the forward,

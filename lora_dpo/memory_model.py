@@ -17,8 +17,9 @@ adapters     LoRA A (r × in) and B (out × r) on every targeted Linear ('all-li
              state (bitsandbytes: 2 × 1 B + fp32 absmax per 256; tensors under 4096 values keep fp32 state).
 activations  What autograd saves in the policy forward, per token per layer (the base is frozen, so a Linear saves
              its input only when LoRA targets it; each distinct input once; A = heads·d, K = kv_heads·d):
-               each RMSNorm: an fp32 copy of its input + 1/rms, 4·H + 4 (the first layer's input norm saves nothing,
-               the embeddings being frozen, and the final norm saves as much: layers × one layer in all);
+               each RMSNorm: its input + 1/rms, b·H + 4 (lora_dpo/rmsnorm.py; families whose norm reads otherwise,
+               Gemma's, keep an fp32 copy, 4·H + 4) (the first layer's input norm saves nothing, the embeddings
+               being frozen, and the final norm saves as much: layers × one layer in all);
                attention input b·H (if q/k/v targeted); SDPA: q, k, v, output (= o_proj's input) b·(2·A + 2·K) and
                an fp32 logsumexp 4·heads. With a mask (assumed: the concatenated layout pads, the shared/packed
                ones always pass a 4-D mask) transformers repeats k/v to A, and each layer's SDPA saves its own
@@ -30,10 +31,11 @@ activations  What autograd saves in the policy forward, per token per layer (the
                targeted; the batch keeps two int64 gather indices (8 bytes per sequence and per row token);
                MLP input b·H (if gate/up targeted), gate and up 2·b·I (act(gate) is recomputed in backward:
                lora_dpo/mlp.py), their product b·I (if down targeted); LoRA A's output b·r per targeted Linear;
-               qwen3/gemma3 q/k norms 4·(A + K + heads + kv). With lora.lora_dropout > 0 (training mode) each
-               targeted Linear keeps its dropout's boolean mask, 1·in: lora-dpo folds the dropout into LoRA A
+               qwen3/gemma3 q/k norms b·(A + K) + 4·(heads + kv) (gemma3: 4·(A + K + heads + kv)). With
+               lora.lora_dropout > 0 (training mode) each targeted Linear keeps its dropout's boolean mask, 1·in:
+               lora-dpo folds the dropout into LoRA A
                (lora_dpo/lora_dropout.py), which keeps the layer input the base layer keeps anyway instead of a
-               dropped copy (peft's own forward keeps (b + 1)·in: +68 % on a Llama-3-8B all-linear layer, +23 % folded).
+               dropped copy (peft's own forward keeps (b + 1)·in: +76 % on a Llama-3-8B all-linear layer, +25 % folded).
              tests/test_estimate.py checks this against the tensors autograd really saves (fp32, CPU, 4-bit and
              16-bit bases, with and without padding): equal to 0.3 % (RoPE's shared cos/sin are left out). On a GPU
              the same Python modules run; that the CUDA SDPA kernels save the same tensors is an assumption.
@@ -75,6 +77,9 @@ FAMILIES = {
     "mistral": (2, None, False), "qwen2": (2, "qkv", False), "qwen3": (2, "config", True),
     "gemma": (2, "config", False), "gemma2": (4, "config", False), "gemma3_text": (4, "config", True),
 }
+# families whose RMSNorm lora_dpo/rmsnorm.py makes keep its input in the training dtype (tests/test_rmsnorm.py checks
+# this set against the norms it really switches); the others keep an fp32 copy
+LEAN_NORMS = {"llama", "smollm3", "granite", "mistral", "qwen2", "qwen3"}
 
 
 @dataclass(frozen=True)
@@ -184,12 +189,13 @@ def layer_activation_bytes(arch: Arch, rows: int, T: int, targets: list[str], r:
     H, F, nh, nkv = arch.hidden, arch.intermediate, arch.heads, arch.kv_heads
     A, K = nh * arch.head_dim, nkv * arch.head_dim
     t = set(targets)
-    per_tok = arch.norms * (4 * H + 4)
+    nb = b if arch.model_type in LEAN_NORMS else 4  # bytes per value a norm keeps of its input
+    per_tok = arch.norms * (nb * H + 4)
     if dropout:  # each targeted Linear keeps its dropout mask, 1 byte per input value (lora_dpo/lora_dropout.py)
         lin = arch.linears()
         per_tok += sum(lin[n][0] for n in t)
     if arch.qk_norm:
-        per_tok += 4 * (A + K) + 4 * (nh + nkv)
+        per_tok += nb * (A + K) + 4 * (nh + nkv)
     if t & {"q_proj", "k_proj", "v_proj"}:
         per_tok += b * H
     kv = 2 * A if masked or eager else 2 * K  # with a mask transformers repeats k/v to every head

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lora_dpo import attention, lora_dropout, lora_forward, mlp
+from lora_dpo import attention, lora_dropout, lora_forward, mlp, rmsnorm
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.gguf_source import gguf_to_hf_dir
 from lora_dpo.hub import could_be_hub_id
@@ -201,6 +201,7 @@ def load_base(cfg: ModelConfig, q: QuantizationConfig, dtype: torch.dtype, devic
         own_unquantized_weights(model)
     _keep_cpu_4bit_differentiable(model)
     mlp.lean_gated_mlps(model)
+    rmsnorm.lean_rmsnorms(model)
     if attn == "flex_attention":
         attention.compile_flex_for_any_length()
     model.config.use_cache = False

@@ -132,8 +132,10 @@ def _frozen_base(tmp_path, model_type: str, quantized: bool):
     lean gated MLP, frozen): → (config, model)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from lora_dpo.memory_model import LEAN_NORMS
     from lora_dpo.mlp import lean_gated_mlps
     from lora_dpo.model import _keep_cpu_4bit_differentiable
+    from lora_dpo.rmsnorm import lean_rmsnorms
 
     config = tiny_config(model_type, hidden_size=96, intermediate_size=352, num_hidden_layers=3, head_dim=24)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
@@ -144,6 +146,8 @@ def _frozen_base(tmp_path, model_type: str, quantized: bool):
     base = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, **kw)
     _keep_cpu_4bit_differentiable(base)
     assert lean_gated_mlps(base) == config.num_hidden_layers  # as lora-dpo loads models
+    assert lean_rmsnorms(base) == (2 * config.num_hidden_layers + 1) * (model_type in LEAN_NORMS) \
+        + 2 * config.num_hidden_layers * (model_type == "qwen3")  # qwen3: its per-head q/k norms too
     for p in base.parameters():
         p.requires_grad_(False)
     return config, base

@@ -191,3 +191,18 @@ def test_gpu_fused_lora_forward_under_autocast(tiny_model_dir, dtype):
     torch.testing.assert_close(got, want, rtol=2e-2, atol=0.1)  # sums of rounded per-token log-probs
     for a, b in zip(got_grads, want_grads):
         assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+
+def test_gpu_lean_rmsnorm_in_bf16():
+    """The lean RMSNorm on CUDA in bf16: transformers' forward bit for bit, the input gradient to bf16 rounding,
+    2·H bytes per token less kept; twin: test_rmsnorm.test_lean_norm_gives_transformers_numbers_and_keeps_less."""
+    from tests.test_rmsnorm import _norm_pair, _run
+
+    plain, lean = (m.cuda() for m in _norm_pair(torch.bfloat16))
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = (torch.randn(3, 17, 96, device="cuda", generator=g) * 3).bfloat16()
+    grad = torch.randn(3, 17, 96, device="cuda", generator=g).bfloat16()
+    (want, want_dx, want_kept), (got, got_dx, got_kept) = _run(plain, x, grad), _run(lean, x, grad)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_dx, want_dx, rtol=1.6e-2, atol=1e-3)
+    assert want_kept - got_kept == 3 * 17 * 96 * 2
