@@ -11,15 +11,16 @@ train.gradient_checkpointing_layers leaves whole) and the layer being recomputed
 
 from __future__ import annotations
 
+import ast
 import inspect
+import textwrap
 import types
 
 import torch
 
-# the forward the patch stands in for, whitespace removed; a class whose forward reads otherwise is left alone
-_GATED_FORWARD = ("defforward(self,x):down_proj=self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
-                  "returndown_proj")
-_checked: dict[type, bool] = {}
+# the forward the patch stands in for (forward_body's form); a class whose forward reads otherwise is left alone
+_GATED_FORWARD = "down_proj = self.down_proj(self.act_fn(self.gate_proj(arg)) * self.up_proj(arg))\nreturn down_proj"
+_checked: dict[tuple[type, str], bool] = {}
 
 
 class _GatedProduct(torch.autograd.Function):
@@ -45,20 +46,38 @@ def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(_GatedProduct.apply(self.gate_proj(x), self.up_proj(x), self.act_fn))
 
 
-def _standard(cls: type) -> bool:
-    if cls not in _checked:
-        try:
-            _checked[cls] = "".join(inspect.getsource(cls.forward).split()) == _GATED_FORWARD
-        except (OSError, TypeError):  # no source to read (a compiled or generated class)
-            _checked[cls] = False
-    return _checked[cls]
+def forward_body(cls: type) -> str | None:
+    """`cls.forward`'s statements as Python prints them back (`ast.unparse`: formatting, comments, the docstring and
+    the signature's annotations left out), its one argument named `arg`; None where it has no readable source or
+    takes more than one argument."""
+    try:
+        fn = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):  # no source to read (a compiled or generated class)
+        return None
+    if not isinstance(fn, ast.FunctionDef) or len(fn.args.args) != 2 or fn.args.vararg or fn.args.kwarg:
+        return None
+    body = [st for st in fn.body if not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))]
+    name = fn.args.args[1].arg
+    for node in ast.walk(ast.Module(body=body, type_ignores=[])):
+        if isinstance(node, ast.Name) and node.id == name:
+            node.id = "arg"
+    return "\n".join(ast.unparse(st) for st in body) if body else None
+
+
+def forward_reads(cls: type, expected: str) -> bool:
+    """`cls.forward` computes `expected` (statements as `forward_body` prints them): the code a lean replacement
+    stands in for; a class whose forward reads otherwise, or has no source to read, is left alone."""
+    if (cls, expected) not in _checked:
+        _checked[cls, expected] = forward_body(cls) == expected
+    return _checked[cls, expected]
 
 
 def lean_gated_mlps(model) -> int:
     """Switch every standard gated MLP of `model` to the two-tensor product; → how many were switched."""
     n = 0
     for module in model.modules():
-        if all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")) and _standard(type(module)):
+        gated = all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+        if gated and forward_reads(type(module), _GATED_FORWARD):
             module.forward = types.MethodType(_lean_forward, module)
             n += 1
     return n

@@ -13,18 +13,19 @@ norm is left as it is.
 
 from __future__ import annotations
 
-import inspect
 import types
 
 import torch
 
-# the forward the patch stands in for, whitespace removed; a class whose forward reads otherwise is left alone
-_STANDARD_FORWARD = (
-    "defforward(self,hidden_states:torch.Tensor)->torch.Tensor:input_dtype=hidden_states.dtype"
-    "hidden_states=hidden_states.to(torch.float32)variance=hidden_states.pow(2).mean(-1,keepdim=True)"
-    "hidden_states=hidden_states*torch.rsqrt(variance+self.variance_epsilon)"
-    "returnself.weight*hidden_states.to(input_dtype)")
-_checked: dict[type, bool] = {}
+from lora_dpo.mlp import forward_reads
+
+# the forward the patch stands in for (mlp.forward_body's form); a class whose forward reads otherwise is left alone
+_STANDARD_FORWARD = "\n".join([
+    "input_dtype = arg.dtype",
+    "arg = arg.to(torch.float32)",
+    "variance = arg.pow(2).mean(-1, keepdim=True)",
+    "arg = arg * torch.rsqrt(variance + self.variance_epsilon)",
+    "return self.weight * arg.to(input_dtype)"])
 
 
 class _Normalized(torch.autograd.Function):
@@ -51,20 +52,12 @@ def _lean_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return self.weight * _Normalized.apply(hidden_states, self.variance_epsilon)
 
 
-def _standard(cls: type) -> bool:
-    if cls not in _checked:
-        try:
-            _checked[cls] = "".join(inspect.getsource(cls.forward).split()) == _STANDARD_FORWARD
-        except (OSError, TypeError):  # no source to read (a compiled or generated class)
-            _checked[cls] = False
-    return _checked[cls]
-
-
 def lean_rmsnorms(model) -> int:
     """Switch every standard RMSNorm of `model` to the lean one; → how many were switched."""
     n = 0
     for module in model.modules():
-        if hasattr(module, "variance_epsilon") and hasattr(module, "weight") and _standard(type(module)):
+        norm = hasattr(module, "variance_epsilon") and hasattr(module, "weight")
+        if norm and forward_reads(type(module), _STANDARD_FORWARD):
             module.forward = types.MethodType(_lean_forward, module)
             n += 1
     return n

@@ -76,3 +76,35 @@ def test_loaded_models_use_it(tiny_model_dir):
     base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(), torch.float32,
                        torch.device("cpu"))
     assert all(m.forward.__func__ is mlp._lean_forward for m in base.modules() if hasattr(m, "gate_proj"))
+
+
+def test_a_forward_is_recognised_by_what_it_computes_not_how_it_is_written():
+    """transformers versions write the same forward with or without annotations, comments or a docstring, and with
+    another argument name: all are the standard one; a forward computing anything else is not."""
+    from lora_dpo.mlp import _GATED_FORWARD, forward_reads
+
+    class Annotated(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+            return down_proj
+
+    class Plain(torch.nn.Module):
+        def forward(self, hidden):
+            """A docstring."""
+            # a comment
+            down_proj = self.down_proj(
+                self.act_fn(self.gate_proj(hidden)) * self.up_proj(hidden))
+            return down_proj
+
+    class Other(torch.nn.Module):
+        def forward(self, x):
+            down_proj = self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))  # gate and up swapped
+            return down_proj
+
+    class Two(torch.nn.Module):
+        def forward(self, x, scale):
+            down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+            return down_proj
+
+    assert forward_reads(Annotated, _GATED_FORWARD) and forward_reads(Plain, _GATED_FORWARD)
+    assert not forward_reads(Other, _GATED_FORWARD) and not forward_reads(Two, _GATED_FORWARD)
