@@ -12,9 +12,9 @@ adapted layer's input. `fuse_lora_forward` gives each LoRA layer a forward that 
 scaled product and the sum: the fused form is the more exact one), no clone (nothing is modified in place), no fp32
 copy under autocast, and nothing kept for backward that peft's forward does not keep. The same parameters,
 state-dict keys, merge and save; the reference pass (adapters disabled), merged layers, LoRA variants (DoRA …), a
-bias on lora_B, mixed-adapter batches and dtype mixes it was not written for run peft's own forward. Equality with
-peft's forward, values and gradients, with and without gradient checkpointing and folded dropout:
-tests/test_lora_forward.py.
+bias on lora_B, mixed-adapter batches and, without autocast, an adapter in another dtype than its input run
+peft's own forward. Equality with peft's forward, values and gradients, with and without gradient checkpointing and
+folded dropout: tests/test_lora_forward.py.
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ _FUSED: dict[type, type] = {}  # peft class → its subclass with the fused forw
 def _fusable(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
     if args or kwargs or layer.disable_adapters or layer.merged:
         return False
+    autocast = torch.is_autocast_enabled(x.device.type)
     for name in layer.active_adapters:
         if name in layer.lora_A and (name in layer.lora_variant or layer.lora_B[name].bias is not None):
             return False
+        if name in layer.lora_A and not autocast and layer.lora_A[name].weight.dtype != x.dtype:
+            return False  # a bf16 base under an fp32 adapter without autocast: each peft class rounds its own way
     return True
 
 
@@ -46,7 +49,7 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         a, b = self.lora_A[name], self.lora_B[name]
         h = a(self.lora_dropout[name](x if autocast else x.to(a.weight.dtype)))
         dtype = torch.get_autocast_dtype(device) if autocast else h.dtype
-        if result.dtype != dtype:  # e.g. a bf16 base under an fp32 adapter without autocast: peft's sum
+        if result.dtype != dtype:  # an fp32 base output under bf16 autocast: peft's sum (fp32 + the bf16 update)
             result = result + (b(h) * self.scaling[name]).to(result.dtype)
             continue
         out = result.shape[-1]  # lora_B's weight as it is (a view of the parameter is all addmm keeps for backward)
