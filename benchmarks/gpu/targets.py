@@ -51,6 +51,20 @@ def losses_line(label: str, meta: dict, r: dict) -> str:
                  None)
 
 
+def _step_spread(r: dict) -> str:
+    """How uneven the timed steps were on each side (seconds per token, slowest ÷ median over every repeat), with
+    a note where one side had a step over 1.5× its median: its pairs/s then says more about that step than the run.
+    Empty for results from before vs_trl.py kept per-step times."""
+    ratios = []
+    for side in ("trl", "ours"):
+        per_token = [s / n for x in r[side] for s, n in zip(x.get("step_seconds", []), x.get("step_tokens", []))]
+        if not per_token:
+            return ""
+        ratios.append(max(per_token) / statistics.median(per_token))
+    uneven = [name for name, q in zip(("TRL", "lora-dpo"), ratios) if q > 1.5]
+    return f"{ratios[0]:.2f} / {ratios[1]:.2f}" + (f" (uneven: {', '.join(uneven)})" if uneven else "")
+
+
 def vs_trl_lines(name: str, doc: dict | None, label: str, losses_only: bool = False) -> list[str]:
     if not doc or name not in doc.get("results", {}):
         return [_line(f"{label}: lora-dpo vs TRL", "not measured", None)]
@@ -75,6 +89,9 @@ def vs_trl_lines(name: str, doc: dict | None, label: str, losses_only: bool = Fa
            _line(f"{label}: MFU TRL / lora-dpo", " / ".join(
                mfu(meta["n_params"], med(side, "tokens_per_s"), meta["machine"]) if cuda else "n/a (CPU)"
                for side in ("trl", "ours")), None)]
+    spread = _step_spread(r)
+    if spread:
+        out.append(_line(f"{label}: slowest timed step ÷ median step, per token, TRL / lora-dpo", spread, None))
     if "predicted_bytes" in r["ours"][0]:  # informational: the planner assumes every row is the longest
         out.append(_estimate_line(f"{label}: estimate (worst-case rows)", r["ours"][0]["predicted_bytes"],
                                   med("ours", "peak_bytes"), judged=False))
