@@ -58,6 +58,24 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return result
 
 
+def _fused_class(cls: type) -> type:
+    """peft's `cls` with the fused forward (one subclass per peft class, made once)."""
+    if cls not in _FUSED:
+        _FUSED[cls] = type(cls.__name__, (cls,), {"forward": _forward, "__reduce_ex__": _reduce_ex,
+                                                  "__module__": cls.__module__})
+    return _FUSED[cls]
+
+
+def _rebuild(peft_cls: type):
+    return peft_cls.__new__(_fused_class(peft_cls))
+
+
+def _reduce_ex(self, protocol):
+    """Pickle (torch.save of a whole model, deepcopy) by peft's class, which pickle can find by name: the fused
+    subclass shares peft's module and name (printed models read as peft's) and cannot be looked up itself."""
+    return _rebuild, (type(self).__mro__[1],), self.__dict__
+
+
 def fuse_lora_forward(model) -> int:
     """Give every LoRA Linear layer of `model` the fused forward (see the module docstring); → how many."""
     from peft.tuners.lora import LoraLayer
@@ -69,9 +87,7 @@ def fuse_lora_forward(model) -> int:
             continue
         if not isinstance(module.get_base_layer(), torch.nn.Linear):  # embeddings, convolutions: peft's own
             continue
-        if cls not in _FUSED:
-            _FUSED[cls] = type(cls.__name__, (cls,), {"forward": _forward, "__module__": cls.__module__})
-        module.__class__ = _FUSED[cls]  # the same object: parameters, hooks and keys unchanged
+        module.__class__ = _fused_class(cls)  # the same object: parameters, hooks and keys unchanged
         n += 1
     return n
 

@@ -12,9 +12,9 @@ train.gradient_checkpointing_layers leaves whole) and the layer being recomputed
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import textwrap
-import types
 
 import torch
 
@@ -48,13 +48,14 @@ def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 def forward_body(cls: type) -> str | None:
     """`cls.forward`'s statements as Python prints them back (`ast.unparse`: formatting, comments, the docstring and
-    the signature's annotations left out), its one argument named `arg`; None where it has no readable source or
-    takes more than one argument."""
+    the signature's annotations left out), its one argument named `arg`; None where it has no readable source,
+    takes more than one argument or is decorated."""
     try:
         fn = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
     except (OSError, TypeError, SyntaxError, IndexError):  # no source to read (a compiled or generated class)
         return None
-    if not isinstance(fn, ast.FunctionDef) or len(fn.args.args) != 2 or fn.args.vararg or fn.args.kwarg:
+    if not isinstance(fn, ast.FunctionDef) or len(fn.args.args) != 2 or fn.args.vararg or fn.args.kwarg \
+            or fn.decorator_list:  # a decorator may change what the body computes
         return None
     body = [st for st in fn.body if not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))]
     name = fn.args.args[1].arg
@@ -78,6 +79,6 @@ def lean_gated_mlps(model) -> int:
     for module in model.modules():
         gated = all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))
         if gated and forward_reads(type(module), _GATED_FORWARD):
-            module.forward = types.MethodType(_lean_forward, module)
+            module.forward = functools.partial(_lean_forward, module)  # a bound method would not unpickle
             n += 1
     return n

@@ -75,7 +75,7 @@ def test_loaded_models_use_it(tiny_model_dir):
 
     base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(), torch.float32,
                        torch.device("cpu"))
-    assert all(m.forward.__func__ is mlp._lean_forward for m in base.modules() if hasattr(m, "gate_proj"))
+    assert all(m.forward.func is mlp._lean_forward for m in base.modules() if hasattr(m, "gate_proj"))
 
 
 def test_a_forward_is_recognised_by_what_it_computes_not_how_it_is_written():
