@@ -16,6 +16,7 @@ from lora_dpo import model as M
 from lora_dpo.lora_forward import fuse_lora_forward
 from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig
 from lora_dpo.rmsnorm import lean_rmsnorms
+from tests.test_model import randomise_lora_b
 
 CPU = torch.device("cpu")
 H = 64
@@ -34,20 +35,12 @@ def tiny_dir(tmp_path_factory):
     return path
 
 
-def _randomize_b(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-
-
 def _pair(path, quantized=False, eight_bit=False, dtype=torch.float32):
     """peft's forward and the fused one on deep copies of the same lora-dpo model."""
     base = M.load_base(ModelConfig(name_or_path=str(path)),
                        QuantizationConfig(load_in_4bit=quantized, load_in_8bit=eight_bit), dtype, CPU)
     peft_model = M.attach_lora(base, LoraConfig(), seed=0, gradient_checkpointing=False, fuse_forward=False)
-    _randomize_b(peft_model)
+    randomise_lora_b(peft_model)
     fused = copy.deepcopy(peft_model)
     assert fuse_lora_forward(fused) == 14
     return peft_model, fused
@@ -62,7 +55,7 @@ def _plain_peft(path):
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(path),
                            PeftLoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    _randomize_b(model)
+    randomise_lora_b(model)
     return model
 
 
@@ -97,7 +90,7 @@ def test_multiple_active_adapters_rslora_and_set_adapter(tiny_dir):
     torch.manual_seed(3)
     ref.add_adapter("other", PeftLoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                             use_rslora=True))
-    _randomize_b(ref, seed=7)
+    randomise_lora_b(ref, seed=7)
     fused = copy.deepcopy(ref)
     fuse_lora_forward(fused)
     with torch.no_grad():
@@ -302,7 +295,7 @@ def test_lean_norms_under_non_reentrant_checkpointing_bf16(tiny_dir):
                 if "RMSNorm" in type(m).__name__:
                     del m.forward  # transformers' forward back
         model = M.attach_lora(base, LoraConfig(), seed=0, gradient_checkpointing=True)
-        _randomize_b(model)
+        randomise_lora_b(model)
         model.train()
         out = model(IDS).logits.float()
         out.square().mean().backward()
