@@ -24,25 +24,25 @@ import torch
 _FUSED: dict[type, type] = {}  # peft class → its subclass with the fused forward
 
 
-def _fusable(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+def _fusable(layer, x: torch.Tensor, autocast: bool, args: tuple, kwargs: dict) -> bool:
     if args or kwargs or layer.disable_adapters or layer.merged:
         return False
-    autocast = torch.is_autocast_enabled(x.device.type)
     for name in layer.active_adapters:
-        if name in layer.lora_A and (name in layer.lora_variant or layer.lora_B[name].bias is not None):
+        if name not in layer.lora_A:
+            continue
+        if name in layer.lora_variant or layer.lora_B[name].bias is not None:
             return False
-        if name in layer.lora_A and not autocast and layer.lora_A[name].weight.dtype != x.dtype:
+        if not autocast and layer.lora_A[name].weight.dtype != x.dtype:
             return False  # a bf16 base under an fp32 adapter without autocast: each peft class rounds its own way
     return True
 
 
 def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    peft_forward = type(self).__mro__[1].forward
-    if not _fusable(self, x, args, kwargs):
-        return peft_forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)
     device = x.device.type
     autocast = torch.is_autocast_enabled(device)
+    if not _fusable(self, x, autocast, args, kwargs):
+        return type(self).__mro__[1].forward(self, x, *args, **kwargs)  # peft's own
+    result = self.base_layer(x)
     for name in self.active_adapters:
         if name not in self.lora_A:
             continue
