@@ -115,6 +115,10 @@ def main() -> None:
             continue
         r = {"attn": attn} | json.loads(lines[-1][7:]) | {"checkpointing": ckpt, "offload": off}
         results.append(r)
+        if a.json:  # after every setting: a run cut short by a time limit keeps what ran
+            tmp = Path(a.json + ".tmp")
+            tmp.write_text(json.dumps(results, indent=1, default=str))
+            tmp.replace(a.json)
         print(f"{r['attn']}, checkpointing {ckpt}, offloaded {off}: peak "
               f"{r['peak_bytes'] / 2**30:.2f} GiB, predicted {r['predicted_bytes'] / 2**30:.2f} GiB, "
               f"{r['seconds_per_step']:.2f} s/step, "
@@ -131,8 +135,6 @@ def main() -> None:
         ckpt = r["checkpointing"] + (f" ({r['checkpointed_layers']})" if r["checkpointing"] == "auto" else "")
         print(f"| {r['attn']} | {ckpt} | {r['offload']} | {r['peak_bytes'] / 2**30:.2f} GiB | "
               f"{r['predicted_bytes'] / 2**30:.2f} GiB | {ratio} | {r['seconds_per_step']:.2f} |")
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=1, default=str))
     if not results:
         sys.exit(1)
 

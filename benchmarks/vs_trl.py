@@ -489,17 +489,25 @@ def main() -> None:
                           f"peak {r['peak_bytes'] / 2**30:.2f} GiB, losses {[round(x, 4) for x in r['losses']]}"
                           + (f", {r['compiled_graphs']} compiled graphs" if r.get("compiled_graphs") else "")
                           + (" — flex_attention ran UNCOMPILED" if r.get("flex_uncompiled") else ""), flush=True)
+                    write_json(a, results)  # after every worker: a run cut short by a time limit keeps what ran
     report(a, results)
-    if a.json:
-        import torch
 
-        meta = {"machine": machine(), "cuda": torch.cuda.is_available(), "model": a.model, "n_params": a.n_params,
-                "batch": a.batch, "steps": a.steps,
-                "checkpointing": a.checkpointing, "grouped": a.group, "layout": a.layout, "attn": attention(a),
-                "offload": a.offload,
-                "precision": a.precision,
-                "command": sys.argv}
-        Path(a.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+
+def write_json(a, results: dict) -> None:
+    """--json: the raw results so far, with the run's settings (replaced whole each time: never half-written)."""
+    if not a.json:
+        return
+    import torch
+
+    meta = {"machine": machine(), "cuda": torch.cuda.is_available(), "model": a.model, "n_params": a.n_params,
+            "batch": a.batch, "steps": a.steps,
+            "checkpointing": a.checkpointing, "grouped": a.group, "layout": a.layout, "attn": attention(a),
+            "offload": a.offload,
+            "precision": a.precision,
+            "command": sys.argv}
+    tmp = Path(a.json + ".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    tmp.replace(a.json)
 
 
 def attention(a) -> str:

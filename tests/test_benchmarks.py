@@ -29,3 +29,37 @@ def test_vs_trl_worker_sees_every_option_it_was_given(argv):
     for dest, value in vars(given).items():
         if dest not in vs_trl.CONTROLLER_ONLY:
             assert getattr(worker, dest) == value, dest
+
+
+def _targets():
+    spec = importlib.util.spec_from_file_location("bench_targets", ROOT / "benchmarks" / "gpu" / "targets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _side(pairs_per_s: float, peak_gib: float) -> dict:
+    return {"pairs_per_s": pairs_per_s, "tokens_per_s": 100 * pairs_per_s, "peak_bytes": int(peak_gib * 2**30),
+            "resident_bytes": 0, "losses": [0.6931, 0.69, 0.68]}
+
+
+def test_targets_judge_a_stage_only_when_both_trainers_ran(tmp_path, capsys, monkeypatch):
+    """The kit writes each stage's JSON after every worker, so a stage its time limit stops leaves one side only:
+    that is reported as incomplete, not judged (and does not crash the summary of the other stages)."""
+    import json
+
+    meta = {"machine": "NVIDIA H200 (test)", "cuda": True, "n_params": 8_000_000_000, "precision": "auto",
+            "attn": "flex_attention"}
+    (tmp_path / "long.json").write_text(json.dumps({"meta": meta, "results": {"long": {
+        "ours": [_side(4.4, 7.0)], "trl": [_side(2.0, 12.0)]}}}))
+    (tmp_path / "short.json").write_text(json.dumps({"meta": meta, "results": {"short": {"ours": [_side(4, 7)]}}}))
+    (tmp_path / "offload.json").write_text(json.dumps([{
+        "attn": "flex_attention", "checkpointing": "on", "offload": "both", "device": "cuda", "peak_bytes": 6 * 2**30,
+        "predicted_bytes": int(6.3 * 2**30), "prompt_tokens": 1024, "completion_tokens": 1024}]))
+    monkeypatch.setattr("sys.argv", ["targets.py", str(tmp_path)])
+    _targets().main()
+    out = capsys.readouterr().out
+    assert "| long prompts (flex_attention): pairs/s ≥ 2.0× TRL | 2.20× | ✓ |" in out
+    assert "| long prompts (flex_attention): peak ≤ 0.6× TRL | 0.58 (7.00 vs 12.00 GiB) | ✓ |" in out
+    assert "short prompts (flex_attention): lora-dpo vs TRL | incomplete (only lora-dpo ran) | — |" in out
+    assert "2×2048-token pairs (flex_attention, checkpointing on, offloaded: both): peak ≤ 12 GiB | 6.00 GiB | ✓" in out

@@ -6,7 +6,8 @@
 #   (at once, same warm machine, the model cache is still there; it prints this line for the stages it skipped)
 #   device run, carry [".gpu"], timeout_s 330:  KIT_DEADLINE=300 bash benchmarks/gpu/run.sh <skipped stages>
 # Stages (no stage named = all, in this order); each has its own time limit, cut to the time left, and a failing
-# stage does not stop the next. Everything is logged to $OUT/kit.log, raw results to $OUT/*.json:
+# stage does not stop the next. Everything is logged to $OUT/kit.log, raw results to $OUT/*.json (written after every
+# worker, so a stage its time limit stops keeps what ran):
 #   model      a random Llama-3-8B-shaped model, built once into .gpu-cache (~16 GB on disk; seconds to a minute)
 #   long       lora-dpo vs TRL, long prompts (prompt ~2/3 of the tokens): pairs/s, peak memory, MFU, both losses;
 #              lora-dpo on its default kernel (attn_implementation auto: flex_attention on Ampere+), TRL on sdpa;
@@ -25,8 +26,9 @@
 #              sdpa (dense mask) and sdpa_causal (no mask), concatenated (TRL's rows) on sdpa, and at the long
 #              shape sdpa and sdpa_causal on the memory-efficient kernel (the T4's): s/step per row token and the
 #              busiest kernels of each — what decides whether auto should pick sdpa_causal
-#   losses     both trainers in fp32 on the GPU, 3 small steps, both datasets: the losses must agree as on a CPU
+#   losses     both trainers in fp32 on the GPU, 3 small steps, short prompts: the losses must agree as on a CPU
 #              (in bf16 they drift apart by rounding after step 1, so the speed stages cannot judge them)
+#   losses-long   the same, long prompts (one stage each: together they overran one stage's limit on the H200)
 #   memory     2×2048-token pairs (1024 prompt + 2 × 1024), default kernel: measured peak vs `lora-dpo estimate`
 #   short-causal  the short stage with lora-dpo on sdpa_causal (no mask; flash kernel)
 #   long-sdpa  the long stage with lora-dpo on sdpa (its dense 4-D mask; measured 2.3× slower than flex on an H200)
@@ -34,7 +36,7 @@
 #              fit this GPU) and no layers checkpointed: s/step and peak of each, and the planner's prediction
 #   offload    the memory stage with nothing, the embedding table (model.offload_embeddings), the checkpointed
 #              layers' inputs (train.offload_activations) and both in CPU memory: the peak each saves (predicted:
-#              1 GiB; layers × tokens × hidden × 2 bytes) and what it costs per step (kit.log only, no JSON)
+#              1 GiB; layers × tokens × hidden × 2 bytes) and what it costs per step (offload.json)
 set -u
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/lora-dpo-gpu}
@@ -75,7 +77,7 @@ stage() {  # stage NAME LIMIT MIN_NEEDED command...
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$log"
 }
-want=" ${*:-model long short long-offload long-b16 gpu-tests profile losses memory short-causal long-sdpa ckpt offload} "
+want=" ${*:-model long short long-offload long-b16 gpu-tests profile losses losses-long memory short-causal long-sdpa ckpt offload} "
 on() { [[ $want == *" $1 "* ]]; }
 # KIT_* variables shrink the kit for a smoke run on a CPU (e.g. KIT_MODEL=demo KIT_WORDS=16 KIT_TOKENS=32)
 model="--model ${KIT_MODEL:-llama3-8b-random}"
@@ -99,15 +101,16 @@ profile="python3 benchmarks/profile_step.py $model --steps 2 --rows 10 \
 on profile && stage profile 240 90 bash -c "$profile --prompt-tokens $((w / 2)) --completion-tokens $w; \
   $profile,packed:sdpa:efficient,packed:sdpa_causal:efficient --prompt-tokens $((4 * w)) --completion-tokens $w \
   --batch 2"
-on losses && stage losses 150 60 python3 benchmarks/vs_trl.py $model --precision fp32 --batch 2 --steps 3 \
-  --repeats 1 --completion $((w / 4)) --short-prompt $((w / 8)) --long-prompt $w --json "$out/losses.json"
+losses="python3 benchmarks/vs_trl.py $model --precision fp32 --batch 2 --steps 3 --repeats 1 --completion $((w / 4))"
+on losses && stage losses 180 60 $losses --datasets short --short-prompt $((w / 8)) --json "$out/losses-short.json"
+on losses-long && stage losses-long 180 60 $losses --datasets long --long-prompt $w --json "$out/losses-long.json"
 on memory && stage memory 150 60 $memory --json "$out/memory.json"
 on short-causal && stage short-causal 200 90 $vs_trl --datasets short --short-prompt $((w / 2)) --attn sdpa_causal \
   --json "$out/short-causal.json"
 on long-sdpa && stage long-sdpa 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --attn sdpa \
   --json "$out/long-sdpa.json"
 on ckpt && stage ckpt 240 150 $memory --checkpointing on,0.5,auto,off --json "$out/ckpt.json"
-on offload && stage offload 200 60 $memory --offload off,embeddings,activations,both
+on offload && stage offload 200 60 $memory --offload off,embeddings,activations,both --json "$out/offload.json"
 echo "=== done after $((SECONDS - start))s" | tee -a "$log"
 python3 benchmarks/gpu/targets.py "$out" 2>&1 | tee -a "$log"
 if ((${#skipped[@]})); then

@@ -1,8 +1,8 @@
 """The speed-and-memory targets of the issue (the GPU ones, or the CPU ones for results from a CPU), checked against
 the GPU kit's results: reads the JSON files `run.sh` wrote (long.json, short.json, long-b16.json, long-sdpa.json,
-short-causal.json, long-offload.json, losses.json from vs_trl.py; memory.json, ckpt.json from memory.py) and prints
-one markdown line per target with the measured value and ✓ / ✗, or "not measured" where a stage did not run. Prints;
-asserts nothing.
+short-causal.json, long-offload.json, losses-short.json, losses-long.json from vs_trl.py; memory.json, ckpt.json,
+offload.json from memory.py) and prints one markdown line per target with the measured value and ✓ / ✗, or "not
+measured" where a stage did not run. Prints; asserts nothing.
 
     python3 benchmarks/gpu/targets.py "$OUT"
 """
@@ -69,6 +69,9 @@ def vs_trl_lines(name: str, doc: dict | None, label: str, losses_only: bool = Fa
     if not doc or name not in doc.get("results", {}):
         return [_line(f"{label}: lora-dpo vs TRL", "not measured", None)]
     meta, r = doc["meta"], doc["results"][name]
+    if not (r.get("ours") and r.get("trl")):  # the stage's time limit stopped it between the two trainers
+        return [_line(f"{label}: lora-dpo vs TRL", f"incomplete (only {'lora-dpo' if r.get('ours') else 'TRL'} ran)",
+                      None)]
     if losses_only:
         return [losses_line(label, meta, r)]
     cuda = meta.get("cuda", "NVIDIA" in meta["machine"])
@@ -126,7 +129,9 @@ def memory_lines(name: str, rows: list | None) -> list[str]:
         cuda = r.get("device") == "cuda"
         span = r.get("prompt_tokens", 1024) + r.get("completion_tokens", 1024)  # chosen and rejected each
         ckpt = r["checkpointing"] + (f" = {r['checkpointed_layers']} layers" if r["checkpointing"] == "auto" else "")
-        label = f"2×{span}-token pairs ({r['attn']}, checkpointing {ckpt})"
+        off = r.get("offload", "off")
+        label = f"2×{span}-token pairs ({r['attn']}, checkpointing {ckpt}" + (")" if off == "off" else
+                                                                             f", offloaded: {off})")
         target = cuda and span == 2048 and r["checkpointing"] == "on"  # the issue's case: full checkpointing
         out.append(_line(f"{label}: peak" + (f" ≤ {PAIR_2x2048_GIB:g} GiB" if target else ""),
                          f"{r['peak_bytes'] / GiB:.2f} GiB" + ("" if cuda else " (CPU RSS)"),
@@ -147,8 +152,10 @@ def main() -> None:
         doc = _load(out / file)
         lines += vs_trl_lines(name, doc, label + (f" ({doc['meta']['attn']})" if doc and "sdpa" not in file else ""))
     for name in ("short", "long"):
-        lines += vs_trl_lines(name, _load(out / "losses.json"), f"{name} prompts, fp32 on both sides", True)
-    for name, file in (("default kernel", "memory.json"), ("checkpointing share", "ckpt.json")):
+        lines += vs_trl_lines(name, _load(out / f"losses-{name}.json") or _load(out / "losses.json"),
+                              f"{name} prompts, fp32 on both sides", True)
+    for name, file in (("default kernel", "memory.json"), ("checkpointing share", "ckpt.json"),
+                       ("offloading", "offload.json")):
         lines += memory_lines(name, _load(out / file))
     doc = _load(out / "long.json") or _load(out / "short.json")
     print(f"machine: {doc['meta']['machine'] if doc else 'unknown (no vs-TRL results)'}\n" + "\n".join(lines))
