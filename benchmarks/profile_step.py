@@ -2,8 +2,8 @@
 setting a few untimed steps, a few timed ones, and one step under torch.profiler, whose busiest kernels it prints.
 
     python3 benchmarks/profile_step.py                                        # CPU smoke run: demo model
-    python3 benchmarks/profile_step.py --model llama3-8b-random --prompt-tokens 1300 --completion-tokens 330 \\
-        --settings packed:sdpa,packed:flex_attention,concatenated:sdpa         # a GPU, the kit's long-prompt shape
+    python3 benchmarks/profile_step.py --model llama3-8b-random --shapes 170x330,1300x330 \\
+        --settings packed:flex_attention,packed:flex_attention:peft,concatenated:sdpa   # a GPU: the kit's shapes
 
 A step is what training runs: the policy forward (adapter on) with backward, and the reference forward (adapter
 off, no grad), under the training autocast, with gradient checkpointing unless --no-checkpointing. Pairs are
@@ -32,6 +32,8 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=96)
     p.add_argument("--completion-tokens", type=int, default=48)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--shapes", help="comma-separated PROMPTxCOMPLETION token counts, each run with every setting "
+                                    "after one model load (instead of --prompt-tokens / --completion-tokens)")
     p.add_argument("--settings", default="packed:sdpa,packed:sdpa_causal,concatenated:sdpa",
                    help="comma-separated layout:attention[:option…] (layouts packed, shared, concatenated; "
                         "attention sdpa, sdpa_causal, flex_attention, eager; options: a forced sdpa kernel, "
@@ -63,10 +65,13 @@ def main() -> None:
                                   LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"), seed=0,
                                   gradient_checkpointing=a.checkpointing)
     lm = causal_lm(model)
+    try:
+        shapes = [tuple(int(n) for n in s.split("x")) for s in a.shapes.split(",")] if a.shapes else \
+            [(a.prompt_tokens, a.completion_tokens)]
+    except ValueError:
+        p.error(f"--shapes {a.shapes}: expected PROMPTxCOMPLETION token counts, e.g. 128x256,1024x256")
     rng = random.Random(0)
     ids = lambda n: [rng.randrange(100, lm.config.vocab_size) for _ in range(n)]  # noqa: E731
-    pairs = [Pair(ids(a.prompt_tokens), ids(a.completion_tokens), ids(a.completion_tokens), i)
-             for i in range(a.batch)]
     autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 \
         else torch.autocast(device.type, enabled=False)
     cuda = device.type == "cuda"
@@ -78,64 +83,70 @@ def main() -> None:
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    print(f"machine: {machine()}\nmodel: {a.model}, {dtype}, {a.batch} pairs of {a.prompt_tokens} prompt + 2 × "
-          f"{a.completion_tokens} completion tokens, gradient checkpointing {'on' if a.checkpointing else 'off'}\n")
+    print(f"machine: {machine()}\nmodel: {a.model}, {dtype}, {a.batch} pairs per step, gradient checkpointing "
+          f"{'on' if a.checkpointing else 'off'}\n")
     summary = []
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     kernels = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                "math": SDPBackend.MATH}
-    for layout, attn, *options in settings:
-        name = ":".join([layout, attn, *options])
-        kernel = [o for o in options if o in kernels]
-        unknown = [o for o in options if o not in kernels and o != "peft"]
-        if unknown:
-            p.error(f"--settings {name}: unknown option {unknown[0]} (efficient, flash, math or peft)")
-        (unfuse_lora_forward if "peft" in options else fuse_lora_forward)(model)
-        if attn == "flex_attention" and not cuda:
-            print(f"=== {name}: skipped (FlexAttention has no backward on a CPU)\n")
-            continue
-        if kernel and kernel[0] == "efficient" and not cuda:
-            print(f"=== {name}: skipped (the memory-efficient kernel is CUDA's)\n")
-            continue
-        forced = (lambda k=kernels[kernel[0]]: sdpa_kernel(k)) if kernel else contextlib.nullcontext  # noqa: E731
-        attention.register(attn)
-        lm.set_attn_implementation(attn)
-        if attn == "flex_attention":
-            attention.compile_flex_for_any_length()
-        batch = batching.build(pairs, tokenizer.pad_token_id, layout).to(device)
-        tokens = int(batch.input_ids.numel())
-        sync()
-        t_mask = time.perf_counter()
-        batch.model_inputs(attn, dtype)  # the mask, once per micro-batch (memoised: the steps reuse it)
-        sync()
-        t_mask = time.perf_counter() - t_mask
-        for _ in range(a.warmup):
-            step(batch)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(a.steps):
-            step(batch)
-        sync()
-        seconds = (time.perf_counter() - t0) / a.steps
-        summary.append((name, tokens, seconds))
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-        with torch.profiler.profile(activities=activities) as prof:
-            step(batch)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    for prompt_tokens, completion_tokens in shapes:
+        shape = f"{prompt_tokens}+2×{completion_tokens}"
+        print(f"##### {a.batch} pairs of {prompt_tokens} prompt + 2 × {completion_tokens} completion tokens\n")
+        pairs = [Pair(ids(prompt_tokens), ids(completion_tokens), ids(completion_tokens), i) for i in range(a.batch)]
+        for layout, attn, *options in settings:
+            name = ":".join([layout, attn, *options])
+            kernel = [o for o in options if o in kernels]
+            unknown = [o for o in options if o not in kernels and o != "peft"]
+            if unknown:
+                p.error(f"--settings {name}: unknown option {unknown[0]} (efficient, flash, math or peft)")
+            (unfuse_lora_forward if "peft" in options else fuse_lora_forward)(model)
+            if attn == "flex_attention" and not cuda:
+                print(f"=== {name}: skipped (FlexAttention has no backward on a CPU)\n")
+                continue
+            if kernel and kernel[0] == "efficient" and not cuda:
+                print(f"=== {name}: skipped (the memory-efficient kernel is CUDA's)\n")
+                continue
+            forced = (lambda k=kernels[kernel[0]]: sdpa_kernel(k)) if kernel else contextlib.nullcontext  # noqa: E731
+            attention.register(attn)
+            lm.set_attn_implementation(attn)
+            if attn == "flex_attention":
+                attention.compile_flex_for_any_length()
+            batch = batching.build(pairs, tokenizer.pad_token_id, layout).to(device)
+            tokens = int(batch.input_ids.numel())
             sync()
-        from torch._dynamo.utils import counters
+            t_mask = time.perf_counter()
+            batch.model_inputs(attn, dtype)  # the mask, once per micro-batch (memoised: the steps reuse it)
+            sync()
+            t_mask = time.perf_counter() - t_mask
+            for _ in range(a.warmup):
+                step(batch)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(a.steps):
+                step(batch)
+            sync()
+            seconds = (time.perf_counter() - t0) / a.steps
+            summary.append((shape, name, tokens, seconds))
+            with torch.profiler.profile(activities=activities) as prof:
+                step(batch)
+                sync()
+            from torch._dynamo.utils import counters
 
-        print(f"=== {name}: {seconds:.3f} s/step, {tokens} row tokens; building the mask took "
-              f"{1e3 * t_mask:.1f} ms; {counters['stats']['unique_graphs']} compiled graphs so far")
-        print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total",
-                                        row_limit=a.rows, max_name_column_width=60))
-    print("| layout:attention[:options] | row tokens | s/step | ms per 1k row tokens |\n|---|---|---|---|")
-    for name, tokens, seconds in summary:
-        print(f"| {name} | {tokens} | {seconds:.3f} | {1e6 * seconds / tokens:.1f} |")
-    shared = [(seconds, name) for name, _, seconds in summary if not name.startswith("concatenated")]
-    if shared:  # the same pairs in the same rows: s/step compares the kernels directly
-        print(f"\nfastest prefix-shared setting here: {min(shared)[1]} ({min(shared)[0]:.3f} s/step)")
-
+            print(f"=== {name}: {seconds:.3f} s/step, {tokens} row tokens; building the mask took "
+                  f"{1e3 * t_mask:.1f} ms; {counters['stats']['unique_graphs']} compiled graphs so far")
+            print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total",
+                                            row_limit=a.rows, max_name_column_width=60))
+    print("| pair tokens | layout:attention[:options] | row tokens | s/step | ms per 1k row tokens |\n"
+          "|---|---|---|---|---|")
+    for shape, name, tokens, seconds in summary:
+        print(f"| {shape} | {name} | {tokens} | {seconds:.3f} | {1e6 * seconds / tokens:.1f} |")
+    for shape in dict.fromkeys(s for s, *_ in summary):
+        shared = [(seconds, name) for s, name, _, seconds in summary
+                  if s == shape and not name.startswith("concatenated")]
+        if shared:  # the same pairs in the same rows: s/step compares the kernels directly
+            print(f"\n{shape}: fastest prefix-shared setting here: {min(shared)[1]} ({min(shared)[0]:.3f} s/step)")
 
 if __name__ == "__main__":
     main()

@@ -38,6 +38,7 @@ WORDS = ("the a of to and in is it that for on with as was he be at by this had 
          "still own see men work long get here between both life being under never day same another know while "
          "last might us great old year off come since against go came right used take three").split()
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+STARTED = time.perf_counter()  # a worker's setup time counts from here (its imports, model load, compile)
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
@@ -105,7 +106,10 @@ class Probe:
                 # each timed step on its own: one slow step (an allocator retry, a new shape) reads differently
                 # from a uniformly slow run, and the rate per token tells a long batch from a slow one
                 "step_seconds": [b - a for a, b in zip(self.times[w - 1:], self.times[w:])],
-                "step_tokens": list(tokens_per_step[w:])}
+                "step_tokens": list(tokens_per_step[w:]),
+                # where a worker's wall time goes (the GPU kit's stages are mostly load and compile): start-up to
+                # the training loop, then the untimed warm-up steps
+                "setup_seconds": self.start - STARTED, "warmup_seconds": self.times[w - 1] - self.start}
 
 
 def process_peak(device: str) -> int:
@@ -246,6 +250,9 @@ def worker_trl(a, rows, order) -> dict:
     probe = Probe("cuda" if cuda else "cpu")
 
     class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            probe.start = time.perf_counter()
+
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 probe.step(logs["loss"])
@@ -354,11 +361,12 @@ def random_llama3_8b(path: Path) -> Path:
 def run_worker(a, which: str, dataset: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", which, "--dataset", dataset, "--model-dir", a.model_dir,
            "--init-adapter", a.init_adapter, *a.worker_args]
+    t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.exit(f"{which} worker failed on {dataset}:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][7:])
+    return json.loads(lines[-1][7:]) | {"worker_seconds": time.perf_counter() - t0}
 
 
 def dataset_rows(a, name: str) -> tuple[list[dict], list[int]]:
@@ -488,7 +496,10 @@ def main() -> None:
                     print(f"[{ds}] {which}: {r['pairs_per_s']:.3f} pairs/s, {r['tokens_per_s']:.0f} tok/s, "
                           f"peak {r['peak_bytes'] / 2**30:.2f} GiB, losses {[round(x, 4) for x in r['losses']]}"
                           + (f", {r['compiled_graphs']} compiled graphs" if r.get("compiled_graphs") else "")
-                          + (" — flex_attention ran UNCOMPILED" if r.get("flex_uncompiled") else ""), flush=True)
+                          + (" — flex_attention ran UNCOMPILED" if r.get("flex_uncompiled") else "")
+                          + f"; worker {r['worker_seconds']:.0f} s: set-up {r['setup_seconds']:.0f} s, warm-up "
+                            f"steps {r['warmup_seconds']:.0f} s, timed steps {sum(r['step_seconds']):.0f} s",
+                          flush=True)
                     write_json(a, results)  # after every worker: a run cut short by a time limit keeps what ran
     report(a, results)
 

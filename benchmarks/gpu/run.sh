@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks of the speed-and-memory work, on the lent machine (after benchmarks/gpu/fetch.sh here).
 # A session has ~15 minutes of device time, the machine's start included, so the kit is one call that ends on its
-# own before a deadline, most important stage first, and a second call for whatever the deadline left out:
-#   device run, carry [".gpu"], timeout_s 330:  KIT_DEADLINE=300 bash benchmarks/gpu/run.sh
+# own before a deadline, most important stage first, and a second call for whatever the deadline left out (each
+# vs-TRL worker spends most of its time loading the 8B model and compiling: ~50 s each on the H200):
+#   device run, carry [".gpu"], timeout_s 540:  KIT_DEADLINE=500 bash benchmarks/gpu/run.sh
 #   (at once, same warm machine, the model cache is still there; it prints this line for the stages it skipped)
-#   device run, carry [".gpu"], timeout_s 330:  KIT_DEADLINE=300 bash benchmarks/gpu/run.sh <skipped stages>
+#   device run, carry [".gpu"], timeout_s = device time left − 60, KIT_DEADLINE = that − 30:
+#     KIT_DEADLINE=... bash benchmarks/gpu/run.sh <skipped stages>
 # Stages (no stage named = all, in this order); each has its own time limit, cut to the time left, and a failing
 # stage does not stop the next. Everything is logged to $OUT/kit.log, raw results to $OUT/*.json (written after every
 # worker, so a stage its time limit stops keeps what ran):
@@ -16,16 +18,15 @@
 #              the H200 went at half its usual rate per token; the per-step times now printed tell why)
 #   long-offload  the long stage with lora-dpo keeping embeddings and checkpointed inputs in CPU memory
 #              (model.offload_embeddings, train.offload_activations; TRL has neither): the memory ratio and its cost
-#   long-b16   the long stage at 16 pairs per step, 4 steps: the memory ratio where activations, not the 4-bit
-#              weights both sides hold, make most of the peak
 #   gpu-tests  the GPU-marked tests: bf16 + paged 8-bit AdamW, fp16 + GradScaler, flex_attention training,
 #              prefix sharing on a CUDA 4-bit base (sdpa, sdpa_causal and flex) against the plain forward, offloaded
 #              embeddings and activations, folded LoRA dropout and the fused LoRA forward under bf16/fp16 autocast
-#   profile    lora-dpo steps timed and one under torch.profiler, short- and long-prompt shapes, packed on flex
-#              with lora-dpo's fused LoRA forward and with peft's own (lora_dpo/lora_forward.py: its GPU gain), on
-#              sdpa (dense mask) and sdpa_causal (no mask), concatenated (TRL's rows) on sdpa, and at the long
-#              shape sdpa and sdpa_causal on the memory-efficient kernel (the T4's): s/step per row token and the
-#              busiest kernels of each — what decides whether auto should pick sdpa_causal
+#   profile    lora-dpo steps timed and one under torch.profiler (one model load), at the short- and long-prompt
+#              shapes: packed on flex with lora-dpo's fused LoRA forward and with peft's own (lora_dpo/lora_forward.py:
+#              its GPU gain), and concatenated (TRL's rows) on sdpa: s/step per row token, the busiest kernels, and
+#              CPU against GPU time (whether the step waits on the host)
+#   long-b16   the long stage at 16 pairs per step, 4 steps: the memory ratio where activations, not the 4-bit
+#              weights both sides hold, make most of the peak
 #   losses     both trainers in fp32 on the GPU, 3 small steps, short prompts: the losses must agree as on a CPU
 #              (in bf16 they drift apart by rounding after step 1, so the speed stages cannot judge them)
 #   losses-long   the same, long prompts (one stage each: together they overran one stage's limit on the H200)
@@ -37,6 +38,8 @@
 #   offload    the memory stage with nothing, the embedding table (model.offload_embeddings), the checkpointed
 #              layers' inputs (train.offload_activations) and both in CPU memory: the peak each saves (predicted:
 #              1 GiB; layers × tokens × hidden × 2 bytes) and what it costs per step (offload.json)
+#   profile-kernels  the profile stage on sdpa (dense mask) and sdpa_causal (no mask), each also on the
+#              memory-efficient kernel (the T4's), 2 pairs per step: what decides whether auto should pick sdpa_causal
 set -u
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/lora-dpo-gpu}
@@ -77,7 +80,7 @@ stage() {  # stage NAME LIMIT MIN_NEEDED command...
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$log"
 }
-want=" ${*:-model long short long-offload long-b16 gpu-tests profile losses losses-long memory short-causal long-sdpa ckpt offload} "
+want=" ${*:-model long short long-offload gpu-tests profile long-b16 losses losses-long memory short-causal long-sdpa ckpt offload profile-kernels} "
 on() { [[ $want == *" $1 "* ]]; }
 # KIT_* variables shrink the kit for a smoke run on a CPU (e.g. KIT_MODEL=demo KIT_WORDS=16 KIT_TOKENS=32)
 model="--model ${KIT_MODEL:-llama3-8b-random}"
@@ -92,15 +95,12 @@ on long && stage long 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) -
 on short && stage short 240 150 $vs_trl --datasets short --short-prompt $((w / 2)) --repeats 2 --json "$out/short.json"
 on long-offload && stage long-offload 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --offload both \
   --json "$out/long-offload.json"
-on long-b16 && stage long-b16 240 150 $vs_trl --datasets long --long-prompt $((4 * w)) --batch 16 --steps 4 \
-  --warmup 2 --json "$out/long-b16.json"
 on gpu-tests && stage gpu-tests 150 45 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
   tests/test_train.py
-profile="python3 benchmarks/profile_step.py $model --steps 2 --rows 10 \
-  --settings packed:flex_attention,packed:flex_attention:peft,packed:sdpa,packed:sdpa_causal,concatenated:sdpa"
-on profile && stage profile 240 90 bash -c "$profile --prompt-tokens $((w / 2)) --completion-tokens $w; \
-  $profile,packed:sdpa:efficient,packed:sdpa_causal:efficient --prompt-tokens $((4 * w)) --completion-tokens $w \
-  --batch 2"
+profile="python3 benchmarks/profile_step.py $model --steps 2 --rows 15 --shapes $((w / 2))x$w,$((4 * w))x$w"
+on profile && stage profile 240 90 $profile --settings packed:flex_attention,packed:flex_attention:peft,concatenated:sdpa
+on long-b16 && stage long-b16 240 150 $vs_trl --datasets long --long-prompt $((4 * w)) --batch 16 --steps 4 \
+  --warmup 2 --json "$out/long-b16.json"
 losses="python3 benchmarks/vs_trl.py $model --precision fp32 --batch 2 --steps 3 --repeats 1 --completion $((w / 4))"
 on losses && stage losses 180 60 $losses --datasets short --short-prompt $((w / 8)) --json "$out/losses-short.json"
 on losses-long && stage losses-long 180 60 $losses --datasets long --long-prompt $w --json "$out/losses-long.json"
@@ -111,8 +111,10 @@ on long-sdpa && stage long-sdpa 240 120 $vs_trl --datasets long --long-prompt $(
   --json "$out/long-sdpa.json"
 on ckpt && stage ckpt 240 150 $memory --checkpointing on,0.5,auto,off --json "$out/ckpt.json"
 on offload && stage offload 200 60 $memory --offload off,embeddings,activations,both --json "$out/offload.json"
+on profile-kernels && stage profile-kernels 240 90 $profile --batch 2 \
+  --settings packed:sdpa,packed:sdpa_causal,packed:sdpa:efficient,packed:sdpa_causal:efficient
 echo "=== done after $((SECONDS - start))s" | tee -a "$log"
 python3 benchmarks/gpu/targets.py "$out" 2>&1 | tee -a "$log"
 if ((${#skipped[@]})); then
-  echo "=== next call: KIT_DEADLINE=300 bash benchmarks/gpu/run.sh ${skipped[*]}" | tee -a "$log"
+  echo "=== next call (KIT_DEADLINE: the device time left, less ~90 s): KIT_DEADLINE=... bash benchmarks/gpu/run.sh ${skipped[*]}" | tee -a "$log"
 fi
