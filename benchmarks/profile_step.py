@@ -130,14 +130,17 @@ def main() -> None:
             seconds = (time.perf_counter() - t0) / a.steps
             summary.append((shape, name, tokens, seconds))
             with torch.profiler.profile(activities=activities) as prof:
+                t_prof = time.perf_counter()
                 step(batch)
                 sync()
+                t_prof = time.perf_counter() - t_prof
             from torch._dynamo.utils import counters
 
             print(f"=== {name}: {seconds:.3f} s/step, {tokens} row tokens; building the mask took "
                   f"{1e3 * t_mask:.1f} ms; {counters['stats']['unique_graphs']} compiled graphs so far")
             print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total",
                                             row_limit=a.rows, max_name_column_width=60))
+            print(by_kind(prof.key_averages(), cuda, t_prof) + "\n")
     print("| pair tokens | layout:attention[:options] | row tokens | s/step | ms per 1k row tokens |\n"
           "|---|---|---|---|---|")
     for shape, name, tokens, seconds in summary:
@@ -147,6 +150,44 @@ def main() -> None:
                   if s == shape and not name.startswith("concatenated")]
         if shared:  # the same pairs in the same rows: s/step compares the kernels directly
             print(f"\n{shape}: fastest prefix-shared setting here: {min(shared)[1]} ({min(shared)[0]:.3f} s/step)")
+
+KINDS = (  # (kind, pattern over the lower-cased kernel or op name); the first that matches names the kind
+    ("attention", r"attention|flash|fmha|sdpa|flex|triton_tem"),
+    ("4-bit weights (bitsandbytes dequantize; on a CPU its matmul too)", r"dequant|bitsandbytes|gemm_4bit"),
+    ("GEMM", r"gemm|gemv|xmma|cutlass|cublas|nvjet|^sm\d+_|^aten::(mm|addmm|bmm|matmul|linear)$"),
+    ("copies, casts, concatenation", r"copy|memcpy|memset|^aten::(cat|fill_|zero_|index|gather|scatter)|catarray|fill"),
+)
+
+
+def kind_of(name: str) -> str:
+    import re
+
+    low = name.lower()
+    return next((kind for kind, pattern in KINDS if re.search(pattern, low)), "elementwise, norms, reductions, other")
+
+
+def by_kind(rows, cuda: bool, wall: float) -> str:
+    """Where the profiled step's time went, by kind of work: on a GPU the kernels' own time (rows that are kernels,
+    so nothing counts twice) and how busy the GPU was over the step's wall time (well under 100 %: the step waits
+    on the host, i.e. on Python and kernel launches); on a CPU the operators' self time."""
+    from torch.autograd import DeviceType
+
+    if cuda:
+        times = [(r.key, r.self_device_time_total) for r in rows if r.device_type == DeviceType.CUDA]
+    else:
+        times = [(r.key, r.self_cpu_time_total) for r in rows if "::" in r.key]
+    if not times:
+        return "time by kind: no kernel or operator rows in this profile"
+    total = sum(t for _, t in times) or 1
+    kinds: dict = {}
+    for key, t in times:
+        kinds[kind_of(key)] = kinds.get(kind_of(key), 0) + t
+    ranked = sorted(kinds.items(), key=lambda kv: -kv[1])
+    lines = [f"  {kind}: {t / 1e3:.1f} ms ({t / total:.0%})" for kind, t in ranked]
+    head = (f"{'GPU kernels' if cuda else 'CPU operators (self time)'}: {total / 1e3:.1f} ms over a {1e3 * wall:.1f} ms"
+            f" step" + (f", the GPU busy {total / 1e6 / wall:.0%} of it" if cuda else ""))
+    return "\n".join([head, *lines])
+
 
 if __name__ == "__main__":
     main()

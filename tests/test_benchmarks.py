@@ -63,3 +63,20 @@ def test_targets_judge_a_stage_only_when_both_trainers_ran(tmp_path, capsys, mon
     assert "| long prompts (flex_attention): peak ≤ 0.6× TRL | 0.58 (7.00 vs 12.00 GiB) | ✓ |" in out
     assert "short prompts (flex_attention): lora-dpo vs TRL | incomplete (only lora-dpo ran) | — |" in out
     assert "2×2048-token pairs (flex_attention, checkpointing on, offloaded: both): peak ≤ 12 GiB | 6.00 GiB | ✓" in out
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "GEMM"),
+    ("nvjet_hsh_192x192_64x4_1x2_h_bz_coopA_NNT", "GEMM"),
+    ("aten::mm", "GEMM"),
+    ("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, unsigned char*)", "4-bit weights"),
+    ("bitsandbytes::gemm_4bit", "4-bit weights"),
+    ("triton_tem_fused_flex_attention_0", "attention"),
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, cutlass::bfloat16_t>>", "attention"),
+    ("Memcpy DtoH (Device -> Pinned)", "copies"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "elementwise"),
+])
+def test_profile_sorts_kernels_into_kinds(name, kind):
+    """profile_step.py's time-by-kind summary (what the GPU kit's profile stage reports): cuBLAS/CUTLASS GEMMs, the
+    4-bit dequantize, attention kernels (flex's Triton template, flash), copies and the rest apart."""
+    assert _script("profile_step").kind_of(name).startswith(kind)
