@@ -202,7 +202,10 @@ def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str,
     if base != dtype:  # a quantized Linear is dequantized to 16 bit for its matmul, forward and backward
         transient += max(i * o for i, o in arch.linears().values()) * b
     chunk = min(LOGPS_CHUNK, N)
-    logps = N * arch.hidden * b + chunk * arch.vocab * (b + 12)
+    # logps._grad_in_forward: fp32/bf16 chunks work in place beside logsumexp's temporary; fp16 recomputes in
+    # backward: 16-bit logits + fp32 logits, softmax and gradient
+    per_logit = b + 12 if dtype == "fp16" else 12 if arch.softcap else 8
+    logps = 2 * N * arch.hidden * b + chunk * arch.vocab * per_logit
     needs_reference = reference == "live" and recipe.dpo.loss_type != "simpo"
     activations = saved + transient
     if needs_reference:  # its no-grad forward runs before the policy's (objective.py), alone: hidden states, a layer

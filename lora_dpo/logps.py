@@ -1,8 +1,9 @@
 """Per-sequence log-probs of completion tokens, from hidden states, in chunks along tokens, in fp32.
 
 The decoder runs once; the LM head and log-softmax run only on completion positions, a chunk of tokens at a time,
-and under activation checkpointing when grad is on, so a (rows, T, vocab) logits tensor never exists and each
-chunk's logits are recomputed in backward instead of being stored.
+so a (rows, T, vocab) logits tensor never exists. With grad on, each chunk computes its log-probs' gradient with
+respect to the hidden states in the forward pass (`_TokenLogps`; a frozen LM head, as in every LoRA run) or, for a
+trainable head, runs under activation checkpointing and recomputes its logits in backward; neither stores logits.
 """
 
 from __future__ import annotations
@@ -44,6 +45,51 @@ def _token_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_head, transform:
     return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+class _TokenLogps(torch.autograd.Function):
+    """`_token_logps` (the same forward values, bit for bit) with its gradient with respect to `hidden` computed in
+    the forward pass, while the chunk's logits exist: d log p(label) / d hidden = (onehot(label) − softmax) ·
+    (d cap / d logit) · scale · W for a frozen linear LM head (weight W). Backward only scales that (N, H) tensor by
+    each token's incoming gradient. The checkpointed chunk it replaces runs the LM head and the log-softmax again in
+    backward (a (N, vocab) GEMM and three passes over fp32 logits per chunk); this works on one fp32 (N, vocab)
+    tensor in place, beside logsumexp's temporary (`memory_model`: chunk·V·8, 12 with a soft-cap)."""
+
+    @staticmethod
+    def forward(ctx, hidden, labels, head, transform):
+        scale, softcap = transform
+        logits = head(hidden).float()                                           # (N, V), as _token_logps
+        if scale != 1.0:
+            logits.mul_(scale)
+        capped = None
+        if softcap:
+            capped = logits.div_(softcap).tanh_()
+            logits = capped * softcap
+        lse = torch.logsumexp(logits, dim=-1)
+        out = logits.gather(-1, labels[:, None]).squeeze(-1) - lse
+        grad = logits.sub_(lse[:, None]).exp_().neg_()                          # −softmax, in the logits' memory
+        grad.scatter_add_(-1, labels[:, None], torch.ones_like(lse)[:, None])   # + onehot(label)
+        if capped is not None:
+            grad.mul_(capped.square_().neg_().add_(1))                          # d (cap·tanh(z/cap)) / dz
+        if scale != 1.0:
+            grad.mul_(scale)
+        weight = head.weight
+        ctx.save_for_backward((grad.to(weight.dtype) @ weight).to(hidden.dtype))  # (N, H)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (dhidden,) = ctx.saved_tensors
+        return (grad_out[:, None] * dhidden).to(dhidden.dtype), None, None, None
+
+
+def _grad_in_forward(head) -> bool:
+    """The chunks take `_TokenLogps`: a frozen plain Linear LM head — every LoRA run's (peft leaves it out of
+    all-linear) — whose output's gradient with respect to its input is a product with its weight (a bias does not
+    change it), in fp32 or bf16. An fp16 head (T4s) keeps the checkpointed path: there the loss scale multiplies
+    the softmax before its fp16 cast, which a gradient computed before the scale is known would lose below fp16's
+    smallest number. So does a head with an adapter or a trainable weight, which autograd differentiates whole."""
+    return type(head) is torch.nn.Linear and not head.weight.requires_grad and head.weight.dtype != torch.float16
+
+
 def completion_logps(lm, hidden: torch.Tensor, input_ids: torch.Tensor, targets: Targets, n_seq: int,
                      chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log p(token) over each sequence's completion tokens.
@@ -59,7 +105,10 @@ def completion_logps(lm, hidden: torch.Tensor, input_ids: torch.Tensor, targets:
     for s in range(0, h.shape[0], chunk_size):
         hc, lc = h[s: s + chunk_size], labels[s: s + chunk_size]
         if torch.is_grad_enabled() and hc.requires_grad:
-            pieces.append(checkpoint(_token_logps, hc, lc, head, transform, use_reentrant=False))
+            if _grad_in_forward(head):
+                pieces.append(_TokenLogps.apply(hc, lc, head, transform))
+            else:
+                pieces.append(checkpoint(_token_logps, hc, lc, head, transform, use_reentrant=False))
         else:
             pieces.append(_token_logps(hc, lc, head, transform))
     token_logps = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)

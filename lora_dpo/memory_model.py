@@ -46,9 +46,13 @@ activations  What autograd saves in the policy forward, per token per layer (the
              with checkpointing (the recomputed layer), and the largest quantized Linear dequantized to 16 bit
              (bitsandbytes' matmul). The no-grad reference forward runs first, with no graph alive: its peak, the
              hidden states and one layer, counts when it is the larger.
-log-prob     The completion hidden states gathered for the LM head (N·H·b, N = completion tokens) and one chunk of
-             logits (lora_dpo.logps: chunk = min(256, N) tokens) at its backward peak: 16-bit logits + fp32
-             logits, softmax and gradient, chunk·V·(b + 12).
+log-prob     The completion hidden states gathered for the LM head (N·H·b, N = completion tokens), the gradient of
+             the log-probs with respect to them that each chunk computes in forward (N·H·b more by the last chunk),
+             and one chunk's logits (lora_dpo.logps: chunk = min(256, N) tokens) worked on in place: fp32 logits
+             beside logsumexp's fp32 temporary (or beside the 16-bit logits or the gradient's 16-bit cast: less),
+             chunk·V·8; a soft-capped head (Gemma 2) keeps its fp32 tanh as well, chunk·V·12. In fp16 (T4s) each
+             chunk recomputes its logits in backward instead, peaking there: 16-bit logits + fp32 logits, softmax
+             and gradient, chunk·V·(b + 12).
 overhead     A stated constant, estimate.OVERHEAD_BYTES = 1 GiB, for the CUDA context, cuBLAS workspaces and allocator
              fragmentation (not in max_memory_allocated). `Estimate.total` = allocated + overhead must fit.
 shapes       Worst case: every row at max_length. Concatenated layout: 2·B rows of T = max_length (prompt +
@@ -99,6 +103,7 @@ class Arch:
     bias: dict = field(default_factory=dict)  # Linear name → has a bias
     max_positions: int = 1 << 22               # the model's context: the longest max_length worth considering
     sliding_window: int | None = None          # an active sliding window (a longer pair trains concatenated)
+    softcap: bool = False                      # the LM head's logits are soft-capped (final_logit_softcapping)
 
     @classmethod
     def from_config(cls, config) -> Arch:
@@ -117,7 +122,8 @@ class Arch:
         return cls(mt, config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
                    heads, getattr(config, "num_key_value_heads", None) or heads, head_dim,
                    bool(getattr(config, "tie_word_embeddings", False)), norms, qk_norm, bias,
-                   getattr(config, "max_position_embeddings", None) or 1 << 22, window if active else None)
+                   getattr(config, "max_position_embeddings", None) or 1 << 22, window if active else None,
+                   bool(getattr(config, "final_logit_softcapping", None)))
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """Per decoder layer: Linear name → (in_features, out_features)."""

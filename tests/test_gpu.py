@@ -206,3 +206,26 @@ def test_gpu_lean_rmsnorm_in_bf16():
     assert torch.equal(got, want)
     torch.testing.assert_close(got_dx, want_dx, rtol=1.6e-2, atol=1e-3)
     assert want_kept - got_kept == 3 * 17 * 96 * 2
+
+
+def test_gpu_log_prob_gradient_in_forward_under_bf16_autocast():
+    """The chunked log-probs' gradient computed in forward (logps._TokenLogps) on CUDA, a bf16 LM head under bf16
+    autocast as training runs it, at a real vocabulary size: the checkpointed chunk's values bit for bit, its input
+    gradient to bf16 rounding; twin: test_logps.test_gradient_in_forward_under_bf16_autocast (CPU)."""
+    from lora_dpo.logps import _token_logps, _TokenLogps
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    head = torch.nn.Linear(512, 32000, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    h0 = torch.randn(256, 512, device="cuda", generator=g).bfloat16()
+    labels = torch.randint(0, 32000, (256,), device="cuda", generator=g)
+    upstream = torch.randn(256, device="cuda", generator=g)
+    outs = []
+    for fn in (_TokenLogps.apply, _token_logps):
+        h = h0.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fn(h, labels, head, (1.0, None))
+        out.backward(upstream)
+        outs.append((out.detach(), h.grad))
+    (got, g_got), (want, g_want) = outs
+    assert torch.equal(got, want)
+    torch.testing.assert_close(g_got.float(), g_want.float(), rtol=2e-2, atol=2e-3)

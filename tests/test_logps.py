@@ -90,3 +90,94 @@ def test_models_that_transform_their_logits(model_type, transform):
                 L.check_head(m, ids, 1e-3)
         finally:
             L.logit_transform = real
+
+
+@pytest.mark.parametrize("transform", [(1.0, None), (0.125, None), (16.0, None), (1.0, 5.0), (2.0, 5.0)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gradient_in_forward_equals_the_checkpointed_chunk(transform, bias):
+    """`_TokenLogps` (the log-probs' gradient w.r.t. the hidden states computed in forward, for a frozen head) gives
+    `_token_logps`' values bit for bit and autograd's gradient, with a logit scale (Granite, Cohere) and a soft-cap
+    (Gemma 2), on logits large enough that a wrong cap or scale derivative shows."""
+    from lora_dpo.logps import _token_logps, _TokenLogps
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(24, 50, bias=bias).requires_grad_(False)
+    with torch.no_grad():
+        head.weight.mul_(20)
+    h0 = torch.randn(37, 24, generator=g)
+    labels = torch.randint(0, 50, (37,), generator=g)
+    upstream = torch.randn(37, generator=g)
+    outs = []
+    for fn in (_TokenLogps.apply, _token_logps):
+        h = h0.clone().requires_grad_()
+        out = fn(h, labels, head, transform)
+        out.backward(upstream)
+        outs.append((out.detach(), h.grad))
+    (got, g_got), (want, g_want) = outs
+    assert torch.equal(got, want)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
+    assert g_want.abs().max() > 1e-2  # a gradient that could be wrong
+
+
+def test_gradient_in_forward_under_bf16_autocast():
+    """A bf16 LM head under autocast (the GPU's training setting, here on a CPU): the same forward values bit for
+    bit, the gradient within bf16 rounding of autograd's through the checkpointed chunk."""
+    from lora_dpo.logps import _token_logps, _TokenLogps
+
+    g = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(32, 64, bias=False).to(torch.bfloat16).requires_grad_(False)
+    h0 = torch.randn(29, 32, generator=g).to(torch.bfloat16)
+    labels = torch.randint(0, 64, (29,), generator=g)
+    outs = []
+    for fn in (_TokenLogps.apply, _token_logps):
+        h = h0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(h, labels, head, (1.0, None))
+        out.sum().backward()
+        outs.append((out.detach(), h.grad))
+    (got, g_got), (want, g_want) = outs
+    assert got.dtype == torch.float32 and g_got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+    torch.testing.assert_close(g_got.float(), g_want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_an_fp16_head_keeps_the_checkpointed_chunks():
+    """fp16 (T4s) trains under a loss scale, which multiplies the softmax before its fp16 cast in the checkpointed
+    path; the gradient computed in forward would meet fp16 unscaled and lose what is below its smallest number."""
+    from lora_dpo.logps import _grad_in_forward
+
+    head = torch.nn.Linear(8, 16, bias=False).requires_grad_(False)
+    assert _grad_in_forward(head) and _grad_in_forward(head.to(torch.bfloat16))
+    assert not _grad_in_forward(head.to(torch.float16))
+    assert not _grad_in_forward(head.float().requires_grad_(True))
+
+
+@pytest.mark.parametrize("trainable_head", [False, True])
+def test_frozen_head_takes_the_gradient_in_forward_and_a_trainable_one_is_checkpointed(model, monkeypatch,
+                                                                                        trainable_head):
+    """Every LoRA run's LM head is frozen: its chunks take `_TokenLogps`; a trainable head (e.g. an LM head in
+    peft's modules_to_save) is differentiated whole by autograd, its weight's gradient included, equal to the plain
+    full-logits computation."""
+    from lora_dpo import logps as L
+
+    calls = []
+    real = L._TokenLogps.apply
+    monkeypatch.setattr(L._TokenLogps, "apply", lambda *a: calls.append(1) or real(*a))
+    head = L.causal_lm(model).get_output_embeddings()
+    head.weight.requires_grad_(trainable_head)
+    try:
+        model.zero_grad()
+        b = batch()
+        ref, _ = plain_batch_logps(model, b)
+        (ref * torch.arange(1, 7)).sum().backward()
+        want = head.weight.grad.clone() if trainable_head else None
+        model.zero_grad()
+        got, _ = batch_logps(model, b, chunk_size=4)
+        (got * torch.arange(1, 7)).sum().backward()
+        assert bool(calls) != trainable_head
+        assert torch.allclose(got, ref, atol=1e-5, rtol=0)
+        if trainable_head:
+            assert (head.weight.grad - want).abs().max() <= 1e-4 * want.abs().max()
+    finally:
+        head.weight.requires_grad_(False)
+        model.zero_grad()

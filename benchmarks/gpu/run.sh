@@ -20,7 +20,8 @@
 #              (model.offload_embeddings, train.offload_activations; TRL has neither): the memory ratio and its cost
 #   gpu-tests  the GPU-marked tests: bf16 + paged 8-bit AdamW, fp16 + GradScaler, flex_attention training,
 #              prefix sharing on a CUDA 4-bit base (sdpa, sdpa_causal and flex) against the plain forward, offloaded
-#              embeddings and activations, folded LoRA dropout and the fused LoRA forward under bf16/fp16 autocast
+#              embeddings and activations, folded LoRA dropout and the fused LoRA forward under bf16/fp16 autocast,
+#              the lean RMSNorm in bf16, the log-prob gradient computed in forward under bf16 autocast
 #   profile    lora-dpo steps timed and one under torch.profiler (one model load), at the short- and long-prompt
 #              shapes: packed on flex with lora-dpo's fused LoRA forward and with peft's own (lora_dpo/lora_forward.py:
 #              its GPU gain), and concatenated (TRL's rows) on sdpa: s/step per row token, the busiest kernels, and
