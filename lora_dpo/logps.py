@@ -81,13 +81,32 @@ class _TokenLogps(torch.autograd.Function):
         return (grad_out[:, None] * dhidden).to(dhidden.dtype), None, None, None
 
 
+def _plain_call(head) -> bool:
+    """`head(x)` is exactly F.linear(x, head.weight, head.bias): no hooks, the module's own or global ones, and no
+    forward replaced on the instance (accelerate's device hooks do that). A hook that changes the output would be
+    in the forward values but not in the gradient `_TokenLogps` computes from the weight; one that keeps the output
+    would see it overwritten by the in-place softmax."""
+    from torch.nn.modules import module
+
+    hooks = (head._forward_hooks, head._forward_pre_hooks, head._backward_hooks, head._backward_pre_hooks,
+             getattr(module, "_global_forward_hooks", None), getattr(module, "_global_forward_pre_hooks", None),
+             getattr(module, "_global_backward_hooks", None), getattr(module, "_global_backward_pre_hooks", None))
+    return not any(hooks) and "forward" not in vars(head)
+
+
+def _fp16_autocast(device_type: str) -> bool:
+    return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+
+
 def _grad_in_forward(head) -> bool:
     """The chunks take `_TokenLogps`: a frozen plain Linear LM head — every LoRA run's (peft leaves it out of
     all-linear) — whose output's gradient with respect to its input is a product with its weight (a bias does not
-    change it), in fp32 or bf16. An fp16 head (T4s) keeps the checkpointed path: there the loss scale multiplies
-    the softmax before its fp16 cast, which a gradient computed before the scale is known would lose below fp16's
-    smallest number. So does a head with an adapter or a trainable weight, which autograd differentiates whole."""
-    return type(head) is torch.nn.Linear and not head.weight.requires_grad and head.weight.dtype != torch.float16
+    change it), in fp32 or bf16. fp16 compute (T4s: an fp16 head, or fp16 autocast over a head kept in fp32) keeps
+    the checkpointed path: there the loss scale multiplies the softmax before its fp16 cast, which a gradient
+    computed before the scale is known would lose below fp16's smallest number. So does a head with an adapter or a
+    trainable weight, which autograd differentiates whole, and one with hooks (`_plain_call`)."""
+    return (type(head) is torch.nn.Linear and not head.weight.requires_grad and head.weight.dtype != torch.float16
+            and not _fp16_autocast(head.weight.device.type) and _plain_call(head))
 
 
 def completion_logps(lm, hidden: torch.Tensor, input_ids: torch.Tensor, targets: Targets, n_seq: int,

@@ -181,3 +181,114 @@ def test_frozen_head_takes_the_gradient_in_forward_and_a_trainable_one_is_checkp
     finally:
         head.weight.requires_grad_(False)
         model.zero_grad()
+
+
+@pytest.mark.parametrize("change", [False, True])
+def test_a_head_with_a_forward_hook_keeps_the_checkpointed_chunks(model, change):
+    """A forward hook on the LM head is part of the model's function: one that changes the output (here ×0.5) must be
+    in the gradient as well as in the values, and one that keeps the output must see the logits, not the softmax
+    `_TokenLogps` writes into them in place. Both run as the plain computation does."""
+    from lora_dpo.logps import causal_lm
+
+    head = causal_lm(model).get_output_embeddings()
+    seen = []
+
+    def hook(module, args, out):
+        if change:
+            return out * 0.5
+        seen.append((out, out.detach().clone()))
+
+    handle = head.register_forward_hook(hook)
+    try:
+        b = batch()
+        model.zero_grad()
+        ref, _ = plain_batch_logps(model, b)
+        (ref * torch.arange(1, 7)).sum().backward()
+        want = grads(model)
+        model.zero_grad()
+        seen.clear()
+        got, _ = batch_logps(model, b, chunk_size=4)
+        (got * torch.arange(1, 7)).sum().backward()
+        assert torch.allclose(got, ref, atol=1e-5, rtol=0)
+        for a, b_ in zip(grads(model), want):
+            assert (a - b_).abs().max() <= 1e-4 * b_.abs().max() + 1e-6
+        assert all(torch.equal(out, copy) for out, copy in seen)  # what the hook kept is what the head returned
+        assert len(seen) >= (0 if change else 4)  # 15 completion tokens in chunks of 4 (and their recomputation)
+    finally:
+        handle.remove()
+        model.zero_grad()
+
+
+def test_fp16_autocast_over_an_fp32_head_keeps_the_checkpointed_chunks():
+    """fp16 compute, not only an fp16 head: a model that keeps its LM head in fp32 (transformers'
+    _keep_in_fp32_modules) trains on a T4 under fp16 autocast, where the head's matmuls run in fp16 and the
+    gradient computed in forward would meet fp16 before the loss scale does."""
+    from lora_dpo.logps import _grad_in_forward
+
+    head = torch.nn.Linear(8, 16, bias=False).requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not _grad_in_forward(head)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _grad_in_forward(head)
+    assert _grad_in_forward(head)
+
+
+def test_peft_wrapped_heads_keep_the_checkpointed_chunks(tiny_model_dir):
+    """LoRA on lm_head (lora.target_modules naming it) and peft's modules_to_save wrap the head: autograd
+    differentiates it whole."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lora_dpo.logps import _grad_in_forward, causal_lm
+
+    for kw in (dict(target_modules=["q_proj", "lm_head"]),
+               dict(target_modules=["q_proj"], modules_to_save=["lm_head"])):
+        m = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, **kw))
+        head = causal_lm(m).get_output_embeddings()
+        assert type(head) is not torch.nn.Linear and not _grad_in_forward(head)
+        assert _grad_in_forward(torch.nn.Linear(8, 16).requires_grad_(False))
+
+
+def test_bf16_weights_without_autocast_take_the_gradient_in_forward(tiny_model_dir, monkeypatch):
+    """train.precision bf16 on a CPU: bf16 base weights (LM head included), fp32 adapter, no autocast, so the hidden
+    states reach the head in bf16. `_TokenLogps` takes the chunks and gives the checkpointed chunks' values bit for
+    bit and their gradients within bf16 rounding."""
+    from lora_dpo import logps as L
+
+    m = trained_lora(tiny_model_dir, dtype=torch.bfloat16)
+    assert L.causal_lm(m).get_output_embeddings().weight.dtype == torch.bfloat16
+    calls = []
+    real, real_gate = L._TokenLogps.apply, L._grad_in_forward
+    monkeypatch.setattr(L._TokenLogps, "apply", lambda *a: calls.append(a[0].dtype) or real(*a))
+    b = batch()
+    out = []
+    for fast in (True, False):
+        monkeypatch.setattr(L, "_grad_in_forward", real_gate if fast else lambda head: False)
+        m.zero_grad()
+        got, _ = batch_logps(m, b, chunk_size=4)
+        (got * torch.arange(1, 7)).sum().backward()
+        out.append((got.detach(), grads(m)))
+    assert calls == [torch.bfloat16] * 4  # the fast pass only: 15 tokens, 4 chunks of bf16 hidden states
+    (got, g_got), (want, g_want) = out
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    for a, b_ in zip(g_got, g_want):
+        assert a.dtype == torch.float32  # the adapter's
+        assert (a - b_).abs().max() <= 3e-2 * b_.abs().max()
+    assert any(g.abs().max() > 0 for g in g_want)
+
+
+def test_no_grad_and_inference_mode_do_not_take_the_gradient_in_forward(model, monkeypatch):
+    """The reference pass (no_grad) and evaluation (inference_mode) compute no gradient: plain chunks."""
+    from lora_dpo import logps as L
+
+    calls = []
+    real = L._TokenLogps.apply
+    monkeypatch.setattr(L._TokenLogps, "apply", lambda *a: calls.append(1) or real(*a))
+    b = batch()
+    with torch.no_grad():
+        a, _ = batch_logps(model, b, chunk_size=4)
+    with torch.inference_mode():
+        c, _ = batch_logps(model, b, chunk_size=4)
+    assert not calls and torch.equal(a, c) and not a.requires_grad
+    d, _ = batch_logps(model, b, chunk_size=4)
+    assert len(calls) == 4 and d.requires_grad and torch.equal(d.detach(), a)
