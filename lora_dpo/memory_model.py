@@ -51,8 +51,8 @@ log-prob     The completion hidden states gathered for the LM head (N·H·b, N =
              and one chunk's logits (lora_dpo.logps: chunk = min(256, N) tokens) worked on in place: fp32 logits
              beside logsumexp's fp32 temporary (or beside the 16-bit logits or the gradient's 16-bit cast: less),
              chunk·V·8; a soft-capped head (Gemma 2) keeps its fp32 tanh as well, chunk·V·12. In fp16 (T4s) each
-             chunk recomputes its logits in backward instead, peaking there: 16-bit logits + fp32 logits, softmax
-             and gradient, chunk·V·(b + 12).
+             chunk recomputes its logits in backward instead, peaking there: the fp32 logits and three fp32
+             temporaries of logsumexp's backward, chunk·V·16 (20 soft-capped: the tanh kept as well).
 overhead     A stated constant, estimate.OVERHEAD_BYTES = 1 GiB, for the CUDA context, cuBLAS workspaces and allocator
              fragmentation (not in max_memory_allocated). `Estimate.total` = allocated + overhead must fit.
 shapes       Worst case: every row at max_length. Concatenated layout: 2·B rows of T = max_length (prompt +
