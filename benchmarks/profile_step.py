@@ -38,7 +38,9 @@ def main() -> None:
                    help="comma-separated layout:attention[:option…] (layouts packed, shared, concatenated; "
                         "attention sdpa, sdpa_causal, flex_attention, eager; options: a forced sdpa kernel, "
                         "efficient (the memory-efficient one, which older GPUs such as the T4 run), flash or math; "
-                        "peft: peft's own LoRA forward instead of lora-dpo's fused one, lora_dpo/lora_forward.py)")
+                        "peft: peft's own LoRA forward instead of lora-dpo's fused one, lora_dpo/lora_forward.py; "
+                        "recompute: log-prob chunks checkpointed and recomputed in backward instead of their "
+                        "gradient computed in forward, lora_dpo/logps.py)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="timed steps per setting")
     p.add_argument("--rows", type=int, default=15, help="kernels listed per setting")
@@ -48,7 +50,7 @@ def main() -> None:
 
     import torch
 
-    from lora_dpo import attention, batching
+    from lora_dpo import attention, batching, logps
     from lora_dpo import model as model_lib
     from lora_dpo.data import Pair
     from lora_dpo.logps import causal_lm
@@ -57,6 +59,7 @@ def main() -> None:
     from lora_dpo.recipe import DpoConfig, LoraConfig, ModelConfig, QuantizationConfig
 
     torch.set_flush_denormal(True)  # as training does (lora_dpo/train.py)
+    grad_in_forward = logps._grad_in_forward
     settings = [s.split(":") for s in a.settings.split(",")]
     device, dtype = model_lib.device_and_dtype("auto", "auto")
     cfg = ModelConfig(name_or_path=resolve_model(a.model), attn_implementation="sdpa")
@@ -98,10 +101,11 @@ def main() -> None:
         for layout, attn, *options in settings:
             name = ":".join([layout, attn, *options])
             kernel = [o for o in options if o in kernels]
-            unknown = [o for o in options if o not in kernels and o != "peft"]
+            unknown = [o for o in options if o not in kernels and o not in ("peft", "recompute")]
             if unknown:
-                p.error(f"--settings {name}: unknown option {unknown[0]} (efficient, flash, math or peft)")
+                p.error(f"--settings {name}: unknown option {unknown[0]} (efficient, flash, math, peft or recompute)")
             (unfuse_lora_forward if "peft" in options else fuse_lora_forward)(model)
+            logps._grad_in_forward = (lambda head: False) if "recompute" in options else grad_in_forward
             if attn == "flex_attention" and not cuda:
                 print(f"=== {name}: skipped (FlexAttention has no backward on a CPU)\n")
                 continue
