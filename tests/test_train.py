@@ -236,6 +236,29 @@ def test_gradient_checkpointing_run_matches_plain_run(recipe_dict, tmp_path, cap
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
 
 
+def test_training_takes_the_log_prob_gradient_in_forward_and_matches_the_recomputing_path(recipe_dict, tmp_path,
+                                                                                         monkeypatch):
+    """A real run's chunks take logps._TokenLogps (nothing in training hooks or wraps the LM head), and its losses
+    and gradient norms equal a run whose chunks recompute their logits in backward."""
+    from lora_dpo import logps
+
+    recipe_dict["data"].pop("eval")
+    recipe_dict["train"]["max_steps"] = 2
+    calls = []
+    real = logps._TokenLogps.apply
+    monkeypatch.setattr(logps._TokenLogps, "apply", lambda *a: calls.append(1) or real(*a))
+    fast = train(recipe_from_dict(recipe_dict))
+    assert calls
+    calls.clear()
+    monkeypatch.setattr(logps, "_grad_in_forward", lambda head: False)
+    recipe_dict["output"]["dir"] = str(tmp_path / "recompute")
+    slow = train(recipe_from_dict(recipe_dict))
+    assert not calls
+    for a, b in zip(fast.history, slow.history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+
+
 def test_sdpa_causal_run_matches_sdpa_run(recipe_dict, tmp_path, capsys):
     """A whole run on sdpa_causal (step-0 check, training with checkpointing, held-out eval, generations) gives the
     sdpa run's losses, gradient norms and eval metrics."""
