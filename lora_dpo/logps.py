@@ -76,6 +76,7 @@ class _TokenLogps(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative would need the softmax: refused, not 0
     def backward(ctx, grad_out):
         (dhidden,) = ctx.saved_tensors
         return (grad_out[:, None] * dhidden).to(dhidden.dtype), None, None, None

@@ -292,3 +292,15 @@ def test_no_grad_and_inference_mode_do_not_take_the_gradient_in_forward(model, m
     assert not calls and torch.equal(a, c) and not a.requires_grad
     d, _ = batch_logps(model, b, chunk_size=4)
     assert len(calls) == 4 and d.requires_grad and torch.equal(d.detach(), a)
+
+
+def test_a_second_derivative_through_the_gradient_in_forward_is_refused():
+    """`_TokenLogps` keeps the first derivative only: differentiating it again raises, instead of a silent 0."""
+    from lora_dpo.logps import _TokenLogps
+
+    head = torch.nn.Linear(8, 16, bias=False).requires_grad_(False)
+    h = torch.randn(5, 8, requires_grad=True)
+    out = _TokenLogps.apply(h, torch.tensor([1, 2, 3, 4, 5]), head, (1.0, None))
+    (g,) = torch.autograd.grad(out.square().sum(), h, create_graph=True)  # its incoming gradient depends on h
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
