@@ -121,14 +121,15 @@ def completion_logps(lm, hidden: torch.Tensor, input_ids: torch.Tensor, targets:
     labels = input_ids[targets.rows, targets.label]                         # (N,)
     head = lm.get_output_embeddings()
     transform = logit_transform(lm)
+    grad = torch.is_grad_enabled() and h.requires_grad
+    grad_in_forward = grad and _grad_in_forward(head)
     pieces = []
     for s in range(0, h.shape[0], chunk_size):
         hc, lc = h[s: s + chunk_size], labels[s: s + chunk_size]
-        if torch.is_grad_enabled() and hc.requires_grad:
-            if _grad_in_forward(head):
-                pieces.append(_TokenLogps.apply(hc, lc, head, transform))
-            else:
-                pieces.append(checkpoint(_token_logps, hc, lc, head, transform, use_reentrant=False))
+        if grad_in_forward:
+            pieces.append(_TokenLogps.apply(hc, lc, head, transform))
+        elif grad:
+            pieces.append(checkpoint(_token_logps, hc, lc, head, transform, use_reentrant=False))
         else:
             pieces.append(_token_logps(hc, lc, head, transform))
     token_logps = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
