@@ -116,9 +116,9 @@ def main() -> None:
         r = {"attn": attn} | json.loads(lines[-1][7:]) | {"checkpointing": ckpt, "offload": off}
         results.append(r)
         if a.json:  # after every setting: a run cut short by a time limit keeps what ran
-            tmp = Path(a.json + ".tmp")
-            tmp.write_text(json.dumps(results, indent=1, default=str))
-            tmp.replace(a.json)
+            from lora_dpo.evaluate import write_json
+
+            write_json(Path(a.json), results)
         print(f"{r['attn']}, checkpointing {ckpt}, offloaded {off}: peak "
               f"{r['peak_bytes'] / 2**30:.2f} GiB, predicted {r['predicted_bytes'] / 2**30:.2f} GiB, "
               f"{r['seconds_per_step']:.2f} s/step, "

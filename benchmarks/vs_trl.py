@@ -510,15 +510,15 @@ def write_json(a, results: dict) -> None:
         return
     import torch
 
+    from lora_dpo.evaluate import write_json as save
+
     meta = {"machine": machine(), "cuda": torch.cuda.is_available(), "model": a.model, "n_params": a.n_params,
             "batch": a.batch, "steps": a.steps,
             "checkpointing": a.checkpointing, "grouped": a.group, "layout": a.layout, "attn": attention(a),
             "offload": a.offload,
             "precision": a.precision,
             "command": sys.argv}
-    tmp = Path(a.json + ".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    tmp.replace(a.json)
+    save(Path(a.json), {"meta": meta, "results": results})
 
 
 def attention(a) -> str:
