@@ -204,7 +204,7 @@ def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str,
     chunk = min(LOGPS_CHUNK, N)
     # logps._grad_in_forward: fp32/bf16 chunks work in place beside logsumexp's temporary; fp16 recomputes in
     # backward, whose peak holds the fp32 logits and three fp32 temporaries of logsumexp's backward (+ the tanh)
-    per_logit = (20 if arch.softcap else 16) if dtype == "fp16" else 12 if arch.softcap else 8
+    per_logit = (16 if dtype == "fp16" else 8) + (4 if arch.softcap else 0)
     logps = 2 * N * arch.hidden * b + chunk * arch.vocab * per_logit
     needs_reference = reference == "live" and recipe.dpo.loss_type != "simpo"
     activations = saved + transient
