@@ -40,7 +40,8 @@ def main() -> None:
                         "efficient (the memory-efficient one, which older GPUs such as the T4 run), flash or math; "
                         "peft: peft's own LoRA forward instead of lora-dpo's fused one, lora_dpo/lora_forward.py; "
                         "recompute: log-prob chunks checkpointed and recomputed in backward instead of their "
-                        "gradient computed in forward, lora_dpo/logps.py)")
+                        "gradient computed in forward, lora_dpo/logps.py; base-first: down_proj's base GEMM before "
+                        "its LoRA update, so the checkpointed recompute runs it too, lora_forward.base_gemm_last)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="timed steps per setting")
     p.add_argument("--rows", type=int, default=15, help="kernels listed per setting")
@@ -54,7 +55,7 @@ def main() -> None:
     from lora_dpo import model as model_lib
     from lora_dpo.data import Pair
     from lora_dpo.logps import causal_lm
-    from lora_dpo.lora_forward import fuse_lora_forward, unfuse_lora_forward
+    from lora_dpo.lora_forward import base_gemm_last, fuse_lora_forward, unfuse_lora_forward
     from lora_dpo.objective import dpo_forward
     from lora_dpo.recipe import DpoConfig, LoraConfig, ModelConfig, QuantizationConfig
 
@@ -101,10 +102,13 @@ def main() -> None:
         for layout, attn, *options in settings:
             name = ":".join([layout, attn, *options])
             kernel = [o for o in options if o in kernels]
-            unknown = [o for o in options if o not in kernels and o not in ("peft", "recompute")]
+            unknown = [o for o in options if o not in kernels and o not in ("peft", "recompute", "base-first")]
             if unknown:
-                p.error(f"--settings {name}: unknown option {unknown[0]} (efficient, flash, math, peft or recompute)")
+                p.error(f"--settings {name}: unknown option {unknown[0]} (efficient, flash, math, peft, recompute "
+                        "or base-first)")
             (unfuse_lora_forward if "peft" in options else fuse_lora_forward)(model)
+            if a.checkpointing:
+                base_gemm_last(model_lib.decoder_layers(model), on="base-first" not in options)
             logps._grad_in_forward = (lambda head: False) if "recompute" in options else grad_in_forward
             if attn == "flex_attention" and not cuda:
                 print(f"=== {name}: skipped (FlexAttention has no backward on a CPU)\n")

@@ -314,8 +314,11 @@ def attach_lora(base, cfg: LoraConfig, *, seed: int, gradient_checkpointing: boo
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         layers = decoder_layers(model)
-        for layer in layers[checkpointed_layers(True, checkpoint_share, len(layers)):]:
+        k = checkpointed_layers(True, checkpoint_share, len(layers))
+        for layer in layers[k:]:
             layer.gradient_checkpointing = False  # each layer decides for itself at every call
+        if fuse_forward:  # their recompute stops before the MLP's last base GEMM
+            lora_forward.base_gemm_last(layers[:k])
     return model
 
 

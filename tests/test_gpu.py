@@ -166,10 +166,13 @@ def test_gpu_folded_lora_dropout_under_autocast(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_fused_lora_forward_under_autocast(tiny_model_dir, dtype):
-    """The fused LoRA forward on a CUDA 4-bit base under autocast: log-probs and LoRA gradients within the compute
-    dtype's rounding of peft's own forward (the fused form rounds once where peft rounds three times), in the
-    autocast dtype throughout; twin: test_lora_forward.test_fused_forward_gives_peft_numbers (CPU, fp32)."""
-    from lora_dpo.lora_forward import fuse_lora_forward
+    """The fused LoRA forward on a CUDA 4-bit base under autocast, and with down_proj's base GEMM last (skipped in
+    the recompute): log-probs and LoRA gradients within the compute dtype's rounding of peft's own forward (the
+    fused form rounds once where peft rounds three times), in the autocast dtype throughout; twins:
+    test_lora_forward.test_fused_forward_gives_peft_numbers and test_the_recompute_stops_before_the_mlp_output_base_gemm
+    (CPU, fp32)."""
+    from lora_dpo.lora_forward import base_gemm_last, fuse_lora_forward
+    from tests.test_lora_forward import _base_calls
 
     cuda = torch.device("cuda")
     base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(), dtype, cuda)
@@ -179,18 +182,24 @@ def test_gpu_fused_lora_forward_under_autocast(tiny_model_dir, dtype):
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).to(p) * 0.05)
     m, batch, results = peft_model, build(PAIRS, 2, "packed").to(cuda), []
-    for fused in (False, True):  # the same model and weights, peft's forward first, then fused
-        assert not fused or fuse_lora_forward(m) > 0
+    for mode in ("peft", "fused", "base GEMM last"):  # the same model and weights, peft's forward first
+        assert mode != "fused" or fuse_lora_forward(m) > 0
+        assert mode != "base GEMM last" or base_gemm_last(M.decoder_layers(m)) == 2
+        calls = _base_calls(m)
         m.train()
         m.zero_grad()
         with torch.autocast("cuda", dtype=dtype):
             logps, _ = batch_logps(m, batch)
         logps.float().sum().backward()
         results.append((logps.detach().float(), [p.grad.float().clone() for p in m.parameters() if p.requires_grad]))
-    (want, want_grads), (got, got_grads) = results
-    torch.testing.assert_close(got, want, rtol=2e-2, atol=0.1)  # sums of rounded per-token log-probs
-    for a, b in zip(got_grads, want_grads):
-        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+        assert calls["down_proj"] == (2 if mode == "base GEMM last" else 4) and calls["up_proj"] == 4
+        for handle in calls.handles:
+            handle.remove()
+    (want, want_grads), *others = results
+    for got, got_grads in others:
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=0.1)  # sums of rounded per-token log-probs
+        for a, b in zip(got_grads, want_grads):
+            assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
 
 
 def test_gpu_lean_rmsnorm_in_bf16():

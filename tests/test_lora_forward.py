@@ -4,6 +4,7 @@ float rounding, the reference pass untouched, the same adapter, less kept for ba
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -142,3 +143,54 @@ def test_a_bf16_base_under_an_fp32_adapter_without_autocast(tiny_model_dir, quan
     assert torch.equal(got, want)
     for n, g in want_grads.items():
         assert torch.equal(got_grads[n], g), n
+
+
+def _count(calls: dict, key: str, *_) -> None:
+    calls[key] = calls.get(key, 0) + 1
+
+
+class _Calls(dict):
+    handles: list
+
+
+def _base_calls(model) -> _Calls:
+    """How often each adapted layer's base layer runs (forward hooks), by the layer's name; `.handles` removes the
+    hooks."""
+    calls = _Calls()
+    calls.handles = []
+    for name, module in model.named_modules():
+        if name.endswith(".base_layer"):
+            calls.handles.append(module.register_forward_hook(functools.partial(_count, calls, name.split(".")[-2])))
+    return calls
+
+
+@pytest.mark.parametrize("quantized,dropout", [(True, 0.0), (True, 0.1), (False, 0.0)])
+def test_the_recompute_stops_before_the_mlp_output_base_gemm(tiny_model_dir, quantized, dropout):
+    """With gradient checkpointing, each layer's recompute in backward ends once everything it kept is back: with
+    down_proj's LoRA update computed before its base GEMM, that GEMM runs in the forward only. The other projections
+    run twice (forward, recompute) — and log-probs and gradients are peft's."""
+    peft_model, fused = _models(tiny_model_dir, quantized, checkpointing=True, dropout=dropout)
+    ours = copy.deepcopy(fused)
+    assert M.lora_forward.base_gemm_last(M.decoder_layers(ours)) == 2  # one down_proj per layer
+    twice = {k: 4 for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+    calls = _base_calls(fused)
+    _step(fused)
+    assert calls == twice  # 2 layers, each base GEMM in the forward and in the recompute
+    calls = _base_calls(ours)
+    got, got_grads, _ = _step(ours)
+    assert calls == twice | {"down_proj": 2}
+    want, want_grads, _ = _step(peft_model)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for n, g in want_grads.items():
+        torch.testing.assert_close(got_grads[n], g, rtol=1e-4, atol=1e-6)
+        assert g.abs().sum() > 0
+
+
+def test_attach_lora_puts_the_base_gemm_last_in_checkpointed_layers_only(tiny_model_dir):
+    base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(load_in_4bit=True),
+                       torch.float32, CPU)
+    model = M.attach_lora(base, LoraConfig(), seed=0, gradient_checkpointing=True, checkpoint_share=0.5)
+    last = [n for n, m in model.named_modules() if m.__dict__.get("_lora_dpo_base_gemm_last")]
+    assert [n.split("layers.")[1] for n in last] == ["0.mlp.down_proj"]  # the first of 2 layers recomputes
+    assert M.lora_forward.unfuse_lora_forward(model) == 14
+    assert not any(m.__dict__.get("_lora_dpo_base_gemm_last") for m in model.modules())
