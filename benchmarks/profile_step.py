@@ -149,6 +149,8 @@ def main() -> None:
             print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total",
                                             row_limit=a.rows, max_name_column_width=60))
             print(by_kind(prof.key_averages(), cuda, t_prof) + "\n")
+            if cuda:  # the host's side: what keeps a GPU waiting when it is not busy
+                print(host_side(prof.key_averages(), t_prof, a.rows) + "\n")
     print("| pair tokens | layout:attention[:options] | row tokens | s/step | ms per 1k row tokens |\n"
           "|---|---|---|---|---|")
     for shape, name, tokens, seconds in summary:
@@ -195,6 +197,17 @@ def by_kind(rows, cuda: bool, wall: float) -> str:
     head = (f"{'GPU kernels' if cuda else 'CPU operators (self time)'}: {total / 1e3:.1f} ms over a {1e3 * wall:.1f} ms"
             f" step" + (f", the GPU busy {total / 1e6 / wall:.0%} of it" if cuda else ""))
     return "\n".join([head, *lines])
+
+
+def host_side(rows, wall: float, limit: int) -> str:
+    """The profiled step on the host: operator calls, their self CPU time (dispatch, launches, Python-implemented
+    ops such as bitsandbytes') against the step's wall time, and the operators costing the host most."""
+    ops = [r for r in rows if "::" in r.key]
+    cpu = sum(r.self_cpu_time_total for r in ops)
+    top = sorted(ops, key=lambda r: -r.self_cpu_time_total)[:limit]
+    lines = [f"  {r.key[:60]}: {r.self_cpu_time_total / 1e3:.1f} ms over {r.count} calls" for r in top]
+    return "\n".join([f"host: {sum(r.count for r in ops)} operator calls, {cpu / 1e3:.1f} ms of their own CPU time "
+                      f"over a {1e3 * wall:.1f} ms step; most:", *lines])
 
 
 if __name__ == "__main__":
