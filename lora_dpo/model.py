@@ -313,6 +313,9 @@ def attach_lora(base, cfg: LoraConfig, *, seed: int, gradient_checkpointing: boo
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers also makes the embeddings' output require grad, which only reentrant checkpointing needs:
+        # backward would then run the first layer's q/k/v input gradients and the input norm's for nothing
+        model.disable_input_require_grads()
         layers = decoder_layers(model)
         k = checkpointed_layers(True, checkpoint_share, len(layers))
         for layer in layers[k:]:

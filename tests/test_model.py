@@ -311,3 +311,34 @@ def test_attach_lora_turns_checkpointing_on_for_the_decoder_layers(tiny_model_di
     m = M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=on, checkpoint_share=share)
     layers = [mod for mod in m.modules() if type(mod).__name__ == "LlamaDecoderLayer"]
     assert layers == M.decoder_layers(m) and [mod.gradient_checkpointing for mod in layers] == want
+
+
+def test_checkpointing_leaves_the_embeddings_output_without_grad(tiny_model_dir):
+    """transformers' checkpointing switch makes the embeddings' output require grad (reentrant checkpointing needs
+    it; lora-dpo's non-reentrant one does not): backward would run the first layer's input gradients for nothing.
+    attach_lora takes that off — and every adapter matrix, the first layer's included, gets the gradient it gets
+    without checkpointing."""
+    from lora_dpo.batching import build
+    from lora_dpo.data import Pair
+    from lora_dpo.logps import batch_logps
+
+    batch = build([Pair([1, 2, 3, 4, 5], [6, 7, 8], [9, 10], 0)], 0, "packed")
+    grads, inputs = [], []
+    for on in (False, True):
+        base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(), torch.float32,
+                           torch.device("cpu"))
+        m = M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=on)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(0.01)
+        M.decoder_layers(m)[0].register_forward_pre_hook(
+            lambda mod, args, kwargs: inputs.append((args or [kwargs["hidden_states"]])[0].requires_grad),
+            with_kwargs=True)
+        m.train()
+        batch_logps(m, batch)[0].sum().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert inputs == [False, False]
+    assert all(g.abs().sum() > 0 for g in grads[1].values())
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-7)
