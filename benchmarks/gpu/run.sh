@@ -26,7 +26,9 @@
 #              shapes: packed on flex with lora-dpo's fused LoRA forward and with peft's own (lora_dpo/lora_forward.py:
 #              its GPU gain), with down_proj's base GEMM first (recomputed in backward: lora_forward.base_gemm_last's
 #              gain), and concatenated (TRL's rows) on sdpa: s/step per row token, the busiest kernels, and CPU
-#              against GPU time (whether the step waits on the host)
+#              against GPU time (whether the step waits on the host); a third shape of 16 + 2 × 16 tokens, whose
+#              GPU work is negligible, times the host's own cost of a step (Python, dispatch, launches): a long-
+#              prompt step that takes about as long is host-bound
 #   long-b16   the long stage at 16 pairs per step, 4 steps: the memory ratio where activations, not the 4-bit
 #              weights both sides hold, make most of the peak
 #   losses     both trainers in fp32 on the GPU, 3 small steps, short prompts: the losses must agree as on a CPU
@@ -99,7 +101,7 @@ on long-offload && stage long-offload 240 120 $vs_trl --datasets long --long-pro
   --json "$out/long-offload.json"
 on gpu-tests && stage gpu-tests 150 45 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
   tests/test_train.py
-profile="python3 benchmarks/profile_step.py $model --steps 2 --rows 15 --shapes $((w / 2))x$w,$((4 * w))x$w"
+profile="python3 benchmarks/profile_step.py $model --steps 2 --rows 15 --shapes $((w / 2))x$w,$((4 * w))x$w,16x16"
 on profile && stage profile 240 90 $profile --settings packed:flex_attention,packed:flex_attention:peft,packed:flex_attention:base-first,concatenated:sdpa
 on long-b16 && stage long-b16 240 150 $vs_trl --datasets long --long-prompt $((4 * w)) --batch 16 --steps 4 \
   --warmup 2 --json "$out/long-b16.json"
