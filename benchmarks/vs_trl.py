@@ -157,7 +157,7 @@ def _recipe_dict(a) -> dict:
             "train": {"max_steps": a.steps, "learning_rate": 1e-4, "precision": a.precision,
                       "per_device_train_batch_size": a.batch,
                       "gradient_checkpointing": a.checkpointing, "seed": 42, "layout": a.layout,
-                      "offload_activations": a.offload in ("activations", "both"),
+                      "offload_activations": a.offload in ("activations", "both"), "compile": a.compile,
                       "group_by_length": a.group},
             "evaluation": {"generations": 0}, "output": {"dir": "run"}}
 
@@ -428,6 +428,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32"],
                    help="fp32: both trainers compute in fp32 on a GPU too (the losses must then agree as on a CPU)")
     p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="lora-dpo with train.compile (TRL as it is)")
+    p.add_argument("--trainers", default="ours,trl", help="which to run: ours,trl (default) or ours alone (the GPU "
+                                                         "kit compares a variant with an earlier stage's TRL run)")
     p.add_argument("--offload", default="off", choices=["off", "embeddings", "activations", "both"],
                    help="lora-dpo's memory savers: model.offload_embeddings, train.offload_activations (needs "
                         "--checkpointing) or both (TRL has neither)")
@@ -446,7 +449,7 @@ def parser() -> argparse.ArgumentParser:
 
 # options only the controller reads; a worker gets every other option it was given (worker_args)
 CONTROLLER_ONLY = {"help", "model", "repeats", "datasets", "json", "build_only", "worker", "dataset", "model_dir",
-                   "init_adapter"}
+                   "init_adapter", "trainers"}
 
 
 def worker_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> list[str]:
@@ -475,6 +478,8 @@ def main() -> None:
         p.error(f"--offload {a.offload}: train.offload_activations moves what checkpointing keeps; add --checkpointing")
     if a.steps <= a.warmup:
         p.error(f"--steps {a.steps} leaves no timed step after --warmup {a.warmup}")
+    if a.trainers not in ("ours,trl", "ours"):
+        p.error(f"--trainers {a.trainers}: expected ours,trl or ours")
     Probe.warmup = a.warmup
     if a.worker:
         rows, order = dataset_rows(a, a.dataset)
@@ -490,7 +495,7 @@ def main() -> None:
         results: dict = {}
         for ds in a.datasets.split(","):
             for _ in range(a.repeats):
-                for which in ("ours", "trl"):  # ours first: it saves the initial adapter TRL starts from
+                for which in a.trainers.split(","):  # ours first: it saves the initial adapter TRL starts from
                     r = run_worker(a, which, ds)
                     results.setdefault(ds, {}).setdefault(which, []).append(r)
                     print(f"[{ds}] {which}: {r['pairs_per_s']:.3f} pairs/s, {r['tokens_per_s']:.0f} tok/s, "
@@ -515,7 +520,7 @@ def write_json(a, results: dict) -> None:
     meta = {"machine": machine(), "cuda": torch.cuda.is_available(), "model": a.model, "n_params": a.n_params,
             "batch": a.batch, "steps": a.steps,
             "checkpointing": a.checkpointing, "grouped": a.group, "layout": a.layout, "attn": attention(a),
-            "offload": a.offload,
+            "offload": a.offload, "compile": a.compile,
             "precision": a.precision,
             "command": sys.argv}
     save(Path(a.json), {"meta": meta, "results": results})
@@ -538,12 +543,16 @@ def report(a, results: dict) -> None:
           f"layout {a.layout}, lora-dpo attention {attention(a)} (TRL: sdpa), precision {a.precision}, "
           f"batches {'grouped by length' if a.group else 'shuffled'} (the same on both sides), "
           f"gradient checkpointing {'on' if a.checkpointing else 'off'}, lora-dpo offloading {a.offload}, "
+          f"lora-dpo train.compile {'on' if a.compile else 'off'} (TRL: off), "
           f"{a.repeats} repeats\n")
     print("| data | TRL pairs/s | lora-dpo pairs/s | speed-up | TRL peak | lora-dpo peak | memory ratio | "
           "max |Δ loss| steps 1-3 | MFU TRL / lora-dpo | lora-dpo padding | tokens TRL / lora-dpo |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     notes = []
     for ds, r in results.items():
+        if not (r.get("trl") and r.get("ours")):  # --trainers ours: nothing to compare here (the GPU kit pairs it)
+            notes.append(f"{ds}: only {' and '.join(k for k in r if r[k])} ran (--trainers)")
+            continue
         t, o = r["trl"], r["ours"]
         dl = max(abs(x - y) for x, y in zip(t[0]["losses"][:3], o[0]["losses"][:3]))
         if "predicted_bytes" in o[0]:

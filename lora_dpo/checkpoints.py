@@ -99,7 +99,7 @@ RESUME_MAY_CHANGE = ("output.dir", "output.overwrite", "output.export", "train.r
                      "train.report_to",
                      "train.max_nonfinite_steps", "train.per_device_eval_batch_size", "train.device",
                      "train.gradient_checkpointing", "train.gradient_checkpointing_layers",
-                     "train.offload_activations", "train.layout", "model.attn_implementation",
+                     "train.offload_activations", "train.compile", "train.layout", "model.attn_implementation",
                      "model.offload_embeddings", "data.on_problem", "evaluation.",
                      # where the reference cache lives, not what it holds (its key says that): a moved cache hits
                      "dpo.reference_cache_dir")

@@ -9,6 +9,7 @@ import math
 import torch
 
 from lora_dpo import attention, batching, offload
+from lora_dpo import compile as compile_blocks
 from lora_dpo import model as model_lib
 from lora_dpo.batching import Batch
 from lora_dpo.data import Pair
@@ -47,7 +48,8 @@ def _generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: in
                    repetition_penalty=1.0) if sample else dict(do_sample=False)
     out_ids = []
     ctx = model_lib.reference_mode if reference else _no_grad
-    with ctx(model), attention.sdpa_for_generation(model), offload.embeddings_on_device(model):
+    with ctx(model), attention.sdpa_for_generation(model), offload.embeddings_on_device(model), \
+            compile_blocks.eager():
         device = next(model.parameters()).device
         for i in range(0, len(prompts), batch_size):
             ids, mask = _left_padded(prompts[i: i + batch_size], tokenizer.pad_token_id)

@@ -175,6 +175,11 @@ class TrainConfig:
         "waits in pinned CPU memory instead, copied out in the forward pass and back in backward, in the GPU's own "
         "order. Frees that GPU memory for two copies over PCIe per layer and step. A CPU run has nothing to move "
         "(said in the run).")
+    compile: bool = _f(
+        False, "Each decoder layer's attention and MLP through torch.compile (inductor): fewer, fused kernels, "
+        "launched from generated code instead of Python operator by operator — for steps that wait on the host "
+        "(small micro-batches on a fast GPU). The first steps compile (a minute or more); generation stays eager. "
+        "Needs a C++ compiler on a CPU and Triton on a GPU.")
     layout: Literal["packed", "shared", "concatenated"] = _f(
         "packed", "How pairs become rows. shared: one [prompt | chosen | rejected] row per pair, the prompt runs "
         "once (4-D mask); packed: shared, and several pairs per row so padding costs nothing; concatenated: "

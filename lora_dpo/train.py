@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lora_dpo import batching, checkpoints, data, distributed, losses, offload, preflight, refcache, tracking
+from lora_dpo import compile as compile_blocks
 from lora_dpo import model as model_lib
 from lora_dpo.errors import LoraDpoError, TrainingStopped
 from lora_dpo.evaluate import evaluate_pairs, print_before_after, snapshot, snapshots_json
@@ -302,6 +303,9 @@ def _load_policy(recipe: Recipe, device: torch.device, dtype: torch.dtype, ctx: 
         say(f"gradient checkpointing: {sum(flags)} of {len(flags)} decoder layers recompute in backward{why}")
     if tcfg.offload_activations:
         say(offload.offload_checkpointed_inputs(policy, model_lib.decoder_layers(policy), device))
+    if tcfg.compile:
+        n = compile_blocks.compile_layers(model_lib.decoder_layers(policy), device)
+        say(f"torch.compile: the attention and MLP of each decoder layer ({n} blocks); the first steps compile")
     return policy
 
 

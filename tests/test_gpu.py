@@ -238,3 +238,37 @@ def test_gpu_log_prob_gradient_in_forward_under_bf16_autocast():
     (got, g_got), (want, g_want) = outs
     assert torch.equal(got, want)
     torch.testing.assert_close(g_got.float(), g_want.float(), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("attn", ["flex_attention", "sdpa"])
+def test_gpu_compiled_blocks_under_bf16_autocast(tiny_model_dir, attn):
+    """train.compile on a CUDA 4-bit base under bf16 autocast, gradient checkpointing on, inductor's Triton kernels:
+    log-probs and LoRA gradients within bf16 rounding of the eager ones, for batches of two lengths; twin:
+    test_compile.test_compiled_blocks_give_the_eager_numbers_with_one_set_of_graphs (CPU, aot_eager)."""
+    from lora_dpo.compile import compile_layers
+
+    cuda = torch.device("cuda")
+    torch._dynamo.reset()
+    base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir), attn_implementation=attn), QuantizationConfig(),
+                       torch.bfloat16, cuda)
+    m = M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=True)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).to(p) * 0.05)
+    m.train()
+    batches = [build(PAIRS, 2, "packed").to(cuda), build(PAIRS[:1], 2, "packed").to(cuda)]
+    results = []
+    for compiled in (False, True):
+        assert not compiled or compile_layers(M.decoder_layers(m), cuda) == 2 * len(M.decoder_layers(m))
+        for batch in batches:
+            m.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logps, _ = batch_logps(m, batch)
+            logps.float().sum().backward()
+            grads = [p.grad.float().clone() for p in m.parameters() if p.requires_grad]
+            results.append((logps.detach().float(), grads))
+    for (want, want_grads), (got, got_grads) in zip(results[:2], results[2:]):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=0.1)
+        for a, b in zip(got_grads, want_grads):
+            assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99

@@ -16,7 +16,11 @@
 #              two untimed steps (flex compiles its kernels in the first ones)
 #   short      the same, short prompts (prompt ~1/5 of the tokens), two alternated repeats (TRL's one run of it on
 #              the H200 went at half its usual rate per token; the per-step times now printed tell why)
-#   long-offload  the long stage with lora-dpo keeping embeddings and checkpointed inputs in CPU memory
+#   long-offload  the long stage with lora-dpo keeping embeddings and checkpointed inputs in CPU memory (lora-dpo
+#              alone: targets.py compares it with the long stage's TRL run, the same data and settings)
+#   long-compile  the long stage with lora-dpo's train.compile (attention and MLP blocks through torch.compile;
+#              they compile during the two untimed steps): what the host's share of a step costs (lora-dpo alone,
+#              as long-offload)
 #              (model.offload_embeddings, train.offload_activations; TRL has neither): the memory ratio and its cost
 #   gpu-tests  the GPU-marked tests: bf16 + paged 8-bit AdamW, fp16 + GradScaler, flex_attention training,
 #              prefix sharing on a CUDA 4-bit base (sdpa, sdpa_causal and flex) against the plain forward, offloaded
@@ -84,7 +88,7 @@ stage() {  # stage NAME LIMIT MIN_NEEDED command...
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$log"
 }
-want=" ${*:-model long short long-offload gpu-tests profile long-b16 losses losses-long memory short-causal long-sdpa ckpt offload profile-kernels} "
+want=" ${*:-model long short long-offload long-compile gpu-tests profile long-b16 losses losses-long memory short-causal long-sdpa ckpt offload profile-kernels} "
 on() { [[ $want == *" $1 "* ]]; }
 # KIT_* variables shrink the kit for a smoke run on a CPU (e.g. KIT_MODEL=demo KIT_WORDS=16 KIT_TOKENS=32)
 model="--model ${KIT_MODEL:-llama3-8b-random}"
@@ -97,9 +101,11 @@ memory="python3 benchmarks/memory.py $model --prompt-tokens $m --completion-toke
 on model && stage model 240 30 python3 benchmarks/vs_trl.py $model --build-only
 on long && stage long 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --json "$out/long.json"
 on short && stage short 240 150 $vs_trl --datasets short --short-prompt $((w / 2)) --repeats 2 --json "$out/short.json"
-on long-offload && stage long-offload 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --offload both \
-  --json "$out/long-offload.json"
-on gpu-tests && stage gpu-tests 150 45 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
+on long-offload && stage long-offload 180 90 $vs_trl --datasets long --long-prompt $((4 * w)) --offload both \
+  --trainers ours --json "$out/long-offload.json"
+on long-compile && stage long-compile 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --compile \
+  --trainers ours --json "$out/long-compile.json"
+on gpu-tests && stage gpu-tests 180 45 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
   tests/test_train.py
 profile="python3 benchmarks/profile_step.py $model --steps 2 --rows 15 --shapes $((w / 2))x$w,$((4 * w))x$w,16x16"
 on profile && stage profile 240 90 $profile --settings packed:flex_attention,packed:flex_attention:peft,packed:flex_attention:base-first,concatenated:sdpa

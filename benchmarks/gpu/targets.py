@@ -101,6 +101,15 @@ def vs_trl_lines(name: str, doc: dict | None, label: str, losses_only: bool = Fa
     return out
 
 
+def _with_trl_from(doc: dict | None, name: str, base: dict | None) -> dict | None:
+    """A variant stage that ran lora-dpo alone (vs_trl.py --trainers ours) compared with TRL's run in the `base`
+    stage (the same data, batch and settings on TRL's side, in the same kit call)."""
+    r = (doc or {}).get("results", {}).get(name)
+    if not r or r.get("trl") or not (base or {}).get("results", {}).get(name, {}).get("trl"):
+        return doc
+    return {**doc, "results": {**doc["results"], name: {**r, "trl": base["results"][name]["trl"]}}}
+
+
 def _step_memory_ratio(r: dict) -> float | None:
     """lora-dpo ÷ TRL of the memory a step adds on top of what stays between steps (the 4-bit weights, adapter and
     optimizer state, common to both): the part of the peak the trainers' work decides. None before results had it."""
@@ -148,9 +157,11 @@ def main() -> None:
                               ("long", "long-b16.json", "long prompts, 16 pairs per step"),
                               ("long", "long-sdpa.json", "long prompts, lora-dpo on sdpa"),
                               ("short", "short-causal.json", "short prompts, lora-dpo on sdpa_causal"),
-                              ("long", "long-offload.json", "long prompts, lora-dpo offloading to CPU memory")):
+                              ("long", "long-offload.json", "long prompts, lora-dpo offloading to CPU memory"),
+                              ("long", "long-compile.json", "long prompts, lora-dpo with train.compile")):
         doc = _load(out / file)
-        lines += vs_trl_lines(name, doc, label + (f" ({doc['meta']['attn']})" if doc and "sdpa" not in file else ""))
+        label += f" ({doc['meta']['attn']})" if doc and "sdpa" not in file else ""
+        lines += vs_trl_lines(name, _with_trl_from(doc, name, _load(out / f"{name}.json")), label)
     for name in ("short", "long"):
         lines += vs_trl_lines(name, _load(out / f"losses-{name}.json") or _load(out / "losses.json"),
                               f"{name} prompts, fp32 on both sides", True)

@@ -1,0 +1,48 @@
+"""train.compile: each decoder layer's attention and MLP through torch.compile.
+
+A training step calls each of those blocks three times (reference, policy and, with checkpointing, the recompute)
+and backward once more, and each call is dozens of small operators — projections, their LoRA updates, the rotary
+embedding, norms and casts — dispatched one by one from Python. When a GPU finishes those kernels faster than the
+host can launch them (small micro-batches on a fast card), the step waits on Python; a compiled block is one call
+into generated code that launches fused kernels. The blocks are compiled one by one (not the whole model) so that
+gradient checkpointing, activation offloading and the chunked log-probs stay as they are around them, and every
+layer reuses the same compiled code (parameters are the compiled code's inputs, not its constants).
+
+Under compile the MLP is the model's own: which of its tensors to keep for backward is the compiler's choice, which
+lora-dpo's lean MLP (lora_dpo/mlp.py) would only hide from it. Generation (evaluation, export checks) runs eagerly:
+decoding one token at a time with a KV cache would compile a graph per length. The first steps compile (a minute or
+more); the log-probs equal the eager ones to float rounding (tests/test_compile.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+
+import torch
+
+from lora_dpo.errors import LoraDpoError
+
+BLOCKS = ("self_attn", "mlp")
+CXX = ("g++", "c++", "clang++")  # what inductor's CPU code needs to build
+
+
+def compile_layers(layers, device: torch.device, backend: str = "inductor") -> int:
+    """Compile the attention and MLP blocks of each decoder layer in `layers`; → how many blocks."""
+    if backend == "inductor" and device.type == "cpu" and not any(shutil.which(c) for c in CXX):
+        raise LoraDpoError(f"train.compile: compiling for a CPU needs a C++ compiler and none of {', '.join(CXX)} "
+                           "is on PATH; install one (e.g. apt-get install g++) or set train.compile: false")
+    n = 0
+    for layer in layers:
+        for name in BLOCKS:
+            block = layer.get_submodule(name)
+            block.__dict__.pop("forward", None)  # lora-dpo's lean MLP forward: the model's own under compile
+            block.compile(backend=backend, dynamic=None)
+            n += 1
+    return n
+
+
+def eager():
+    """A context in which compiled blocks run their eager code (generation)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
