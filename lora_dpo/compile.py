@@ -8,8 +8,9 @@ into generated code that launches fused kernels. The blocks are compiled one by 
 gradient checkpointing, activation offloading and the chunked log-probs stay as they are around them, and every
 layer reuses the same compiled code (parameters are the compiled code's inputs, not its constants).
 
-Under compile the MLP is the model's own: which of its tensors to keep for backward is the compiler's choice, which
-lora-dpo's lean MLP (lora_dpo/mlp.py) would only hide from it. Generation (evaluation, export checks) runs eagerly:
+Under compile the MLP (and any norm inside attention, as Qwen3's) is the model's own: which of its tensors to keep
+for backward is the compiler's choice, which lora-dpo's lean MLP and norm (lora_dpo/mlp.py, rmsnorm.py) would only
+hide from it. Generation (evaluation, export checks) runs eagerly:
 decoding one token at a time with a KV cache would compile a graph per length. The first steps compile (a minute or
 more); the log-probs equal the eager ones to float rounding (tests/test_compile.py).
 """
@@ -17,6 +18,7 @@ more); the log-probs equal the eager ones to float rounding (tests/test_compile.
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 
 import torch
@@ -36,10 +38,18 @@ def compile_layers(layers, device: torch.device, backend: str = "inductor") -> i
     for layer in layers:
         for name in BLOCKS:
             block = layer.get_submodule(name)
-            block.__dict__.pop("forward", None)  # lora-dpo's lean MLP forward: the model's own under compile
+            for module in block.modules():  # lora-dpo's lean MLP (and norms inside attention, e.g. Qwen3's q/k
+                if _lean(module.__dict__.get("forward")):  # norms): the model's own forward under compile, whose
+                    del module.forward  # per-module partials would also make each layer compile its own graphs
             block.compile(backend=backend, dynamic=None)
             n += 1
     return n
+
+
+def _lean(forward) -> bool:
+    from lora_dpo import mlp, rmsnorm
+
+    return isinstance(forward, functools.partial) and forward.func in (mlp._lean_forward, rmsnorm._lean_forward)
 
 
 def eager():
