@@ -27,6 +27,7 @@ from lora_dpo.errors import LoraDpoError
 
 BLOCKS = ("self_attn", "mlp")
 CXX = ("g++", "c++", "clang++")  # what inductor's CPU code needs to build
+RECOMPILE_LIMIT = 32
 
 
 def compile_layers(layers, device: torch.device, backend: str = "inductor") -> int:
@@ -34,6 +35,10 @@ def compile_layers(layers, device: torch.device, backend: str = "inductor") -> i
     if backend == "inductor" and device.type == "cpu" and not any(shutil.which(c) for c in CXX):
         raise LoraDpoError(f"train.compile: compiling for a CPU needs a C++ compiler and none of {', '.join(CXX)} "
                            "is on PATH; install one (e.g. apt-get install g++) or set train.compile: false")
+    # a block's graphs: reference (adapters off), evaluation and policy passes, layer 0's input without grad, each
+    # with fixed then dynamic lengths, more where layers differ (sliding windows): past torch's default of 8 per
+    # block, the rest would silently run eagerly
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     n = 0
     for layer in layers:
         for name in BLOCKS:

@@ -72,6 +72,7 @@ def test_compiled_blocks_give_the_eager_numbers_with_one_set_of_graphs(tiny_mode
     want = _steps(m, batches)
     layers = M.decoder_layers(m)
     assert C.compile_layers(layers, CPU, backend="aot_eager") == 2 * len(layers)  # attention and MLP
+    assert torch._dynamo.config.recompile_limit >= C.RECOMPILE_LIMIT  # not torch's 8 per block
     got = _steps(m, batches)
     for (r1, p1, g1), (r2, p2, g2) in zip(want, got):
         torch.testing.assert_close(r2, r1, rtol=1e-5, atol=1e-5)
