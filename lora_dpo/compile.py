@@ -10,9 +10,9 @@ layer reuses the same compiled code (parameters are the compiled code's inputs, 
 
 Under compile the MLP (and any norm inside attention, as Qwen3's) is the model's own: which of its tensors to keep
 for backward is the compiler's choice, which lora-dpo's lean MLP and norm (lora_dpo/mlp.py, rmsnorm.py) would only
-hide from it. Generation (evaluation, export checks) runs eagerly:
-decoding one token at a time with a KV cache would compile a graph per length. The first steps compile (a minute or
-more); the log-probs equal the eager ones to float rounding (tests/test_compile.py).
+hide from it. Generation (evaluation's samples and side-by-side answers) runs eagerly: decoding one token at a time
+with a KV cache would compile a graph per length. The first steps compile (a minute or more); the log-probs equal
+the eager ones to float rounding (tests/test_compile.py).
 """
 
 from __future__ import annotations
