@@ -161,15 +161,23 @@ def compile_flex_for_any_length() -> None:
     not (lora-dpo's own passes all run under the training autocast; a caller's may not), for several rows and for
     one, … — easily past torch's default limit of 8, after which torch silently runs flex_attention *uncompiled*,
     materialising every (query, key) score: slow, and enough memory to run out of it. The limit is raised for that
-    (tests/test_attention.py). Both settings are process-wide; lora-dpo compiles nothing else."""
+    (tests/test_attention.py). Both settings are process-wide; lora-dpo compiles nothing else (but the blocks of
+    train.compile, lora_dpo/compile.py)."""
+    import torch._dynamo
+
+    torch._dynamo.config.assume_static_by_default = False
+    raise_recompile_limit(FLEX_RECOMPILE_LIMIT)
+
+
+def raise_recompile_limit(n: int) -> None:
+    """At least `n` compiled graphs per compiled function before torch falls back to running it eagerly."""
     import torch._dynamo
 
     cfg = torch._dynamo.config
-    cfg.assume_static_by_default = False
     if hasattr(cfg, "recompile_limit"):
-        cfg.recompile_limit = max(cfg.recompile_limit, FLEX_RECOMPILE_LIMIT)
+        cfg.recompile_limit = max(cfg.recompile_limit, n)
     else:  # its name before torch 2.6
-        cfg.cache_size_limit = max(cfg.cache_size_limit, FLEX_RECOMPILE_LIMIT)
+        cfg.cache_size_limit = max(cfg.cache_size_limit, n)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ import shutil
 
 import torch
 
+from lora_dpo import attention
 from lora_dpo.errors import LoraDpoError
 
 BLOCKS = ("self_attn", "mlp")
@@ -38,7 +39,7 @@ def compile_layers(layers, device: torch.device, backend: str = "inductor") -> i
     # a block's graphs: reference (adapters off), evaluation and policy passes, layer 0's input without grad, each
     # with fixed then dynamic lengths, more where layers differ (sliding windows): past torch's default of 8 per
     # block, the rest would silently run eagerly
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    attention.raise_recompile_limit(RECOMPILE_LIMIT)
     n = 0
     for layer in layers:
         for name in BLOCKS:
