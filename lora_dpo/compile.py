@@ -43,12 +43,17 @@ def compile_layers(layers, device: torch.device, backend: str = "inductor") -> i
     n = 0
     for layer in layers:
         for name in BLOCKS:
-            block = layer.get_submodule(name)
+            block = layer._modules.get(name)
+            if block is None:  # another family's naming: that block stays eager
+                continue
             for module in block.modules():  # lora-dpo's lean MLP (and norms inside attention, e.g. Qwen3's q/k
                 if _lean(module.__dict__.get("forward")):  # norms): the model's own forward under compile, whose
                     del module.forward  # per-module partials would also make each layer compile its own graphs
             block.compile(backend=backend, dynamic=None)
             n += 1
+    if layers and not n:
+        raise LoraDpoError(f"train.compile: this model's decoder layers have none of the blocks it compiles "
+                           f"({', '.join(BLOCKS)}); set train.compile: false")
     return n
 
 

@@ -113,3 +113,9 @@ def test_no_cpp_compiler_is_a_clear_error(tiny_model_dir, monkeypatch):
     with pytest.raises(LoraDpoError, match=r"train.compile: .*C\+\+ compiler.*train.compile: false"):
         C.compile_layers(M.decoder_layers(m), CPU)
     C.compile_layers(M.decoder_layers(m), torch.device("cuda"), backend="aot_eager")  # a GPU needs Triton, not C++
+
+
+def test_a_model_without_the_blocks_is_a_clear_error():
+    layers = [torch.nn.ModuleDict({"attn": torch.nn.Linear(2, 2), "ffn": torch.nn.Linear(2, 2)})]
+    with pytest.raises(LoraDpoError, match=r"train.compile: .*self_attn, mlp.*train.compile: false"):
+        C.compile_layers(layers, CPU, backend="aot_eager")
