@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lora_dpo import batching, checkpoints
+from lora_dpo import compile as compile_blocks
 from lora_dpo import data as data_lib
 from lora_dpo import model as model_lib
 from lora_dpo import reward_model as rm_lib
@@ -39,7 +40,9 @@ def evaluate_pairs(model, pairs: list[data_lib.Pair], cfg: DpoConfig, batch_size
     layout, _ = batching.resolve_layout(layout, causal_lm(model).config, pairs)
     dtype = causal_lm(model).get_input_embeddings().weight.dtype  # the run's compute dtype
     for chunk in batching.eval_batches(pairs, batch_size):
-        with model_lib.autocast(device, dtype):  # as training computes
+        # eagerly under train.compile: an eval-mode model would compile graphs of its own (minutes on a CPU) for a
+        # pass that runs now and then
+        with model_lib.autocast(device, dtype), compile_blocks.eager():  # as training computes
             loss, metrics = dpo_forward(model, batching.build(chunk, pad_id, layout).to(device), cfg)
         if ties:
             metrics["ties"] = (metrics["rewards/margins"] == 0).float()

@@ -98,7 +98,7 @@ def kl_estimate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
     for i in range(0, len(kept), batch_size):
         chunk = kept[i: i + batch_size]
         batch = _completion_batch([p for p, _ in chunk], [c for _, c in chunk], tokenizer.pad_token_id).to(device)
-        with model_lib.autocast(device, dtype):  # as training computes (held-out eval does the same)
+        with model_lib.autocast(device, dtype), compile_blocks.eager():  # as training computes, eagerly
             policy, n_tokens = batch_logps(model, batch)                     # (2R,): the R rows twice
             with model_lib.reference_mode(model):
                 reference, _ = batch_logps(model, batch)
