@@ -59,7 +59,8 @@ def build_tiny(path: Path, tokenizer, seed: int = 0, **overrides) -> Path:
     return path
 
 
-def trained_lora(model_dir: Path, attn: str = "sdpa", dtype: torch.dtype = torch.float32):
+def trained_lora(model_dir: Path, attn: str = "sdpa", dtype: torch.dtype = torch.float32,
+                 gradient_checkpointing: bool = False):
     """A 4-bit base from `model_dir` on CPU with a LoRA adapter whose B matrices are random (a trained-looking
     adapter, so policy and reference differ)."""
     from lora_dpo import model as M
@@ -67,7 +68,7 @@ def trained_lora(model_dir: Path, attn: str = "sdpa", dtype: torch.dtype = torch
 
     base = M.load_base(ModelConfig(name_or_path=str(model_dir), attn_implementation=attn), QuantizationConfig(),
                        dtype, torch.device("cpu"))
-    m = M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=False)
+    m = M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=gradient_checkpointing)
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "lora_B" in n:

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import trained_lora
 
 from lora_dpo import compile as C
 from lora_dpo import model as M
@@ -16,20 +17,13 @@ from lora_dpo.data import Pair
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.generation import generate
 from lora_dpo.logps import batch_logps
-from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig, recipe_from_dict
+from lora_dpo.recipe import recipe_from_dict
 
 CPU = torch.device("cpu")
 
 
 def _model(path, checkpointing: bool):
-    base = M.load_base(ModelConfig(name_or_path=str(path), attn_implementation="sdpa"), QuantizationConfig(),
-                       torch.float32, CPU)
-    m = M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=checkpointing)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
-    return m.train()
+    return trained_lora(path, gradient_checkpointing=checkpointing).train()
 
 
 def _steps(m, batches):
