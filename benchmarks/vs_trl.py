@@ -429,8 +429,8 @@ def parser() -> argparse.ArgumentParser:
                    help="fp32: both trainers compute in fp32 on a GPU too (the losses must then agree as on a CPU)")
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="lora-dpo with train.compile (TRL as it is)")
-    p.add_argument("--trainers", default="ours,trl", help="which to run: ours,trl (default) or ours alone (the GPU "
-                                                         "kit compares a variant with an earlier stage's TRL run)")
+    p.add_argument("--trainers", default="ours,trl", choices=["ours,trl", "ours"],
+                   help="ours alone: the GPU kit compares such a variant with an earlier stage's TRL run")
     p.add_argument("--offload", default="off", choices=["off", "embeddings", "activations", "both"],
                    help="lora-dpo's memory savers: model.offload_embeddings, train.offload_activations (needs "
                         "--checkpointing) or both (TRL has neither)")
@@ -478,8 +478,6 @@ def main() -> None:
         p.error(f"--offload {a.offload}: train.offload_activations moves what checkpointing keeps; add --checkpointing")
     if a.steps <= a.warmup:
         p.error(f"--steps {a.steps} leaves no timed step after --warmup {a.warmup}")
-    if a.trainers not in ("ours,trl", "ours"):
-        p.error(f"--trainers {a.trainers}: expected ours,trl or ours")
     Probe.warmup = a.warmup
     if a.worker:
         rows, order = dataset_rows(a, a.dataset)

@@ -19,7 +19,7 @@ def _script(name: str):
     [],
     ["--steps", "9", "--warmup", "3", "--batch", "16", "--layout", "shared", "--attn", "sdpa_causal",
      "--precision", "fp32", "--checkpointing", "--offload", "both", "--no-group", "--short-prompt", "5",
-     "--long-prompt", "700", "--completion", "33"],
+     "--long-prompt", "700", "--completion", "33", "--compile", "--trainers", "ours"],
 ])
 def test_vs_trl_worker_sees_every_option_it_was_given(argv):
     vs_trl = _script("vs_trl")
@@ -53,6 +53,9 @@ def test_targets_judge_a_stage_only_when_both_trainers_ran(tmp_path, capsys, mon
     (tmp_path / "long.json").write_text(json.dumps({"meta": meta, "results": {"long": {
         "ours": [_side(4.4, 7.0)], "trl": [_side(2.0, 12.0)]}}}))
     (tmp_path / "short.json").write_text(json.dumps({"meta": meta, "results": {"short": {"ours": [_side(4, 7)]}}}))
+    # a variant stage run with --trainers ours: judged against the long stage's TRL run
+    (tmp_path / "long-offload.json").write_text(json.dumps({"meta": {**meta, "offload": "both"}, "results": {
+        "long": {"ours": [_side(4.0, 6.9)]}}}))
     (tmp_path / "offload.json").write_text(json.dumps([{
         "attn": "flex_attention", "checkpointing": "on", "offload": "both", "device": "cuda", "peak_bytes": 6 * 2**30,
         "predicted_bytes": int(6.3 * 2**30), "prompt_tokens": 1024, "completion_tokens": 1024}]))
@@ -62,6 +65,8 @@ def test_targets_judge_a_stage_only_when_both_trainers_ran(tmp_path, capsys, mon
     assert "| long prompts (flex_attention): pairs/s ≥ 2.0× TRL | 2.20× | ✓ |" in out
     assert "| long prompts (flex_attention): peak ≤ 0.6× TRL | 0.58 (7.00 vs 12.00 GiB) | ✓ |" in out
     assert "short prompts (flex_attention): lora-dpo vs TRL | incomplete (only lora-dpo ran) | — |" in out
+    assert "| long prompts, lora-dpo offloading to CPU memory (flex_attention): peak ≤ 0.6× TRL | 0.57 (6.90 vs " \
+           "12.00 GiB) | ✓ |" in out
     assert "2×2048-token pairs (flex_attention, checkpointing on, offloaded: both): peak ≤ 12 GiB | 6.00 GiB | ✓" in out
 
 
