@@ -164,6 +164,18 @@ def test_gpu_folded_lora_dropout_under_autocast(dtype):
     torch.testing.assert_close(gw1, gw2, rtol=1e-2, atol=1e-3)
 
 
+def _cuda_lora(model_dir, dtype: torch.dtype, attn: str, fuse_forward: bool = True):
+    """A CUDA 4-bit base from `model_dir` with a checkpointed LoRA adapter whose B matrices are random (seeded)."""
+    base = M.load_base(ModelConfig(name_or_path=str(model_dir), attn_implementation=attn), QuantizationConfig(),
+                       dtype, torch.device("cuda"))
+    m = M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=True, fuse_forward=fuse_forward)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).to(p) * 0.05)
+    return m
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_fused_lora_forward_under_autocast(tiny_model_dir, dtype):
     """The fused LoRA forward on a CUDA 4-bit base under autocast, and with down_proj's base GEMM last (skipped in
@@ -175,12 +187,7 @@ def test_gpu_fused_lora_forward_under_autocast(tiny_model_dir, dtype):
     from tests.test_lora_forward import _base_calls
 
     cuda = torch.device("cuda")
-    base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(), dtype, cuda)
-    peft_model = M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=True, fuse_forward=False)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).to(p) * 0.05)
+    peft_model = _cuda_lora(tiny_model_dir, dtype, "auto", fuse_forward=False)
     m, batch, results = peft_model, build(PAIRS, 2, "packed").to(cuda), []
     for mode in ("peft", "fused", "base GEMM last"):  # the same model and weights, peft's forward first
         assert mode != "fused" or fuse_lora_forward(m) > 0
@@ -249,14 +256,7 @@ def test_gpu_compiled_blocks_under_bf16_autocast(tiny_model_dir, attn):
 
     cuda = torch.device("cuda")
     torch._dynamo.reset()
-    base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir), attn_implementation=attn), QuantizationConfig(),
-                       torch.bfloat16, cuda)
-    m = M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=True)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).to(p) * 0.05)
-    m.train()
+    m = _cuda_lora(tiny_model_dir, torch.bfloat16, attn).train()
     batches = [build(PAIRS, 2, "packed").to(cuda), build(PAIRS[:1], 2, "packed").to(cuda)]
     results = []
     for compiled in (False, True):
