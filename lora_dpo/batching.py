@@ -33,8 +33,20 @@ class Targets:
     seq: torch.Tensor    # (N,) long: output slot in [0, 2B), chosen slots first
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. To a GPU through pinned memory, asynchronously: a copy from pageable memory waits
+    for everything the GPU has queued, so the next micro-batch could not be prepared while it still runs this
+    one's backward (torch keeps the pinned buffer until the copy has read it)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        pinned = t.pin_memory()
+        out = pinned.to(device, non_blocking=True)
+        out.host_copy = pinned  # for work that needs it on the host (lora_dpo/offload.py: embeddings in CPU memory)
+        return out
+    return t.to(device)
+
+
 def _to(obj, device: torch.device):
-    return type(obj)(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(obj).items()
+    return type(obj)(**{k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in vars(obj).items()
                         if not k.startswith("_")})  # not the memo of model_inputs
 
 
@@ -44,6 +56,8 @@ class Batch:
     attention_mask: torch.Tensor   # (2B, T) long, 1 on real tokens
     completion_mask: torch.Tensor  # (2B, T) bool, True on completion tokens
     indices: list[int]             # source row of each pair, length B
+    rows: torch.Tensor             # (N,) long: row of each scored token } found on the host when collated: on a
+    pred: torch.Tensor             # (N,) long: position predicting it    } GPU, nonzero() waits for the GPU
 
     @property
     def num_pairs(self) -> int:
@@ -59,8 +73,7 @@ class Batch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
     def targets(self) -> Targets:
-        rows, t = self.completion_mask[:, 1:].nonzero(as_tuple=True)  # position t predicts token t + 1
-        return Targets(rows, t, t + 1, rows)
+        return Targets(self.rows, self.pred, self.pred + 1, self.rows)
 
     def token_counts(self) -> torch.Tensor:
         """(2B,) scored tokens per sequence."""
@@ -173,7 +186,8 @@ def collate(pairs: list[Pair], pad_token_id: int) -> Batch:
         ids[i, : len(s)] = torch.tensor(s)
         attn[i, : len(s)] = 1
         comp[i, n: len(s)] = True
-    return Batch(ids, attn, comp, [p.index for p in pairs])
+    rows, pred = comp[:, 1:].nonzero(as_tuple=True)  # position t predicts token t + 1
+    return Batch(ids, attn, comp, [p.index for p in pairs], rows, pred)
 
 
 def pair_len(p: Pair) -> int:

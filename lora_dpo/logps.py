@@ -141,13 +141,18 @@ def completion_logps(lm, hidden: torch.Tensor, input_ids: torch.Tensor, targets:
     return sums, counts
 
 
+def model_inputs(model, batch: Batch | SharedBatch) -> dict:
+    """The decoder's inputs for `batch` on `model`'s attention kernel, its mask included (memoised on the batch:
+    built once, by whichever comes first — training prepares it ahead, while the GPU runs the step before)."""
+    lm = causal_lm(model)
+    return batch.model_inputs(lm.config._attn_implementation, lm.get_input_embeddings().weight.dtype)
+
+
 def batch_logps(model, batch: Batch | SharedBatch,
                 chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the decoder once on the batch → (logps (2B,), n_tokens (2B,)), chosen sequences first, any layout."""
     lm = causal_lm(model)
-    dtype = lm.get_input_embeddings().weight.dtype
-    inputs = batch.model_inputs(lm.config._attn_implementation, dtype)
-    out = lm.get_decoder()(**inputs, use_cache=False)
+    out = lm.get_decoder()(**model_inputs(model, batch), use_cache=False)
     return completion_logps(lm, out.last_hidden_state, batch.input_ids, batch.targets(), 2 * batch.num_pairs,
                             chunk_size)
 

@@ -146,7 +146,7 @@ class ReferenceCache:
 
     def lookup(self, pairs: list[Pair], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.tensor([self.position[id(p)] for p in pairs])
-        return self.chosen[idx].to(device), self.rejected[idx].to(device)
+        return batching.to_device(self.chosen[idx], device), batching.to_device(self.rejected[idx], device)
 
 
 STALE_TEMP_SECONDS = 24 * 3600  # a writer's temp file lives for one save_file call: a day old, its writer died

@@ -24,7 +24,7 @@ from lora_dpo import compile as compile_blocks
 from lora_dpo import model as model_lib
 from lora_dpo.errors import LoraDpoError, TrainingStopped
 from lora_dpo.evaluate import evaluate_pairs, print_before_after, snapshot, snapshots_json
-from lora_dpo.logps import causal_lm
+from lora_dpo.logps import causal_lm, model_inputs
 from lora_dpo.objective import MetricMeter, dpo_forward, step0_check
 from lora_dpo.optim import epochs_line, make_optimizer, make_scheduler, total_steps  # noqa: F401
 from lora_dpo.recipe import Recipe, recipe_from_dict, recipe_notes, warmup_note
@@ -44,6 +44,14 @@ class RunResult:
     @property
     def final_metrics(self) -> dict:
         return self.history[-1] if self.history else {}
+
+
+@dataclass
+class MicroBatch:
+    """A micro-batch ready for its step: on the device, its mask built, its tokens counted on the host."""
+    batch: batching.Batch | batching.SharedBatch
+    tokens: int
+    reference: tuple | None  # precomputed reference log-probs (dpo.reference: precompute)
 
 
 # ---------------------------------------------------------------- setup helpers
@@ -178,19 +186,30 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     if scaler and resumed.get("grad_scaler"):  # the calibrated scale, so a resume does not re-learn it
         scaler.load_state_dict(resumed["grad_scaler"])
+    def prepare() -> MicroBatch:  # the host's share of the next micro-batch; on a GPU nothing in it waits for the GPU
+        chunk = ctx.shard(next(stream))
+        host = batching.build(chunk, pad_id, layout)
+        batch = host.to(device)
+        model_inputs(policy, batch)  # its attention mask, memoised on the batch
+        return MicroBatch(batch, host.num_tokens(), ref_of(chunk))
+
+    upcoming = None
     with _StopSignal() as stop:
         for step in range(start + 1, steps + 1):
-            step_meter, step_tokens = MetricMeter(), 0
+            step_meter, step_tokens, results = MetricMeter(), 0, []
             try:
                 for _ in range(tcfg.gradient_accumulation_steps):
-                    chunk = ctx.shard(next(stream))
-                    batch = batching.build(chunk, pad_id, layout).to(device)
+                    micro, upcoming = upcoming or prepare(), None
                     with model_lib.autocast(device, dtype):
-                        loss, metrics = dpo_forward(policy, batch, dcfg, ref_of(chunk))
+                        loss, metrics = dpo_forward(policy, micro.batch, dcfg, micro.reference)
                     part = loss / tcfg.gradient_accumulation_steps
                     (scaler.scale(part) if scaler else part).backward()
-                    step_meter.add(loss.detach(), metrics)
-                    step_tokens += batch.num_tokens()
+                    results.append((loss.detach(), metrics))
+                    step_tokens += micro.tokens
+                if step < steps:  # the next step's first micro-batch, prepared while the GPU runs this backward
+                    upcoming = prepare()
+                for loss, metrics in results:  # the step's first wait for the GPU: its results read back
+                    step_meter.add(loss, metrics)
             except torch.cuda.OutOfMemoryError:
                 raise LoraDpoError(_oom_message(recipe, step, offload.embeddings_movable(policy))) from None
             ctx.average_grads(params)

@@ -456,3 +456,89 @@ def test_offload_embeddings_on_a_cpu_run_says_there_is_nothing_to_offload(recipe
     result = train(recipe_from_dict(recipe_dict))
     assert abs(result.step0_loss - math.log(2)) < 1e-4
     assert "model.offload_embeddings: the model is on cpu: nothing to offload" in capsys.readouterr().out
+
+
+def _record_step_order(monkeypatch, events: list) -> None:
+    """Record, in order, each micro-batch moved to the device ("to"), each training forward ("fwd") and backward
+    ("bwd"), and each micro-batch's results read back to the host ("read") — the wait for a GPU."""
+    from lora_dpo import batching
+
+    for cls in (batching.Batch, batching.SharedBatch):
+        to = cls.to
+        monkeypatch.setattr(cls, "to", lambda self, device, to=to: events.append("to") or to(self, device))
+    forward, backward, add = train_mod.dpo_forward, torch.Tensor.backward, train_mod.MetricMeter.add
+    monkeypatch.setattr(train_mod, "dpo_forward", lambda *a, **k: events.append("fwd") or forward(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: events.append("bwd") or backward(self, *a, **k))
+    monkeypatch.setattr(train_mod.MetricMeter, "add", lambda self, *a: events.append("read") or add(self, *a))
+
+
+train_mod = sys.modules["lora_dpo.train"]
+
+
+def test_each_step_reads_its_results_once_after_the_next_micro_batch_is_prepared(recipe_dict, monkeypatch):
+    """On a GPU the host must not wait for the GPU between micro-batches: the results of a step are read back (a
+    sync) only after its last backward is queued and the next step's first micro-batch is on its way, so building
+    batches and masks overlaps the GPU's work. With 2 micro-batches per step, over 2 steps:"""
+    recipe_dict["data"].pop("eval")
+    recipe_dict["train"].update(max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    events: list = []
+    _record_step_order(monkeypatch, events)
+    result = train(recipe_from_dict(recipe_dict))
+    step0 = events.index("fwd") - 1  # the step-0 check's batch came first
+    assert events[:step0] == ["to"]
+    assert events[step0:] == ["to", "fwd", "bwd", "to", "fwd", "bwd",  # step 1's two micro-batches
+                              "to",                                    # step 2's first, prepared ahead
+                              "read", "read",                          # then step 1's results read back
+                              "fwd", "bwd", "to", "fwd", "bwd",        # step 2 (the last: nothing after it)
+                              "read", "read"]
+    assert [r["step"] for r in result.history] == [1, 2]
+    assert all(r["tokens_per_second"] > 0 for r in result.history)
+
+
+def test_micro_batches_count_their_tokens_and_find_their_targets_on_the_host(tokenizer):
+    """Counting a batch's tokens or listing its scored positions on a GPU tensor reads it back (a sync): both come
+    from the host-side batch."""
+    from lora_dpo import batching
+    from lora_dpo.data import Pair
+
+    pairs = [Pair([5, 6, 7], [8, 9], [10], 0), Pair([11], [12, 13, 14], [15, 16], 1)]
+    concat = batching.build(pairs, tokenizer.pad_token_id, "concatenated")
+    t = concat.targets()
+    want_rows, want_pred = concat.completion_mask[:, 1:].nonzero(as_tuple=True)
+    assert torch.equal(t.rows, want_rows) and torch.equal(t.pred, want_pred) and torch.equal(t.label, want_pred + 1)
+    assert torch.equal(t.seq, want_rows) and concat.to(torch.device("cpu")).targets().rows.tolist() == t.rows.tolist()
+    assert concat.num_tokens() == 2 * 3 + 2 + 1 + 2 * 1 + 3 + 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload_embeddings", [False, True])
+def test_gpu_training_steps_never_wait_for_the_gpu_between_micro_batches(recipe_dict, monkeypatch,
+                                                                         offload_embeddings):
+    """GPU twin of the ordering test: from each micro-batch's forward to its step's results being read back —
+    forward, backward, the next micro-batch's transfer and mask — no operation waits for the GPU (torch's sync
+    debug mode turns any such wait into an error), with the packed layout on its default kernel, and with the
+    embedding table in CPU memory (its lookups take the ids' host copy and send their answer asynchronously)."""
+    recipe_dict["data"].pop("eval")
+    recipe_dict["model"]["offload_embeddings"] = offload_embeddings
+    recipe_dict["train"].update(max_steps=3, gradient_accumulation_steps=2, per_device_train_batch_size=2,
+                                device="cuda", gradient_checkpointing=True)
+    forward, add = train_mod.dpo_forward, train_mod.MetricMeter.add
+    reads = []  # checked from the second step on: the first compiles flex_attention's backward kernels
+
+    def strict_forward(*a, **k):
+        if reads:
+            torch.cuda.set_sync_debug_mode("error")
+        return forward(*a, **k)
+
+    def relaxed_add(self, *a):
+        torch.cuda.set_sync_debug_mode(0)
+        reads.append(1)
+        return add(self, *a)
+
+    monkeypatch.setattr(train_mod, "dpo_forward", strict_forward)
+    monkeypatch.setattr(train_mod.MetricMeter, "add", relaxed_add)
+    try:
+        result = train(recipe_from_dict(recipe_dict))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [r["step"] for r in result.history] == [1, 2, 3] and len(reads) == 6

@@ -25,7 +25,8 @@
 #   gpu-tests  the GPU-marked tests: bf16 + paged 8-bit AdamW, fp16 + GradScaler, flex_attention training,
 #              prefix sharing on a CUDA 4-bit base (sdpa, sdpa_causal and flex) against the plain forward, offloaded
 #              embeddings and activations, folded LoRA dropout and the fused LoRA forward under bf16/fp16 autocast,
-#              the lean RMSNorm in bf16, the log-prob gradient computed in forward under bf16 autocast
+#              the lean RMSNorm in bf16, the log-prob gradient computed in forward under bf16 autocast, training
+#              steps under torch's sync debug mode (no wait for the GPU between micro-batches)
 #   profile    lora-dpo steps timed and one under torch.profiler (one model load), at the short- and long-prompt
 #              shapes: packed on flex with lora-dpo's fused LoRA forward and with peft's own (lora_dpo/lora_forward.py:
 #              its GPU gain), with down_proj's base GEMM first (recomputed in backward: lora_forward.base_gemm_last's
