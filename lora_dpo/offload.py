@@ -2,7 +2,8 @@
 
 - model.offload_embeddings: the frozen input embedding table of a model on a GPU kept in CPU memory. Each forward
   looks its token ids up on the CPU and copies the (tokens, hidden) result to the GPU: 1 GiB of GPU memory freed on
-  Llama-3-8B (128k × 4096 in bf16) for one host round trip per micro-batch. A table the LM head shares (tied
+  Llama-3-8B (128k × 4096 in bf16) for one host round trip per micro-batch, which never waits for the GPU's
+  queued work (the ids' host copy is read; the answer goes back asynchronously). A table the LM head shares (tied
   embeddings) stays on the GPU: the head needs it there.
 - train.offload_activations: with gradient checkpointing, the input each checkpointed decoder layer keeps for
   backward is copied to pinned CPU memory in the forward pass and back when backward reaches the layer.
@@ -14,6 +15,8 @@ import contextlib
 import weakref
 
 import torch
+
+from lora_dpo.batching import to_device
 
 
 def _tied(model) -> bool:
@@ -66,7 +69,9 @@ def lookup_on_host(emb: torch.nn.Module) -> None:
     forward, so scaled embeddings such as Gemma 3's keep their scale, and its state-dict keys do not change).
 
     The policy and reference passes of a micro-batch look up the same ids tensor: the second gets the first's
-    answer (the table is frozen), saving a host round trip of (tokens, hidden)."""
+    answer (the table is frozen), saving a host round trip of (tokens, hidden). Ids a training batch brought to the
+    GPU carry their host copy (batching.to_device): reading them back would wait for the GPU's queued work, and the
+    answer goes over through pinned memory, asynchronously, for the same reason."""
     forward = emb.forward
     last: dict = {}
 
@@ -74,7 +79,9 @@ def lookup_on_host(emb: torch.nn.Module) -> None:
         ids = last.get("ids")
         if ids is not None and ids() is input_ids and not args and not kwargs:
             return last["out"]
-        out = forward(input_ids.to(emb.weight.device), *args, **kwargs).to(input_ids.device)
+        host = getattr(input_ids, "host_copy", None)
+        host = host if host is not None and host.device == emb.weight.device else input_ids.to(emb.weight.device)
+        out = to_device(forward(host, *args, **kwargs), input_ids.device)
         last.update(ids=weakref.ref(input_ids), out=out)
         return out
 

@@ -153,3 +153,15 @@ def test_offload_activations_needs_gradient_checkpointing(recipe_dict):
     recipe_dict["train"].update(offload_activations=True, gradient_checkpointing=False)
     with pytest.raises(LoraDpoError, match="offload_activations': moves .*set train.gradient_checkpointing: true"):
         recipe_from_dict(recipe_dict)
+
+
+def test_host_lookup_reads_the_ids_host_copy_instead_of_the_device_tensor():
+    """A training batch's ids on a GPU carry their pinned host copy (batching.to_device): the lookup reads that, not
+    the GPU tensor (a read-back waits for the GPU's queued work). Here the copy holds other ids, so the answer
+    shows which was read; without a copy, the ids themselves."""
+    emb = torch.nn.Embedding(10, 3)
+    offload.lookup_on_host(emb)
+    ids = torch.tensor([[1, 2, 3]])
+    ids.host_copy = torch.tensor([[7, 8, 9]])
+    assert torch.equal(emb(ids), emb.weight[[7, 8, 9]][None])
+    assert torch.equal(emb(torch.tensor([[1, 2, 3]])), emb.weight[[1, 2, 3]][None])
