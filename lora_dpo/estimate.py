@@ -17,6 +17,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lora_dpo import prequantized
 from lora_dpo.batching import pair_len
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.memory_model import (  # noqa: F401 — Arch, the formulas: part of this module's API
@@ -255,7 +256,10 @@ def estimate_for(recipe: Recipe, gpu_memory_bytes: int | None = None, layout: st
         reference = getattr(recipe.dpo, "reference", "live")
     if reference not in ("live", "precompute"):
         raise LoraDpoError(f"reference '{reference}': expected live or precompute")
-    arch = arch or Arch.from_config(load_config(recipe))
+    if arch is None:
+        config = load_config(recipe)
+        prequantized.check(recipe.model.name_or_path, prequantized.stored(config), recipe.quantization)
+        arch = Arch.from_config(config)
     source = "--gpu-memory"
     if gpu_memory_bytes is None:
         gpu_memory_bytes, source = gpu_memory_default()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lora_dpo import batching
+from lora_dpo import batching, prequantized
 from lora_dpo import data as data_lib
 from lora_dpo import model as model_lib
 from lora_dpo.checkpoints import atomic_dir
@@ -57,6 +57,8 @@ def export(run_dir, format: str = "adapter", base: str = "dequantized", dtype: s
     check_out(out, run_dir, force)
     if format == "gguf":
         export_gguf.check_supported(_base_config(run_dir))
+    if format != "adapter":  # before the policy loads
+        _check_original_exists(recipe, base, model_lib.stored_quantization(recipe.model))
     rows = heldout_rows(recipe, data)  # so does a missing --data file
 
     recipe, policy, tokenizer, device = load_run(run_dir, recipe)
@@ -205,8 +207,10 @@ def _base_config(run_dir: Path):
 
 def _policy_description(recipe) -> str:
     q = recipe.quantization
-    kind = f"4-bit {q.bnb_4bit_quant_type}" if q.load_in_4bit else "8-bit" if q.load_in_8bit else "unquantized"
-    return f"{kind} base + adapter (as trained)"
+    stored = model_lib.stored_quantization(recipe.model) if q.load_in_4bit or q.load_in_8bit else None
+    kind = (f"4-bit {prequantized.quant_type(stored, q)}" if q.load_in_4bit else "8-bit" if q.load_in_8bit
+            else "unquantized")
+    return f"{kind} base{' (stored quantized)' if stored else ''} + adapter (as trained)"
 
 
 # ---------------------------------------------------------------- held-out pairs and log-probs
@@ -308,7 +312,14 @@ def merge(policy, recipe, base: str):
     from transformers import AutoModelForCausalLM
 
     path, kwargs = model_lib.local_dir(recipe.model)
-    merged = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    stored = model_lib.stored_quantization(recipe.model, path, kwargs)
+    _check_original_exists(recipe, base, stored)
+    if stored:  # loads as stored, then every quantized Linear becomes its dequantized fp32 weight
+        merged = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": "cpu"}, **kwargs)
+        merged = merged.dequantize() or merged
+        merged.float()
+    else:
+        merged = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
     weights = dict(merged.named_parameters(remove_duplicate=False))
     inner = causal_lm(policy)
     quantized = deltas = 0
@@ -340,6 +351,13 @@ def merge(policy, recipe, base: str):
     if not q.load_in_4bit and not q.load_in_8bit:
         info["base_note"] = "the run trained on an unquantized base: dequantized and original are the same weights"
     return merged, info
+
+
+def _check_original_exists(recipe, base: str, stored: dict | None) -> None:
+    if stored and base == "original":
+        raise LoraDpoError(f"--base original: '{recipe.model.name_or_path}' is stored quantized, so its original "
+                           "weights are not in it; export with --base dequantized (the default), or retrain on the "
+                           "unquantized model")
 
 
 def _assign(weights: dict, key: str, value: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lora_dpo import attention, lora_dropout, lora_forward, mlp, rmsnorm
+from lora_dpo import attention, lora_dropout, lora_forward, mlp, prequantized, rmsnorm
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.gguf_source import gguf_to_hf_dir
 from lora_dpo.hub import could_be_hub_id
@@ -166,6 +166,22 @@ def quantization_config(q: QuantizationConfig, compute_dtype: torch.dtype):
     return None
 
 
+def stored_quantization(cfg: ModelConfig, path: str | None = None, kwargs: dict | None = None) -> dict | None:
+    """The quantization a checkpoint is stored in (lora_dpo/prequantized.py), from its config alone; None for a
+    full-precision one, a GGUF source (converted to 16 bit) or a config that cannot be read here (loading the
+    model then says what is wrong)."""
+    from transformers import AutoConfig
+
+    if resolve_source(cfg).kind == "gguf":
+        return None
+    if path is None:
+        path, kwargs = local_dir(cfg)
+    try:
+        return prequantized.stored(AutoConfig.from_pretrained(path, **(kwargs or {})))
+    except (OSError, ValueError):
+        return None
+
+
 def load_base(cfg: ModelConfig, q: QuantizationConfig, dtype: torch.dtype, device: torch.device,
               layout: str | None = None):
     """The (quantized) base model, frozen, in eval-free train mode; no adapter yet. `layout`: the training layout,
@@ -175,9 +191,12 @@ def load_base(cfg: ModelConfig, q: QuantizationConfig, dtype: torch.dtype, devic
     drop_kernels_hub_notice()
 
     path, kwargs = local_dir(cfg)
+    stored = stored_quantization(cfg, path, kwargs)
+    prequantized.check(cfg.name_or_path, stored, q)  # before any weight loads
     qc = quantization_config(q, dtype)
     if qc is not None:
-        kwargs["quantization_config"] = qc
+        if not stored:  # a pre-quantized checkpoint loads as stored (transformers would only warn about it)
+            kwargs["quantization_config"] = qc
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     attn = attention.resolve_attention(cfg.attn_implementation, device, layout)
     attention.register(attn)
@@ -199,6 +218,8 @@ def load_base(cfg: ModelConfig, q: QuantizationConfig, dtype: torch.dtype, devic
         model.to(device)
     elif device.type == "cpu":
         own_unquantized_weights(model)
+    if stored and q.load_in_4bit:
+        prequantized.set_compute_dtype(model, qc.bnb_4bit_compute_dtype)
     _keep_cpu_4bit_differentiable(model)
     mlp.lean_gated_mlps(model)
     rmsnorm.lean_rmsnorms(model)

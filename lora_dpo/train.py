@@ -22,6 +22,7 @@ import torch
 from lora_dpo import batching, checkpoints, data, distributed, losses, offload, preflight, refcache, tracking
 from lora_dpo import compile as compile_blocks
 from lora_dpo import model as model_lib
+from lora_dpo import prequantized as prequantized
 from lora_dpo.errors import LoraDpoError, TrainingStopped
 from lora_dpo.evaluate import evaluate_pairs, print_before_after, snapshot, snapshots_json
 from lora_dpo.logps import causal_lm, model_inputs
@@ -296,10 +297,15 @@ def _load_policy(recipe: Recipe, device: torch.device, dtype: torch.dtype, ctx: 
     checkpointed layers."""
     tcfg, q, say = recipe.train, recipe.quantization, ctx.print
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-    kind = (f"4-bit {q.bnb_4bit_quant_type}, {precision} compute" if q.load_in_4bit
-            else f"8-bit, {precision} compute" if q.load_in_8bit else precision)
+    stored = model_lib.stored_quantization(recipe.model)
+    notes = prequantized.check(recipe.model.name_or_path, stored, q)  # raises where the recipe cannot apply
+    as_stored = ", stored so" if stored else ""
+    kind = (f"4-bit {prequantized.quant_type(stored, q)}{as_stored}, {precision} compute" if q.load_in_4bit
+            else f"8-bit{as_stored}, {precision} compute" if q.load_in_8bit else precision)
     where = f"{ctx.world} processes on {device.type}" if ctx.enabled else str(device)
     say(f"loading {recipe.model.name_or_path} ({kind}) on {where}")
+    for note in notes:
+        say(f"note: {note}")
     base = model_lib.load_base(recipe.model, q, dtype, device, tcfg.layout)
     dropped = model_lib.disable_dropout(base)
     if dropped:
