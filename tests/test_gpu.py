@@ -272,3 +272,26 @@ def test_gpu_compiled_blocks_under_bf16_autocast(tiny_model_dir, attn):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=0.1)
         for a, b in zip(got_grads, want_grads):
             assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+
+def test_gpu_prequantized_checkpoint_loads_as_stored_in_the_runs_dtype(tiny_model_dir, tokenizer, tmp_path):
+    """CPU twin: tests/test_prequantized.py. A 4-bit model quantized on the GPU and saved loads back on the GPU with
+    the same weights and logits, computing in bf16 although its config names float16."""
+    import json
+
+    cuda = torch.device("cuda")
+    fresh = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(), torch.bfloat16, cuda)
+    fresh.save_pretrained(tmp_path / "stored")
+    tokenizer.save_pretrained(tmp_path / "stored")
+    config = json.loads((tmp_path / "stored" / "config.json").read_text())
+    config["quantization_config"]["bnb_4bit_compute_dtype"] = "float16"
+    (tmp_path / "stored" / "config.json").write_text(json.dumps(config))
+    stored = M.load_base(ModelConfig(name_or_path=str(tmp_path / "stored")), QuantizationConfig(), torch.bfloat16,
+                         cuda)
+    import bitsandbytes as bnb
+
+    layers = [m for m in stored.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.compute_dtype == torch.bfloat16 and m.weight.device.type == "cuda" for m in layers)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]], device=cuda)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.equal(stored(ids).logits, fresh(ids).logits)
