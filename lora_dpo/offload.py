@@ -88,6 +88,16 @@ def lookup_on_host(emb: torch.nn.Module) -> None:
     emb.forward = host_forward
 
 
+def look_up_ahead(model, input_ids: torch.Tensor) -> None:
+    """model.offload_embeddings: look a micro-batch's ids up now — training does it while the GPU still runs the
+    step before — so its forward finds the answer waiting (lookup_on_host keeps the last one) instead of the GPU
+    idling through a host lookup and a (tokens, hidden) copy at the start of the step. A no-op otherwise."""
+    emb = model.get_input_embeddings()
+    if getattr(emb, "lora_dpo_offloaded", False):
+        with torch.no_grad():
+            emb(input_ids)
+
+
 MIN_OFFLOAD_BYTES = 1 << 20  # smaller saved tensors stay: a copy would cost more than it frees
 
 

@@ -192,6 +192,7 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
         host = batching.build(chunk, pad_id, layout)
         batch = host.to(device)
         model_inputs(policy, batch)  # its attention mask, memoised on the batch
+        offload.look_up_ahead(causal_lm(policy), batch.input_ids)  # embeddings kept in CPU memory: looked up now
         return MicroBatch(batch, host.num_tokens(), ref_of(chunk))
 
     upcoming = None

@@ -165,3 +165,30 @@ def test_host_lookup_reads_the_ids_host_copy_instead_of_the_device_tensor():
     ids.host_copy = torch.tensor([[7, 8, 9]])
     assert torch.equal(emb(ids), emb.weight[[7, 8, 9]][None])
     assert torch.equal(emb(torch.tensor([[1, 2, 3]])), emb.weight[[1, 2, 3]][None])
+
+
+def test_a_lookup_made_ahead_serves_the_forward(tiny_model_dir):
+    """train.py looks a prepared micro-batch's ids up while the GPU still runs the step before: the forward then
+    finds the answer and looks nothing up itself. Without offloaded embeddings, looking up ahead does nothing."""
+    from conftest import trained_lora
+
+    from lora_dpo.batching import build
+    from lora_dpo.logps import batch_logps, causal_lm
+    from tests.test_layouts import PAIRS
+
+    m = trained_lora(tiny_model_dir)
+    emb = causal_lm(m).get_input_embeddings()
+    calls = []
+    table = emb.forward
+    emb.forward = lambda ids, *a, **kw: calls.append(ids) or table(ids, *a, **kw)
+    batch = build(PAIRS, 2, "packed")
+    offload.look_up_ahead(causal_lm(m), batch.input_ids)
+    assert calls == []  # not offloaded: nothing to look up ahead
+    want, _ = batch_logps(m, batch)
+    assert len(calls) == 1  # looked up in the forward
+    offload.lookup_on_host(emb)
+    emb.lora_dpo_offloaded = True
+    offload.look_up_ahead(causal_lm(m), batch.input_ids)
+    assert len(calls) == 2 and calls[-1] is batch.input_ids
+    got, _ = batch_logps(m, batch)
+    assert len(calls) == 2 and torch.equal(got, want)  # the forward found the answer

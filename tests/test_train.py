@@ -459,8 +459,9 @@ def test_offload_embeddings_on_a_cpu_run_says_there_is_nothing_to_offload(recipe
 
 
 def _record_step_order(monkeypatch, events: list) -> None:
-    """Record, in order, each micro-batch moved to the device ("to"), each training forward ("fwd") and backward
-    ("bwd"), and each micro-batch's results read back to the host ("read") — the wait for a GPU."""
+    """Record, in order, each micro-batch moved to the device ("to") and its embeddings looked up ahead ("emb", a
+    no-op unless they are in CPU memory), each training forward ("fwd") and backward ("bwd"), and each micro-batch's
+    results read back to the host ("read") — the wait for a GPU."""
     from lora_dpo import batching
 
     for cls in (batching.Batch, batching.SharedBatch):
@@ -470,6 +471,8 @@ def _record_step_order(monkeypatch, events: list) -> None:
     monkeypatch.setattr(train_mod, "dpo_forward", lambda *a, **k: events.append("fwd") or forward(*a, **k))
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: events.append("bwd") or backward(self, *a, **k))
     monkeypatch.setattr(train_mod.MetricMeter, "add", lambda self, *a: events.append("read") or add(self, *a))
+    ahead = train_mod.offload.look_up_ahead
+    monkeypatch.setattr(train_mod.offload, "look_up_ahead", lambda m, ids: events.append("emb") or ahead(m, ids))
 
 
 train_mod = sys.modules["lora_dpo.train"]
@@ -484,12 +487,12 @@ def test_each_step_reads_its_results_once_after_the_next_micro_batch_is_prepared
     events: list = []
     _record_step_order(monkeypatch, events)
     result = train(recipe_from_dict(recipe_dict))
-    step0 = events.index("fwd") - 1  # the step-0 check's batch came first
+    step0 = events.index("fwd") - 2  # the step-0 check's batch came first
     assert events[:step0] == ["to"]
-    assert events[step0:] == ["to", "fwd", "bwd", "to", "fwd", "bwd",  # step 1's two micro-batches
-                              "to",                                    # step 2's first, prepared ahead
-                              "read", "read",                          # then step 1's results read back
-                              "fwd", "bwd", "to", "fwd", "bwd",        # step 2 (the last: nothing after it)
+    assert events[step0:] == ["to", "emb", "fwd", "bwd", "to", "emb", "fwd", "bwd",  # step 1's two micro-batches
+                              "to", "emb",                     # step 2's first, prepared ahead
+                              "read", "read",                  # then step 1's results read back
+                              "fwd", "bwd", "to", "emb", "fwd", "bwd",  # step 2 (the last: nothing after it)
                               "read", "read"]
     assert [r["step"] for r in result.history] == [1, 2]
     assert all(r["tokens_per_second"] > 0 for r in result.history)
