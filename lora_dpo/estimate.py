@@ -193,8 +193,9 @@ def _parts(arch: Arch, recipe: Recipe, batch: int, max_length: int, layout: str,
     # a checkpointed layer keeps only its input. The first layer's input norm saves nothing (frozen embeddings need
     # no gradient) and the final norm saves as much, so with the first layer kept whole they cancel out
     saved = (arch.layers - ckpt_layers) * layer
-    if ckpt_layers:  # each checkpointed layer's input (in CPU memory with train.offload_activations) + final norm
-        saved += (0 if t.offload_activations else ckpt_layers * residual) + rows * T * (4 * arch.hidden + 4)
+    if ckpt_layers:  # each checkpointed layer's input (in CPU memory with train.offload_activations, but for the
+        # one fetched back ahead of its layer's backward) + final norm
+        saved += (residual if t.offload_activations else ckpt_layers * residual) + rows * T * (4 * arch.hidden + 4)
     if split:  # the gather indices, int64
         saved += 8 * (split[0] * split[1] + rows * T)
     elif attn != "flex_attention":  # the boolean mask, built once (padding / 4-D)
@@ -366,7 +367,7 @@ def _advice(est: Estimate, recipe: Recipe, arch: Arch, layout: str, reference: s
     if not est.fits and t.gradient_checkpointing and not t.offload_activations and est.checkpointed_layers:
         rows, T, _ = shapes(est.layout, t.per_device_train_batch_size, d.max_length,
                             d.max_prompt_length if d.max_prompt_length is not None else 1)
-        inputs = est.checkpointed_layers * rows * T * arch.hidden * _value_bytes(est.dtype)
+        inputs = (est.checkpointed_layers - 1) * rows * T * arch.hidden * _value_bytes(est.dtype)  # one stays
         out.append(f"train.offload_activations=true: the {gib(inputs)} of layer inputs checkpointing keeps move to "
                    "CPU memory")
     if not est.fits and est.max_batch_size >= 1:

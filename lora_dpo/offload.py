@@ -6,11 +6,13 @@
   queued work (the ids' host copy is read; the answer goes back asynchronously). A table the LM head shares (tied
   embeddings) stays on the GPU: the head needs it there.
 - train.offload_activations: with gradient checkpointing, the input each checkpointed decoder layer keeps for
-  backward is copied to pinned CPU memory in the forward pass and back when backward reaches the layer.
+  backward is copied to pinned CPU memory in the forward pass and back in backward — on a GPU both on a side stream,
+  beside the computation, and each copy back started while backward still runs the layer after (`Offloaded`).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import weakref
 
@@ -107,10 +109,12 @@ def offload_checkpointed_inputs(model, layers: list, device: torch.device) -> st
     if device.type != "cuda":
         return "train.offload_activations: a CPU run keeps activations in CPU memory already: nothing to offload"
     keep = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    queue = Offloaded()  # one for all layers: backward fetches each layer's input while the layer after it runs
     n = 0
     for layer in layers:
         if layer.gradient_checkpointing:
-            layer._gradient_checkpointing_func = inputs_on_host(layer._gradient_checkpointing_func, keep, device)
+            layer._gradient_checkpointing_func = inputs_on_host(layer._gradient_checkpointing_func, keep, device,
+                                                                queue=queue)
             n += 1
     return (f"activations: the inputs {n} checkpointed layers keep for backward wait in CPU memory "
             "(train.offload_activations)")
@@ -122,30 +126,106 @@ def _on(tensor_device: torch.device, source: torch.device) -> bool:
     return tensor_device.type == source.type and source.index in (None, tensor_device.index)
 
 
+_SIDE_STREAMS: dict = {}  # device → the stream the copies run on, beside the computation
+
+
+def _side_stream(device: torch.device):
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+class _Saved:
+    """One offloaded tensor: its pinned host copy and (GPU) the event after which that copy is complete; once
+    fetched back ahead, its device copy and the event after which that has landed."""
+    __slots__ = ("host", "device", "copied", "fetched", "landed", "__weakref__")
+
+
+class Offloaded:
+    """The tensors offloaded by forward passes whose backward has not run yet, in the order they were saved.
+    Backward needs them in reverse order: when it takes one, the next it will need — the last one still waiting —
+    starts its copy back at once, on the side stream on a GPU, so the copy overlaps the recompute and backward of
+    the layer in between instead of stalling the computation. `served` records, for each tensor backward took,
+    whether it had been fetched ahead (for tests)."""
+
+    def __init__(self) -> None:
+        self.waiting: list = []  # weak references: a graph freed without a backward takes its tensors with it
+        self.served: collections.deque = collections.deque(maxlen=1024)
+
+    def add(self, saved: _Saved) -> None:
+        self.waiting.append(weakref.ref(saved))
+
+    def take(self, saved: _Saved) -> None:
+        self.waiting = [w for w in self.waiting if w() is not None and w() is not saved]
+        self.served.append(saved.fetched is not None)
+
+    def fetch_next(self, cuda: bool) -> None:
+        nxt = self.waiting[-1]() if self.waiting else None
+        if nxt is None or nxt.fetched is not None:
+            return
+        if not cuda:
+            nxt.fetched = nxt.host.to(nxt.device)
+            return
+        side = _side_stream(nxt.device)
+        with torch.cuda.stream(side):  # after the copy out, which ran on this stream too
+            nxt.fetched = nxt.host.to(nxt.device, non_blocking=True)
+            nxt.landed = torch.cuda.Event()
+            nxt.landed.record(side)
+
+
 def inputs_on_host(checkpoint, keep: set[int], source: torch.device, min_bytes: int = MIN_OFFLOAD_BYTES,
-                   moved: list | None = None):
+                   moved: list | None = None, queue: Offloaded | None = None):
     """`checkpoint` (a layer's checkpoint function) whose saved tensors — a non-reentrant checkpoint saves only its
     inputs — move from `source` to CPU memory: tensors of at least `min_bytes`, not parameters or buffers (storages
-    in `keep`); the shape of each is appended to `moved` if given. On a GPU both copies are asynchronous and in
-    stream order, so the GPU memory is reused only after the copy out has read it, and backward's kernels read the
-    copy back only after it has landed."""
+    in `keep`); the shape of each is appended to `moved` if given. Layers sharing a `queue` fetch each other's
+    tensors back ahead in backward (see Offloaded).
+
+    On a GPU the copies run on a side stream, beside the computation: the copy out starts once the tensor is
+    computed (the side stream waits for the compute stream), and the tensor's GPU memory is reused only after the
+    copy has read it (record_stream); backward's compute stream waits for the copy out to have landed in CPU memory
+    before copying it back itself, or for the copy back made ahead to have landed before using it."""
     cuda = source.type == "cuda"
+    queue = queue if queue is not None else Offloaded()
 
     def pack(t: torch.Tensor):
         small = t.numel() * t.element_size() < min_bytes
         if small or not _on(t.device, source) or t.untyped_storage().data_ptr() in keep:
             return t
-        host = torch.empty(t.size(), dtype=t.dtype, pin_memory=cuda)
-        host.copy_(t, non_blocking=cuda)
+        saved = _Saved()
+        saved.device, saved.fetched = t.device, None
+        saved.host = torch.empty(t.size(), dtype=t.dtype, pin_memory=cuda)
+        if cuda:
+            side = _side_stream(t.device)
+            side.wait_stream(torch.cuda.current_stream(t.device))  # t is computed
+            with torch.cuda.stream(side):
+                saved.host.copy_(t, non_blocking=True)
+                saved.copied = torch.cuda.Event()
+                saved.copied.record(side)
+            t.record_stream(side)  # its memory is not reused before the copy has read it
+        else:
+            saved.host.copy_(t)
+        queue.add(saved)
         if moved is not None:
             moved.append(tuple(t.shape))
-        return host, t.device
+        return saved
 
-    def unpack(packed):
-        if isinstance(packed, torch.Tensor):
-            return packed
-        host, device = packed
-        return host.to(device, non_blocking=cuda)
+    def unpack(saved):
+        if isinstance(saved, torch.Tensor):
+            return saved
+        queue.take(saved)
+        out, saved.fetched = saved.fetched, None
+        if cuda:
+            compute = torch.cuda.current_stream(saved.device)
+            if out is None:
+                compute.wait_event(saved.copied)  # the copy out is complete
+                out = saved.host.to(saved.device, non_blocking=True)
+            else:
+                compute.wait_event(saved.landed)
+                out.record_stream(compute)  # made on the side stream, used here
+        elif out is None:
+            out = saved.host.to(saved.device)
+        queue.fetch_next(cuda)
+        return out
 
     def run(*args, **kwargs):
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):

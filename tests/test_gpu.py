@@ -123,8 +123,9 @@ def test_gpu_offloaded_activations(tiny_model_dir, recipe_dict, capsys):
     base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(), torch.bfloat16, cuda)
     m = M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=True)
     batch = build(PAIRS, 2, "packed").to(cuda)
-    want, got, moved = grads_without_and_with_offload(m, batch, cuda, torch.autocast("cuda", dtype=torch.bfloat16))
-    assert len(moved) == len(M.decoder_layers(m))
+    want, got, moved, served = grads_without_and_with_offload(m, batch, cuda,
+                                                              torch.autocast("cuda", dtype=torch.bfloat16))
+    assert len(moved) == len(M.decoder_layers(m)) and served == [False] + [True] * (len(moved) - 1)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
     recipe_dict["train"].update(max_steps=2, device="cuda", gradient_checkpointing=True, offload_activations=True)

@@ -8,7 +8,7 @@ import torch
 
 from lora_dpo import model as M
 from lora_dpo import offload
-from lora_dpo.recipe import ModelConfig, QuantizationConfig
+from lora_dpo.recipe import LoraConfig, ModelConfig, QuantizationConfig
 
 
 def test_host_embedding_lookup_changes_nothing_but_where_it_runs(tiny_model_dir, monkeypatch):
@@ -68,9 +68,10 @@ def test_offload_embeddings_on_cpu_and_tied_tables(tiny_model_dir, tokenizer, tm
 # ---------------------------------------------------------------- train.offload_activations
 
 
-def grads_without_and_with_offload(m, batch, device: torch.device, autocast=None) -> tuple[list, list, list]:
+def grads_without_and_with_offload(m, batch, device: torch.device, autocast=None) -> tuple[list, list, list, list]:
     """The LoRA gradients of one backward through `m` (gradient checkpointing on), then again with every layer's
-    checkpoint function moving its saved tensors (any size) from `device` to CPU memory, and the shapes moved."""
+    checkpoint function moving its saved tensors (any size) from `device` to CPU memory, the shapes moved, and for
+    each tensor backward took back whether it had been fetched ahead."""
     import contextlib
 
     from lora_dpo.logps import batch_logps
@@ -85,11 +86,12 @@ def grads_without_and_with_offload(m, batch, device: torch.device, autocast=None
         return [p.grad.clone() for p in m.parameters() if p.requires_grad]
 
     want = grads()
-    keep, moved = {t.untyped_storage().data_ptr() for t in m.parameters()}, []
+    keep, moved, queue = {t.untyped_storage().data_ptr() for t in m.parameters()}, [], offload.Offloaded()
     for layer in M.decoder_layers(m):
         layer._gradient_checkpointing_func = offload.inputs_on_host(layer._gradient_checkpointing_func, keep, device,
-                                                                    min_bytes=0, moved=moved)
-    return want, grads(), moved
+                                                                    min_bytes=0, moved=moved, queue=queue)
+    got = grads()
+    return want, got, moved, list(queue.served)
 
 
 def test_checkpointed_inputs_move_out_and_back_without_changing_gradients(tiny_model_dir):
@@ -104,11 +106,45 @@ def test_checkpointed_inputs_move_out_and_back_without_changing_gradients(tiny_m
     m = trained_lora(tiny_model_dir)
     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = build(PAIRS, 2, "packed")
-    want, got, moved = grads_without_and_with_offload(m, batch, torch.device("cpu"))
+    want, got, moved, served = grads_without_and_with_offload(m, batch, torch.device("cpu"))
     layers = len(M.decoder_layers(m))
     assert moved == [tuple(batch.input_ids.shape) + (m.config.hidden_size,)] * layers  # each layer's input only
+    assert served == [False] + [True] * (layers - 1)  # the last layer's input copied back on demand, then ahead
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
+
+
+def test_each_layer_input_is_fetched_back_ahead_and_freed_with_its_graph(tmp_path, tokenizer):
+    """Six layers: backward takes the last layer's input first, copied back on demand; taking it starts the copy of
+    the input the layer before will need, and so on down — each fetched ahead, the gradients unchanged. A graph
+    dropped without a backward leaves nothing waiting (the queue holds weak references)."""
+    from conftest import build_tiny
+
+    from lora_dpo.batching import build
+    from lora_dpo.logps import batch_logps
+    from tests.test_layouts import PAIRS
+
+    six = build_tiny(tmp_path / "six", tokenizer, num_hidden_layers=6)
+
+    def model():
+        base = M.load_base(ModelConfig(name_or_path=str(six)), QuantizationConfig(), torch.float32, torch.device("cpu"))
+        return M.attach_lora(base, LoraConfig(r=4), seed=0, gradient_checkpointing=True)
+
+    want, got, moved, served = grads_without_and_with_offload(model(), build(PAIRS, 2, "packed"), torch.device("cpu"))
+    assert len(moved) == 6 and served == [False] + [True] * 5
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    m, queue = model(), offload.Offloaded()
+    m.train()
+    for layer in M.decoder_layers(m):
+        layer._gradient_checkpointing_func = offload.inputs_on_host(layer._gradient_checkpointing_func, set(),
+                                                                    torch.device("cpu"), min_bytes=0, queue=queue)
+    logps, _ = batch_logps(m, build(PAIRS, 2, "packed"))
+    assert len(queue.waiting) >= 6
+    del logps
+    import gc
+
+    gc.collect()
+    assert all(w() is None for w in queue.waiting)
 
 
 def test_inputs_on_host_packs_only_large_non_parameter_tensors():
