@@ -259,7 +259,7 @@ def estimate_for(recipe: Recipe, gpu_memory_bytes: int | None = None, layout: st
         raise LoraDpoError(f"reference '{reference}': expected live or precompute")
     if arch is None:
         config = load_config(recipe)
-        prequantized.check(recipe.model.name_or_path, prequantized.stored(config), recipe.quantization)
+        recipe = as_stored(recipe, prequantized.stored(config))
         arch = Arch.from_config(config)
     source = "--gpu-memory"
     if gpu_memory_bytes is None:
@@ -299,6 +299,19 @@ def estimate_for(recipe: Recipe, gpu_memory_bytes: int | None = None, layout: st
             est.short_prompt_seq_len, est.short_prompt_total = short.seq_len, short.total
             est.short_prompt_layers = short.checkpointed_layers if auto else None
     return est
+
+
+def as_stored(recipe: Recipe, stored: dict | None) -> Recipe:
+    """The recipe as a checkpoint stored already quantized (`stored`, its quantization_config) trains it: its own
+    quant type and double quantization (0.4 bit per weight), whatever the recipe says; keys it cannot apply at all
+    raise (lora_dpo/prequantized.py)."""
+    q = recipe.quantization
+    prequantized.check(recipe.model.name_or_path, stored, q)
+    if not stored or not q.load_in_4bit:
+        return recipe
+    q = dataclasses.replace(q, bnb_4bit_quant_type=prequantized.quant_type(stored, q),
+                            bnb_4bit_use_double_quant=bool(stored.get("bnb_4bit_use_double_quant", False)))
+    return dataclasses.replace(recipe, quantization=q)
 
 
 def for_data(recipe: Recipe, pairs: list) -> Recipe:

@@ -339,13 +339,14 @@ def _auto_checkpoint_share(recipe: Recipe, base, device: torch.device, pairs: li
     """train.gradient_checkpointing_layers auto → (share, the reason to print): the fewest recomputing layers that
     `lora-dpo estimate` says fit in this GPU with estimate.AUTO_SPARE of it to spare, for micro-batches as long as
     the training pairs can make (estimate.for_data); all layers on a CPU."""
-    from lora_dpo.estimate import AUTO_SPARE, Arch, estimate_for, for_data, gib
+    from lora_dpo.estimate import AUTO_SPARE, Arch, as_stored, estimate_for, for_data, gib
 
     if device.type != "cuda":
         return 1.0, " (auto: all, on a CPU)"
     total = torch.cuda.get_device_properties(device).total_memory
     try:
-        est = estimate_for(for_data(recipe, pairs), total, arch=Arch.from_config(base.config))
+        planned = as_stored(for_data(recipe, pairs), prequantized.stored(base.config))  # as the base is quantized
+        est = estimate_for(planned, total, arch=Arch.from_config(base.config))
     except LoraDpoError as e:  # a model family the planner does not model: the safe choice, said
         return 1.0, f" (auto: all, since {str(e).split(': ', 1)[-1]})"
     return est.checkpointed_layers / est.layers, (

@@ -111,3 +111,22 @@ def test_check_says_what_the_stored_weights_fix_and_refuses_what_they_cannot_do(
         prequantized.check("m", eight, QuantizationConfig())
     with pytest.raises(LoraDpoError, match="model.name_or_path: 'm' is stored quantized with gptq"):
         prequantized.check("m", {"quant_method": "gptq", "bits": 4}, QuantizationConfig())
+
+
+def test_estimate_plans_a_stored_checkpoint_as_stored(recipe_dict):
+    """A checkpoint stored without double quantization weighs 0.4 bit per weight more than the recipe's default
+    (double quantization on) would plan: the planner takes the stored settings."""
+    from lora_dpo.estimate import as_stored, estimate_for
+    from lora_dpo.memory_model import Arch
+
+    recipe = recipe_from_dict(recipe_dict)
+    stored = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+              "bnb_4bit_use_double_quant": False}
+    planned = as_stored(recipe, stored)
+    assert planned.quantization.bnb_4bit_use_double_quant is False and as_stored(recipe, None) is recipe
+    recipe_dict["quantization"] = {"bnb_4bit_use_double_quant": False}
+    arch = Arch(model_type="llama", vocab=128256, hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8,
+                head_dim=128, tied=False)
+    single = estimate_for(recipe_from_dict(recipe_dict), 16 << 30, arch=arch)
+    double = estimate_for(recipe, 16 << 30, arch=arch)
+    assert estimate_for(planned, 16 << 30, arch=arch).weights == single.weights > double.weights
