@@ -36,7 +36,7 @@ def evaluate_pairs(model, pairs: list[data_lib.Pair], cfg: DpoConfig, batch_size
     whose margin is exactly 0."""
     was_training = model.training
     model.eval()
-    meter = MetricMeter()
+    meter, results = MetricMeter(), []
     layout, _ = batching.resolve_layout(layout, causal_lm(model).config, pairs)
     dtype = causal_lm(model).get_input_embeddings().weight.dtype  # the run's compute dtype
     for chunk in batching.eval_batches(pairs, batch_size):
@@ -46,7 +46,9 @@ def evaluate_pairs(model, pairs: list[data_lib.Pair], cfg: DpoConfig, batch_size
             loss, metrics = dpo_forward(model, batching.build(chunk, pad_id, layout).to(device), cfg)
         if ties:
             metrics["ties"] = (metrics["rewards/margins"] == 0).float()
-        meter.add(loss * len(chunk), metrics)
+        results.append((loss * len(chunk), metrics))
+    for loss, metrics in results:  # read back after the last batch: on a GPU, no wait between batches
+        meter.add(loss, metrics)
     model.train(was_training)
     result = meter.result("eval/")
     result["eval/loss"] = meter.loss_sum / max(meter.pairs, 1)  # loss weighted per pair, not per batch

@@ -172,16 +172,17 @@ def compute(model, pairs: list[Pair], pad_id: int, batch_size: int, layout: str,
     """(chosen (N,), rejected (N,)) reference log-probs, fp32 on CPU: adapters off, eval mode, no grad."""
     was_training = model.training
     model.eval()
-    chosen, rejected = torch.empty(len(pairs)), torch.empty(len(pairs))
+    pieces = []
     with model_lib.reference_mode(model):
         for s in range(0, len(pairs), batch_size):
             chunk = pairs[s: s + batch_size]
             with autocast:
                 logps, _ = batch_logps(model, batching.build(chunk, pad_id, layout).to(device))
-            c, r = logps.float().cpu().chunk(2)
-            chosen[s: s + len(chunk)], rejected[s: s + len(chunk)] = c, r
+            pieces.append(logps.float().view(2, -1))  # (chosen, rejected) rows of the chunk
+    # read back once, after the last batch: on a GPU a read per batch would make each wait for the one before
+    both = torch.cat(pieces, dim=1).cpu() if pieces else torch.empty(2, 0)
     model.train(was_training)
-    return chosen, rejected
+    return both[0].contiguous(), both[1].contiguous()
 
 
 def load_or_compute(recipe: Recipe, model, tokenizer, pairs: list[Pair], *, layout: str, device: torch.device,

@@ -284,3 +284,27 @@ def test_eval_prints_no_library_noise(finished_run, tmp_path):
     res = subprocess.run([sys.executable, "-m", "lora_dpo", "eval", str(gone)], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "no-model" in res.stderr, res.stderr
+
+
+def test_held_out_batches_are_read_back_after_the_last_one_runs(tiny_model_dir, monkeypatch):
+    """On a GPU reading a batch's results back waits for it: the held-out pass queues every batch first, then reads
+    them all — the same metrics as reading each as it comes (a pair-weighted mean)."""
+    from conftest import trained_lora
+
+    from lora_dpo.data import Pair
+    from lora_dpo.evaluate import evaluate_pairs
+    from lora_dpo.objective import MetricMeter
+    from lora_dpo.recipe import DpoConfig
+
+    m = trained_lora(tiny_model_dir)
+    pairs = [Pair([5, 6, 7], [8, 9], [10], 0), Pair([11], [12, 13], [14, 15], 1), Pair([16, 17], [18], [19], 2)]
+    module = sys.modules["lora_dpo.evaluate"]  # the package's `evaluate` is the Python API's function
+    events, forward, add = [], module.dpo_forward, MetricMeter.add
+    monkeypatch.setattr(module, "dpo_forward", lambda *a, **k: events.append("fwd") or forward(*a, **k))
+    monkeypatch.setattr(MetricMeter, "add", lambda self, *a: events.append("read") or add(self, *a))
+    result = evaluate_pairs(m, pairs, DpoConfig(), 2, 0, torch.device("cpu"), ties=True)
+    assert events == ["fwd", "fwd", "read", "read"]
+    monkeypatch.undo()
+    one = [evaluate_pairs(m, [p], DpoConfig(), 1, 0, torch.device("cpu"), ties=True) for p in pairs]
+    for key in ("eval/loss", "eval/rewards/margins", "eval/logps/chosen", "eval/ties"):
+        assert result[key] == pytest.approx(sum(r[key] for r in one) / 3, rel=1e-5, abs=1e-6)

@@ -313,3 +313,22 @@ def test_a_killed_writers_temp_files_are_removed_by_the_next_write(cached, tiny_
                              say=lambda *a: None)
     assert not old.exists() and young.exists()
     assert len(list(root.glob("*.safetensors"))) == 1  # the entry itself written
+
+
+def test_compute_in_small_batches_equals_one_batch(tiny_model_dir):
+    """The precompute pass reads its results back once, after its last batch: the pieces land on the right pairs,
+    whatever the batch size."""
+    import contextlib
+
+    from conftest import trained_lora
+
+    from lora_dpo.data import Pair
+
+    m = trained_lora(tiny_model_dir)
+    pairs = [Pair([5 + i, 6, 7], [8, 9 + i], [10], i) for i in range(4)] + [Pair([11], [12, 13], [14, 15, 16], 4)]
+    cpu = torch.device("cpu")
+    one = refcache.compute(m, pairs, 0, 5, "packed", cpu, contextlib.nullcontext())
+    small = refcache.compute(m, pairs, 0, 2, "packed", cpu, contextlib.nullcontext())
+    assert one[0].shape == (5,) and not torch.equal(one[0], one[1])
+    for a, b in zip(one, small):
+        assert torch.allclose(a, b, atol=1e-5)
