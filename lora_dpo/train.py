@@ -198,7 +198,7 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
     upcoming = None
     with _StopSignal() as stop:
         for step in range(start + 1, steps + 1):
-            step_meter, step_tokens, results = MetricMeter(), 0, []
+            step_meter, step_tokens, results, at = MetricMeter(), 0, [], step
             try:
                 for _ in range(tcfg.gradient_accumulation_steps):
                     micro, upcoming = upcoming or prepare(), None
@@ -209,11 +209,12 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
                     results.append((loss.detach(), metrics))
                     step_tokens += micro.tokens
                 if step < steps:  # the next step's first micro-batch, prepared while the GPU runs this backward
+                    at = step + 1  # whose batch it is, should it not fit
                     upcoming = prepare()
                 for loss, metrics in results:  # the step's first wait for the GPU: its results read back
                     step_meter.add(loss, metrics)
             except torch.cuda.OutOfMemoryError:
-                raise LoraDpoError(_oom_message(recipe, step, offload.embeddings_movable(policy))) from None
+                raise LoraDpoError(_oom_message(recipe, at, offload.embeddings_movable(policy))) from None
             ctx.average_grads(params)
             if scaler:
                 scaler.unscale_(optimizer)

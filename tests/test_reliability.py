@@ -149,6 +149,23 @@ def test_out_of_memory_names_what_to_change(recipe_dict, monkeypatch):
         train(recipe_from_dict(recipe_dict))
 
 
+def test_out_of_memory_while_preparing_the_next_step_names_that_step(recipe_dict, monkeypatch):
+    """The next step's first micro-batch is prepared (its mask built) during the step before: running out of memory
+    there is said as the step it belongs to."""
+    recipe_dict["data"].pop("eval")
+    real, calls = TRAIN_MODULE.model_inputs, []
+
+    def fake(model, batch):
+        calls.append(1)
+        if len(calls) == 2:  # step 2's batch, prepared in step 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, batch)
+
+    monkeypatch.setattr(TRAIN_MODULE, "model_inputs", fake)
+    with pytest.raises(LoraDpoError, match=r"out of GPU memory at step 2;"):
+        train(recipe_from_dict(recipe_dict))
+
+
 def test_out_of_memory_suggests_offloading_an_untied_table_on_a_gpu(recipe_dict):
     from lora_dpo.train import _oom_message
 
