@@ -312,8 +312,7 @@ def merge(policy, recipe, base: str):
     from transformers import AutoModelForCausalLM
 
     path, kwargs = model_lib.local_dir(recipe.model)
-    stored = model_lib.stored_quantization(recipe.model, path, kwargs)
-    _check_original_exists(recipe, base, stored)
+    stored = model_lib.stored_quantization(recipe.model, path, kwargs)  # export() refused --base original for it
     if stored:  # loads as stored, then every quantized Linear becomes its dequantized fp32 weight
         merged = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": "cpu"}, **kwargs)
         merged = merged.dequantize() or merged
