@@ -182,16 +182,21 @@ def stored_quantization(cfg: ModelConfig, path: str | None = None, kwargs: dict 
         return None
 
 
+_UNREAD = object()
+
+
 def load_base(cfg: ModelConfig, q: QuantizationConfig, dtype: torch.dtype, device: torch.device,
-              layout: str | None = None):
+              layout: str | None = None, stored=_UNREAD):
     """The (quantized) base model, frozen, in eval-free train mode; no adapter yet. `layout`: the training layout,
-    which model.attn_implementation 'auto' follows (attention.resolve_attention)."""
+    which model.attn_implementation 'auto' follows (attention.resolve_attention). `stored`: the checkpoint's
+    stored_quantization when the caller has read it already (training, to say it before the load)."""
     from transformers import AutoModelForCausalLM
 
     drop_kernels_hub_notice()
 
     path, kwargs = local_dir(cfg)
-    stored = stored_quantization(cfg, path, kwargs)
+    if stored is _UNREAD:
+        stored = stored_quantization(cfg, path, kwargs)
     prequantized.check(cfg.name_or_path, stored, q)  # before any weight loads
     qc = quantization_config(q, dtype)
     if qc is not None:

@@ -19,10 +19,20 @@ from pathlib import Path
 
 import torch
 
-from lora_dpo import batching, checkpoints, data, distributed, losses, offload, preflight, refcache, tracking
+from lora_dpo import (
+    batching,
+    checkpoints,
+    data,
+    distributed,
+    losses,
+    offload,
+    preflight,
+    prequantized,
+    refcache,
+    tracking,
+)
 from lora_dpo import compile as compile_blocks
 from lora_dpo import model as model_lib
-from lora_dpo import prequantized as prequantized
 from lora_dpo.errors import LoraDpoError, TrainingStopped
 from lora_dpo.evaluate import evaluate_pairs, print_before_after, snapshot, snapshots_json
 from lora_dpo.logps import causal_lm, model_inputs
@@ -308,7 +318,7 @@ def _load_policy(recipe: Recipe, device: torch.device, dtype: torch.dtype, ctx: 
     say(f"loading {recipe.model.name_or_path} ({kind}) on {where}")
     for note in notes:
         say(f"note: {note}")
-    base = model_lib.load_base(recipe.model, q, dtype, device, tcfg.layout)
+    base = model_lib.load_base(recipe.model, q, dtype, device, tcfg.layout, stored=stored)
     dropped = model_lib.disable_dropout(base)
     if dropped:
         say(f"the model's dropout is off for DPO (the reference pass must be the policy's function): "
