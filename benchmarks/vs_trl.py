@@ -18,6 +18,7 @@ Prints a markdown table of medians and ratios (lora-dpo / TRL). Nothing here is 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -66,6 +67,18 @@ class Probe:
         self.resident = 0  # CUDA memory held between steps after the warm-up: weights, adapter, optimizer state
         self._stop = threading.Event()
         self._thread = None
+        # Python's full (oldest-generation) garbage collections: (steps done, seconds) each; one walks every object
+        # the libraries created, ~0.1-0.6 s, and can fall inside a timed step (lora_dpo/heap.py)
+        self.collections, self._collecting = [], 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._collecting = time.perf_counter()
+        else:
+            self.collections.append((len(self.times), time.perf_counter() - self._collecting))
 
     def step(self, loss: float) -> None:
         self.times.append(time.perf_counter())
@@ -109,7 +122,10 @@ class Probe:
                 "step_tokens": list(tokens_per_step[w:]),
                 # where a worker's wall time goes (the GPU kit's stages are mostly load and compile): start-up to
                 # the training loop, then the untimed warm-up steps
-                "setup_seconds": self.start - STARTED, "warmup_seconds": self.times[w - 1] - self.start}
+                "setup_seconds": self.start - STARTED, "warmup_seconds": self.times[w - 1] - self.start,
+                # full collections inside timed steps: [timed step (1-based), seconds]
+                "full_collections": [[n - w + 1, round(sec, 4)] for n, sec in self.collections
+                                     if w <= n < len(self.times)]}
 
 
 def process_peak(device: str) -> int:
@@ -572,6 +588,10 @@ def report(a, results: dict) -> None:
             if "step_seconds" in side[0]:
                 notes.append(f"{ds}: {name}'s timed steps, s (tokens/s): " + ", ".join(
                     f"{s:.2f} ({n / s:.0f})" for s, n in zip(side[0]["step_seconds"], side[0]["step_tokens"])))
+            if "full_collections" in side[0]:  # Python's full garbage collections that fell in a timed step
+                notes.append(f"{ds}: {name}'s full garbage collections in timed steps, per repeat: " + "; ".join(
+                    ", ".join(f"step {k} ({sec:.2f} s)" for k, sec in x["full_collections"]) or "none"
+                    for x in side))
     for note in notes:
         print("\n" + note)
 

@@ -24,6 +24,7 @@ from lora_dpo import (
     checkpoints,
     data,
     distributed,
+    heap,
     losses,
     offload,
     preflight,
@@ -206,7 +207,7 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
         return MicroBatch(batch, host.num_tokens(), ref_of(chunk))
 
     upcoming = None
-    with _StopSignal() as stop:
+    with _StopSignal() as stop, heap.frozen():  # no full collection walking the libraries' objects mid-step
         for step in range(start + 1, steps + 1):
             step_meter, step_tokens, results, at = MetricMeter(), 0, [], step
             try:

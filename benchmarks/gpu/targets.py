@@ -1,6 +1,6 @@
 """The speed-and-memory targets of the issue (the GPU ones, or the CPU ones for results from a CPU), checked against
 the GPU kit's results: reads the JSON files `run.sh` wrote (long.json, short.json, long-b16.json, long-sdpa.json,
-short-causal.json, long-offload.json, losses-short.json, losses-long.json from vs_trl.py; memory.json, ckpt.json,
+short-causal.json, long-offload.json, short-compile.json, losses-short.json, losses-long.json from vs_trl.py; memory.json, ckpt.json,
 offload.json from memory.py) and prints one markdown line per target with the measured value and ✓ / ✗, or "not
 measured" where a stage did not run. Prints; asserts nothing.
 
@@ -158,7 +158,8 @@ def main() -> None:
                               ("long", "long-sdpa.json", "long prompts, lora-dpo on sdpa"),
                               ("short", "short-causal.json", "short prompts, lora-dpo on sdpa_causal"),
                               ("long", "long-offload.json", "long prompts, lora-dpo offloading to CPU memory"),
-                              ("long", "long-compile.json", "long prompts, lora-dpo with train.compile")):
+                              ("long", "long-compile.json", "long prompts, lora-dpo with train.compile"),
+                              ("short", "short-compile.json", "short prompts, lora-dpo with train.compile")):
         doc = _load(out / file)
         label += f" ({doc['meta']['attn']})" if doc and "sdpa" not in file else ""
         lines += vs_trl_lines(name, _with_trl_from(doc, name, _load(out / f"{name}.json")), label)
