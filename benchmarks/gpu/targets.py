@@ -1,8 +1,8 @@
 """The speed-and-memory targets of the issue (the GPU ones, or the CPU ones for results from a CPU), checked against
 the GPU kit's results: reads the JSON files `run.sh` wrote (long.json, short.json, long-b16.json, long-sdpa.json,
-short-causal.json, long-offload.json, short-compile.json, losses-short.json, losses-long.json from vs_trl.py; memory.json, ckpt.json,
-offload.json from memory.py) and prints one markdown line per target with the measured value and ✓ / ✗, or "not
-measured" where a stage did not run. Prints; asserts nothing.
+short-causal.json, long-offload.json, long-compile.json, short-compile.json, losses-short.json, losses-long.json from
+vs_trl.py; memory.json, ckpt.json, offload.json from memory.py) and prints one markdown line per target with the
+measured value and ✓ / ✗, or "not measured" where a stage did not run. Prints; asserts nothing.
 
     python3 benchmarks/gpu/targets.py "$OUT"
 """
