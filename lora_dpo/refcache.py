@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_dpo import batching
+from lora_dpo import batching, heap
 from lora_dpo import model as model_lib
 from lora_dpo.data import Pair
 from lora_dpo.errors import LoraDpoError
@@ -173,7 +173,7 @@ def compute(model, pairs: list[Pair], pad_id: int, batch_size: int, layout: str,
     was_training = model.training
     model.eval()
     pieces = []
-    with model_lib.reference_mode(model):
+    with model_lib.reference_mode(model), heap.frozen():  # a pass over the whole training set: as training runs
         for s in range(0, len(pairs), batch_size):
             chunk = pairs[s: s + batch_size]
             with autocast:

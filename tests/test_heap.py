@@ -61,3 +61,20 @@ def test_training_steps_run_with_the_setup_frozen(recipe_dict, monkeypatch):
     # both training steps ran with the setup frozen; nothing is frozen afterwards
     assert len(counts) == 2 and min(counts) > 1000
     assert gc.get_freeze_count() == 0
+
+
+def test_the_reference_precompute_pass_runs_frozen(tiny_model_dir, monkeypatch):
+    import contextlib
+
+    import torch
+    from conftest import trained_lora
+
+    from lora_dpo import refcache
+    from lora_dpo.data import Pair
+
+    counts = []
+    real = refcache.batch_logps
+    monkeypatch.setattr(refcache, "batch_logps", lambda *a, **k: counts.append(gc.get_freeze_count()) or real(*a, **k))
+    pairs = [Pair([5 + i, 6, 7], [8, 9 + i], [10], i) for i in range(3)]
+    refcache.compute(trained_lora(tiny_model_dir), pairs, 0, 2, "packed", torch.device("cpu"), contextlib.nullcontext())
+    assert len(counts) == 2 and min(counts) > 1000 and gc.get_freeze_count() == 0
