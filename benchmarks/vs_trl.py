@@ -70,6 +70,7 @@ class Probe:
         # Python's full (oldest-generation) garbage collections: (steps done, seconds) each; one walks every object
         # the libraries created, ~0.1-0.6 s, and can fall inside a timed step (lora_dpo/heap.py)
         self.collections, self._collecting = [], 0.0
+        self.wait_shares = []  # lora-dpo's host_wait_share per step (lora_dpo/pace.py; CUDA only)
         gc.callbacks.append(self._on_gc)
 
     def _on_gc(self, phase: str, info: dict) -> None:
@@ -80,9 +81,10 @@ class Probe:
         else:
             self.collections.append((len(self.times), time.perf_counter() - self._collecting))
 
-    def step(self, loss: float) -> None:
+    def step(self, loss: float, host_wait_share: float | None = None) -> None:
         self.times.append(time.perf_counter())
         self.losses.append(float(loss))
+        self.wait_shares.append(host_wait_share)
         if len(self.times) == self.warmup:  # warm-up done: measure memory from here
             if self.device == "cpu":  # hand freed heap (e.g. the weights before quantization) back to the OS
                 import ctypes
@@ -125,7 +127,14 @@ class Probe:
                 "setup_seconds": self.start - STARTED, "warmup_seconds": self.times[w - 1] - self.start,
                 # full collections inside timed steps: [timed step (1-based), seconds]
                 "full_collections": [[n - w + 1, round(sec, 4)] for n, sec in self.collections
-                                     if w <= n < len(self.times)]}
+                                     if w <= n < len(self.times)],
+                # the share of each timed step lora-dpo's host spent waiting for the GPU: near 0, the GPU waited
+                "host_wait_shares": self.wait_shares[w:] if any(x is not None for x in self.wait_shares) else None}
+
+
+def waits(r: dict) -> str:
+    """lora-dpo's host_wait_share per timed step, as percentages (near 0: the GPU waited for the host)."""
+    return ", ".join("?" if x is None else f"{x:.0%}" for x in r["host_wait_shares"])
 
 
 def process_peak(device: str) -> int:
@@ -189,7 +198,8 @@ def probed_run(recipe: dict, rows: list[dict]) -> Probe:
     train_mod = sys.modules["lora_dpo.train"]
     probe = Probe("cuda" if torch.cuda.is_available() else "cpu")
     real_log, real_progress = train_mod._log, train_mod._progress
-    train_mod._log = lambda out, row, trackers, bar: (probe.step(row["loss"]), real_log(out, row, trackers, bar))
+    train_mod._log = lambda out, row, trackers, bar: (probe.step(row["loss"], row.get("host_wait_share")),
+                                                      real_log(out, row, trackers, bar))
     train_mod._progress = lambda *args, **kw: (setattr(probe, "start", time.perf_counter()),
                                                real_progress(*args, **kw))[1]  # the loop starts
     try:
@@ -517,7 +527,11 @@ def main() -> None:
                           + (f", {r['compiled_graphs']} compiled graphs" if r.get("compiled_graphs") else "")
                           + (" — flex_attention ran UNCOMPILED" if r.get("flex_uncompiled") else "")
                           + f"; worker {r['worker_seconds']:.0f} s: set-up {r['setup_seconds']:.0f} s, warm-up "
-                            f"steps {r['warmup_seconds']:.0f} s, timed steps {sum(r['step_seconds']):.0f} s",
+                            f"steps {r['warmup_seconds']:.0f} s, timed steps {sum(r['step_seconds']):.0f} s"
+                          + (f"; host waiting for the GPU {waits(r)} of each timed step" if r.get("host_wait_shares")
+                             else "")
+                          + (f"; full garbage collections in timed steps {r['full_collections']}"
+                             if r.get("full_collections") else ""),
                           flush=True)
                     write_json(a, results)  # after every worker: a run cut short by a time limit keeps what ran
     report(a, results)

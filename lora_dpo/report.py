@@ -110,7 +110,7 @@ def _summary(run_dir: Path, recipe: dict | None, rows: list[dict]) -> str:
     if train_rows:
         last = train_rows[-1]
         keys = [k for k in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
-                            "learning_rate", "tokens_per_second", "peak_memory_mb") if k in last]
+                            "learning_rate", "tokens_per_second", "peak_memory_mb", "host_wait_share") if k in last]
         parts.append(f"<p>last logged training step: <b>{_e(last.get('step'))}</b></p>")
         parts.append(_table(["metric", "value"], [[_e(k), _fmt(last[k])] for k in keys], ["", "num"]))
     if not (run_dir / "adapter").is_dir():

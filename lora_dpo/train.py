@@ -39,6 +39,7 @@ from lora_dpo.evaluate import evaluate_pairs, print_before_after, snapshot, snap
 from lora_dpo.logps import causal_lm, model_inputs
 from lora_dpo.objective import MetricMeter, dpo_forward, step0_check
 from lora_dpo.optim import epochs_line, make_optimizer, make_scheduler, total_steps  # noqa: F401
+from lora_dpo.pace import Pace
 from lora_dpo.recipe import Recipe, recipe_from_dict, recipe_notes, warmup_note
 from lora_dpo.report import write_report
 
@@ -206,10 +207,11 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
         offload.look_up_ahead(causal_lm(policy), batch.input_ids)  # embeddings kept in CPU memory: looked up now
         return MicroBatch(batch, host.num_tokens(), ref_of(chunk))
 
-    upcoming = None
+    upcoming, pace = None, Pace(device)
     with _StopSignal() as stop, heap.frozen():  # no full collection walking the libraries' objects mid-step
         for step in range(start + 1, steps + 1):
             step_meter, step_tokens, results, at = MetricMeter(), 0, [], step
+            pace.start(step)
             try:
                 for _ in range(tcfg.gradient_accumulation_steps):
                     micro, upcoming = upcoming or prepare(), None
@@ -222,8 +224,9 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
                 if step < steps:  # the next step's first micro-batch, prepared while the GPU runs this backward
                     at = step + 1  # whose batch it is, should it not fit
                     upcoming = prepare()
-                for loss, metrics in results:  # the step's first wait for the GPU: its results read back
-                    step_meter.add(loss, metrics)
+                with pace.reading():  # the step's first wait for the GPU: its results read back
+                    for loss, metrics in results:
+                        step_meter.add(loss, metrics)
             except torch.cuda.OutOfMemoryError:
                 raise LoraDpoError(_oom_message(recipe, at, offload.embeddings_movable(policy))) from None
             ctx.average_grads(params)
@@ -252,6 +255,7 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
                 tokens += step_tokens
             scheduler.step()  # the schedule follows the step count, skipped steps included
             optimizer.zero_grad(set_to_none=True)
+            pace.end()
             bar.update(1)
 
             eval_step = bool(eval_pairs and tcfg.eval_steps and step % tcfg.eval_steps == 0)
@@ -261,13 +265,16 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
                 meter.reduce(ctx, device)
                 tokens = ctx.sum([tokens], device)[0]
                 row = {"step": step, **meter.result(), "learning_rate": lr, "grad_norm": float(grad_norm),
-                       "tokens_per_second": tokens / max(elapsed, 1e-9), "peak_memory_mb": peak_memory_mb(device)}
+                       "tokens_per_second": tokens / max(elapsed, 1e-9), "peak_memory_mb": peak_memory_mb(device),
+                       **pace.take()}
                 if eval_step and step != steps and ctx.main:
                     row.update(evaluate_pairs(policy, eval_pairs, dcfg, tcfg.per_device_eval_batch_size, pad_id,
                                               device))
                 history.append(row)
                 if ctx.main:
                     _log(out, row, trackers, bar)
+                    if note := pace.note(row):
+                        bar.write(note)
                 meter, tokens, t_window = MetricMeter(), 0, time.perf_counter()
             stopping = ctx.sum([float(stop.requested is not None)], device)[0] > 0 and step != steps
             if (tcfg.save_steps and step % tcfg.save_steps == 0 and step != steps) or stopping:

@@ -358,12 +358,15 @@ def test_fp16_scales_the_loss_and_overflow_is_not_a_data_problem(recipe_dict, mo
 
 @pytest.mark.gpu
 def test_gpu_bf16_paged_adamw_run(recipe_dict):
-    """GPU twin of the CPU loop tests: bf16 autocast, paged 8-bit AdamW, step-0 check still exact."""
+    """GPU twin of the CPU loop tests: bf16 autocast, paged 8-bit AdamW, step-0 check still exact; the host's wait
+    for the GPU logged from step 3 (twin: tests/test_pace.py, the measure forced on a CPU)."""
     recipe_dict["train"].update(max_steps=3, optim="paged_adamw_8bit", device="cuda")
     result = train(recipe_from_dict(recipe_dict))
     assert abs(result.step0_loss - math.log(2)) < 1e-4
     assert all(math.isfinite(r["loss"]) for r in result.history)
     assert result.history[-1]["peak_memory_mb"] > 0
+    assert ["host_wait_share" in r for r in result.history] == [False, False, True]
+    assert 0 <= result.history[-1]["host_wait_share"] <= 1
 
 
 def test_step0_tolerance_follows_the_dtype():

@@ -1,0 +1,72 @@
+"""Who sets a training step's pace on a GPU: the GPU, or the host feeding it.
+
+On CUDA the host queues a step's work (Python, dispatch, kernel launches) and the GPU runs it behind; the host waits
+for the GPU once a step, where the step's results are read back (lora_dpo/train.py). The share of the step the host
+spends in that wait says which side is the bottleneck: a large share, the GPU is busy and the host waits for it; near
+zero, the GPU had finished before the host asked, so it sat idle while the host queued. Small steps on a fast GPU
+(short pairs, few pairs per micro-batch, small models) end up there. Logged as `host_wait_share` on CUDA runs (a CPU
+computes as it queues: there is nothing to wait for) and said once, with what uses the GPU better, when a logging
+window's share is under WAITING. The first WARMUP steps are left out: they compile kernels and grow the allocator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+WARMUP = 2  # steps left out of the measure
+WAITING = 0.1  # under this share of a step spent waiting for the GPU, the GPU waited for the host
+
+
+class Pace:
+    """Host time per step and the part of it spent waiting for the GPU, over a logging window."""
+
+    def __init__(self, device, enabled: bool | None = None) -> None:
+        self.enabled = device.type == "cuda" if enabled is None else enabled
+        self.wait = self.total = 0.0
+        self.first = self.last = None  # the window's measured steps
+        self.span = (None, None)  # those of the last window taken
+        self.said = False
+        self._step = self._t0 = None
+
+    def start(self, step: int) -> None:
+        self._step, self._t0 = step, time.perf_counter()
+
+    @contextlib.contextmanager
+    def reading(self):
+        """Around the step's read of its results: the host's wait for the GPU."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._step is not None and self._step > WARMUP:
+                self.wait += time.perf_counter() - t
+
+    def end(self) -> None:
+        if self._step is not None and self._step > WARMUP:
+            self.total += time.perf_counter() - self._t0
+            self.first = self.first or self._step
+            self.last = self._step
+
+    def take(self) -> dict:
+        """The window's `host_wait_share` (nothing on a CPU or for a window of warm-up steps only); starts anew."""
+        out = {}
+        if self.enabled and self.total > 0:
+            out = {"host_wait_share": min(self.wait / self.total, 1.0)}
+            self.span = (self.first, self.last)
+        self.wait = self.total = 0.0
+        self.first = self.last = None
+        return out
+
+    def note(self, row: dict) -> str | None:
+        """Once per run, when a logged window's GPU waited for the host: what keeps it busier."""
+        share = row.get("host_wait_share")
+        if self.said or share is None or share >= WAITING:
+            return None
+        self.said = True
+        first, last = self.span
+        steps = f"step {first}" if first == last else f"steps {first}-{last}"
+        return (f"note: the GPU waited for the host in {steps}: the host spent {share:.0%} of each step waiting for "
+                f"the GPU, so the GPU finished first and sat idle while Python queued the next work. More pairs per "
+                f"micro-batch (train.per_device_train_batch_size; `lora-dpo estimate` names the most that fit) or "
+                f"train.compile: true keep it busier")
