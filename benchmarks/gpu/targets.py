@@ -95,6 +95,11 @@ def vs_trl_lines(name: str, doc: dict | None, label: str, losses_only: bool = Fa
     spread = _step_spread(r)
     if spread:
         out.append(_line(f"{label}: slowest timed step ÷ median step, per token, TRL / lora-dpo", spread, None))
+    shares = [x for run in r["ours"] for x in (run.get("host_wait_shares") or []) if x is not None]
+    if shares:  # lora_dpo/pace.py: near 0, the GPU waited for the host
+        out.append(_line(f"{label}: lora-dpo's host waiting for the GPU, share of each timed step (min / median / "
+                         f"max)", " / ".join(f"{x:.0%}" for x in (min(shares), statistics.median(shares),
+                                                                  max(shares))), None))
     if "predicted_bytes" in r["ours"][0]:  # informational: the planner assumes every row is the longest
         out.append(_estimate_line(f"{label}: estimate (worst-case rows)", r["ours"][0]["predicted_bytes"],
                                   med("ours", "peak_bytes"), judged=False))
