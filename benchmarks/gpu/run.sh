@@ -19,7 +19,9 @@
 #              within one run on the H200). First: the one speed target the third run left unmet (1.45×, ≥ 1.5×)
 #   short-compile  the short stage with lora-dpo's train.compile (attention and MLP blocks through torch.compile;
 #              they compile during the two untimed steps): what the host's share of a short step costs (lora-dpo
-#              alone: targets.py compares it with the short stage's TRL run, the same data and settings)
+#              alone, one repeat: targets.py compares it with the short stage's TRL run, the same data and settings)
+#   long       the short stage on long prompts (prompt ~2/3 of the tokens), one repeat
+#   long-compile  the long stage with train.compile (lora-dpo alone, as short-compile)
 #   profile    lora-dpo steps timed and one under torch.profiler (one model load), at the short- and long-prompt
 #              shapes: packed on flex with lora-dpo's fused LoRA forward and with peft's own (lora_dpo/lora_forward.py:
 #              its GPU gain), with down_proj's base GEMM first (recomputed in backward: lora_forward.base_gemm_last's
@@ -27,8 +29,6 @@
 #              against GPU time (whether the step waits on the host); a third shape of 16 + 2 × 16 tokens, whose
 #              GPU work is negligible, times the host's own cost of a step (Python, dispatch, launches): a long-
 #              prompt step that takes about as long is host-bound
-#   long       the short stage on long prompts (prompt ~2/3 of the tokens), one repeat
-#   long-compile  the long stage with train.compile (lora-dpo alone, as short-compile)
 #   long-offload  the long stage with lora-dpo keeping embeddings and checkpointed inputs in CPU memory
 #              (model.offload_embeddings, train.offload_activations; TRL has neither): the memory ratio and its cost
 #              (lora-dpo alone, compared with the long stage's TRL run)
@@ -93,7 +93,7 @@ stage() {  # stage NAME LIMIT MIN_NEEDED command...
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$log"
 }
-want=" ${*:-model short short-compile profile long long-compile long-offload gpu-tests long-b16 losses losses-long memory short-causal long-sdpa ckpt offload profile-kernels} "
+want=" ${*:-model short short-compile long long-compile profile long-offload gpu-tests long-b16 losses losses-long memory short-causal long-sdpa ckpt offload profile-kernels} "
 on() { [[ $want == *" $1 "* ]]; }
 # KIT_* variables shrink the kit for a smoke run on a CPU (e.g. KIT_MODEL=demo KIT_WORDS=16 KIT_TOKENS=32)
 model="--model ${KIT_MODEL:-llama3-8b-random}"
@@ -105,13 +105,13 @@ vs_trl="python3 benchmarks/vs_trl.py $model --batch 4 --steps $steps --warmup 2 
 memory="python3 benchmarks/memory.py $model --prompt-tokens $m --completion-tokens $m --batch 1 --steps 3"
 on model && stage model 240 30 python3 benchmarks/vs_trl.py $model --build-only
 on short && stage short 240 150 $vs_trl --datasets short --short-prompt $((w / 2)) --repeats 2 --json "$out/short.json"
-on short-compile && stage short-compile 240 120 $vs_trl --datasets short --short-prompt $((w / 2)) --compile \
-  --trainers ours --repeats 2 --json "$out/short-compile.json"
+on short-compile && stage short-compile 240 90 $vs_trl --datasets short --short-prompt $((w / 2)) --compile \
+  --trainers ours --json "$out/short-compile.json"
+on long && stage long 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --json "$out/long.json"
+on long-compile && stage long-compile 240 90 $vs_trl --datasets long --long-prompt $((4 * w)) --compile \
+  --trainers ours --json "$out/long-compile.json"
 profile="python3 benchmarks/profile_step.py $model --steps 2 --rows 15 --shapes $((w / 2))x$w,$((4 * w))x$w,16x16"
 on profile && stage profile 240 90 $profile --settings packed:flex_attention,packed:flex_attention:peft,packed:flex_attention:base-first,concatenated:sdpa
-on long && stage long 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --json "$out/long.json"
-on long-compile && stage long-compile 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --compile \
-  --trainers ours --json "$out/long-compile.json"
 on long-offload && stage long-offload 180 90 $vs_trl --datasets long --long-prompt $((4 * w)) --offload both \
   --trainers ours --json "$out/long-offload.json"
 on gpu-tests && stage gpu-tests 180 45 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
