@@ -1,12 +1,13 @@
 """Who sets a training step's pace on a GPU: the GPU, or the host feeding it.
 
 On CUDA the host queues a step's work (Python, dispatch, kernel launches) and the GPU runs it behind; the host waits
-for the GPU once a step, where the step's results are read back (lora_dpo/train.py). The share of the step the host
-spends in that wait says which side is the bottleneck: a large share, the GPU is busy and the host waits for it; near
-zero, the GPU had finished before the host asked, so it sat idle while the host queued. Small steps on a fast GPU
-(short pairs, few pairs per micro-batch, small models) end up there. Logged as `host_wait_share` on CUDA runs (a CPU
-computes as it queues: there is nothing to wait for) and said once, with what uses the GPU better, when a logging
-window's share is under WAITING. The first WARMUP steps are left out: they compile kernels and grow the allocator.
+for the GPU where the step's results and its gradient norm are read back (lora_dpo/train.py). The share of the step
+the host spends in those waits says which side is the bottleneck: a large share, the GPU is busy and the host waits
+for it; near zero, the GPU had finished before the host asked, so it sat idle while the host queued. Small steps on
+a fast GPU (short pairs, few pairs per micro-batch, small models) end up there. Logged as `host_wait_share` on CUDA
+runs (a CPU computes as it queues: there is nothing to wait for) and said once, with what uses the GPU better, when
+a logging window's share is under WAITING. The loop's first WARMUP steps (a resumed run's too) are left out: they
+compile kernels and grow the allocator.
 """
 
 from __future__ import annotations
@@ -27,23 +28,27 @@ class Pace:
         self.first = self.last = None  # the window's measured steps
         self.span = (None, None)  # those of the last window taken
         self.said = False
-        self._step = self._t0 = None
+        self._step = self._t0 = self._begin = None
 
     def start(self, step: int) -> None:
+        self._begin = step if self._begin is None else self._begin
         self._step, self._t0 = step, time.perf_counter()
+
+    def _measured(self) -> bool:
+        return self._step is not None and self._step >= self._begin + WARMUP
 
     @contextlib.contextmanager
     def reading(self):
-        """Around the step's read of its results: the host's wait for the GPU."""
+        """Around a read of the step's results: the host's wait for the GPU."""
         t = time.perf_counter()
         try:
             yield
         finally:
-            if self._step is not None and self._step > WARMUP:
+            if self._measured():
                 self.wait += time.perf_counter() - t
 
     def end(self) -> None:
-        if self._step is not None and self._step > WARMUP:
+        if self._measured():
             self.total += time.perf_counter() - self._t0
             self.first = self.first or self._step
             self.last = self._step

@@ -207,7 +207,7 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
         offload.look_up_ahead(causal_lm(policy), batch.input_ids)  # embeddings kept in CPU memory: looked up now
         return MicroBatch(batch, host.num_tokens(), ref_of(chunk))
 
-    upcoming, pace = None, Pace(device)
+    upcoming, pace = None, Pace(device)  # from the loop's third step: the first ones compile kernels
     with _StopSignal() as stop, heap.frozen():  # no full collection walking the libraries' objects mid-step
         for step in range(start + 1, steps + 1):
             step_meter, step_tokens, results, at = MetricMeter(), 0, [], step
@@ -232,15 +232,16 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
             ctx.average_grads(params)
             if scaler:
                 scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm or float("inf"))
+            with pace.reading():  # waits for the gradients' all-reduce (data parallel) and the norm
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm or float("inf")))
             lr = scheduler.get_last_lr()[0]
             # with a loss scaler an overflowing gradient is its calibration, not a data problem: it skips the step
-            overflow = bool(scaler) and math.isfinite(step_meter.loss_sum) and not math.isfinite(float(grad_norm))
-            bad = not overflow and not (math.isfinite(step_meter.loss_sum) and math.isfinite(float(grad_norm)))
+            overflow = bool(scaler) and math.isfinite(step_meter.loss_sum) and not math.isfinite(grad_norm)
+            bad = not overflow and not (math.isfinite(step_meter.loss_sum) and math.isfinite(grad_norm))
             if ctx.sum([float(bad)], device)[0] > 0:  # every process skips the same steps
                 nonfinite += 1
                 say(f"warning: step {step}: non-finite loss or gradient (loss {step_meter.loss_sum:.4g}, grad norm "
-                    f"{float(grad_norm):.4g}); step skipped ({nonfinite}/{tcfg.max_nonfinite_steps})")
+                    f"{grad_norm:.4g}); step skipped ({nonfinite}/{tcfg.max_nonfinite_steps})")
                 if nonfinite >= tcfg.max_nonfinite_steps:
                     raise LoraDpoError(_nonfinite_message(step, nonfinite, last_ckpt, start))
             elif overflow:
@@ -264,7 +265,7 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
                 elapsed = time.perf_counter() - t_window
                 meter.reduce(ctx, device)
                 tokens = ctx.sum([tokens], device)[0]
-                row = {"step": step, **meter.result(), "learning_rate": lr, "grad_norm": float(grad_norm),
+                row = {"step": step, **meter.result(), "learning_rate": lr, "grad_norm": grad_norm,
                        "tokens_per_second": tokens / max(elapsed, 1e-9), "peak_memory_mb": peak_memory_mb(device),
                        **pace.take()}
                 if eval_step and step != steps and ctx.main:

@@ -48,6 +48,17 @@ def test_the_share_leaves_out_warm_up_steps_and_starts_anew_each_window(monkeypa
     assert p.take() == {"host_wait_share": 0.0} and p.span == (5, 5)
 
 
+def test_a_resumed_run_leaves_out_its_own_first_steps(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(pace_mod.time, "perf_counter", clock)
+    p = pace_mod.Pace(torch.device("cuda"))
+    for step in (11, 12):  # the first steps of a resumed run compile kernels too
+        run_step(p, clock, step, queue_s=5.0, wait_s=0.0)
+    assert p.take() == {}
+    run_step(p, clock, 13, queue_s=0.2, wait_s=0.8)
+    assert p.take() == {"host_wait_share": pytest.approx(0.8)} and p.span == (13, 13)
+
+
 def test_a_cpu_logs_no_share():
     p = pace_mod.Pace(torch.device("cpu"))
     for step in range(1, 5):
