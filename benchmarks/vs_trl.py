@@ -71,6 +71,7 @@ class Probe:
         # the libraries created, ~0.1-0.6 s, and can fall inside a timed step (lora_dpo/heap.py)
         self.collections, self._collecting = [], 0.0
         self.wait_shares = []  # lora-dpo's host_wait_share per step (lora_dpo/pace.py; CUDA only)
+        self.graphs_at_warmup = 0  # torch.compile graphs made by the end of the warm-up steps
         gc.callbacks.append(self._on_gc)
 
     def _on_gc(self, phase: str, info: dict) -> None:
@@ -86,6 +87,7 @@ class Probe:
         self.losses.append(float(loss))
         self.wait_shares.append(host_wait_share)
         if len(self.times) == self.warmup:  # warm-up done: measure memory from here
+            self.graphs_at_warmup = unique_graphs()
             if self.device == "cpu":  # hand freed heap (e.g. the weights before quantization) back to the OS
                 import ctypes
 
@@ -129,7 +131,16 @@ class Probe:
                 "full_collections": [[n - w + 1, round(sec, 4)] for n, sec in self.collections
                                      if w <= n < len(self.times)],
                 # the share of each timed step lora-dpo's host spent waiting for the GPU: near 0, the GPU waited
-                "host_wait_shares": self.wait_shares[w:] if any(x is not None for x in self.wait_shares) else None}
+                "host_wait_shares": self.wait_shares[w:] if any(x is not None for x in self.wait_shares) else None,
+                # graphs compiled inside timed steps (a new shape recompiling): a slow step's other suspect
+                "graphs_in_timed_steps": unique_graphs() - self.graphs_at_warmup}
+
+
+def unique_graphs() -> int:
+    """torch.compile graphs made so far in this process (flex_attention's kernels, train.compile's blocks)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def waits(r: dict) -> str:
@@ -531,7 +542,9 @@ def main() -> None:
                           + (f"; host waiting for the GPU {waits(r)} of each timed step" if r.get("host_wait_shares")
                              else "")
                           + (f"; full garbage collections in timed steps {r['full_collections']}"
-                             if r.get("full_collections") else ""),
+                             if r.get("full_collections") else "")
+                          + (f"; {r['graphs_in_timed_steps']} graphs compiled in timed steps"
+                             if r.get("graphs_in_timed_steps") else ""),
                           flush=True)
                     write_json(a, results)  # after every worker: a run cut short by a time limit keeps what ran
     report(a, results)
