@@ -245,13 +245,12 @@ def worker_ours(a, rows, order) -> dict:
             probe = probed_run(_recipe_dict(a), rows)
     finally:
         M.attach_lora = real_attach
-    from torch._dynamo.utils import counters
     pairs = bench_pairs(a.model_dir, rows)
     per_step = _step_tokens(a, pairs, order)
     result = probe.result(a.batch, per_step)
     result["padding"] = padding(a, pairs, order, a.layout)
     result["work_ratio"] = work_ratio(a, pairs, order, a.layout)
-    result["compiled_graphs"] = counters["stats"]["unique_graphs"]  # torch.compile graphs: flex_attention, bnb
+    result["compiled_graphs"] = unique_graphs()  # torch.compile graphs: flex_attention, bnb
     result["flex_uncompiled"] = any("without torch.compile" in str(w.message) for w in caught)
     if probe.device == "cuda":  # the planner's prediction for this data's longest pair, to compare with the peak
         result["predicted_bytes"] = predicted_peak(a, [pairs[i] for i in order[a.warmup * a.batch:]])  # timed
