@@ -1,4 +1,10 @@
-"""The optimizer (AdamW, or bitsandbytes' 8-bit / paged 8-bit AdamW) and the learning-rate schedule."""
+"""The optimizer (AdamW, or bitsandbytes' 8-bit / paged 8-bit AdamW) and the learning-rate schedule.
+
+`adamw_torch` is torch's fused AdamW where the parameters' device has its kernels (CUDA, CPU, …): one kernel updates
+every adapter tensor where the default form launches a dozen per tensor group (CUDA) or loops over the tensors in
+Python (CPU) — the same update to float rounding (tests/test_optim.py), and the AdamW TRL's DPOTrainer runs by
+default (transformers' `adamw_torch_fused`).
+"""
 
 from __future__ import annotations
 
@@ -48,7 +54,22 @@ def make_optimizer(model, cfg: TrainConfig):
             warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
             cls = bnb.optim.PagedAdamW8bit if cfg.optim == "paged_adamw_8bit" else bnb.optim.AdamW8bit
             return cls(params, **kw)
-    return torch.optim.AdamW(params, **kw)
+    return fused_adamw(params, **kw)
+
+
+def fused_adamw(params: list, **kw) -> torch.optim.AdamW:
+    """torch's AdamW with its fused kernels; the default (foreach / per-tensor) form where the parameters' device or
+    dtype has none (torch would refuse them at the first step)."""
+    return torch.optim.AdamW(params, fused=all(p.is_floating_point() and p.device.type in _fused_devices()
+                                               for p in params) or None, **kw)
+
+
+def _fused_devices() -> tuple[str, ...]:
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # a torch that has moved it: CUDA has had the fused kernels longest
+        return ("cuda",)
+    return tuple(_get_fused_kernels_supported_devices())
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, steps: int):

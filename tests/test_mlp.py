@@ -108,3 +108,44 @@ def test_a_forward_is_recognised_by_what_it_computes_not_how_it_is_written():
 
     assert forward_reads(Annotated, _GATED_FORWARD) and forward_reads(Plain, _GATED_FORWARD)
     assert not forward_reads(Other, _GATED_FORWARD) and not forward_reads(Two, _GATED_FORWARD)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_gradient_is_autograds_own_kernel_without_a_nested_pass(dtype, monkeypatch):
+    """SiLU (Llama, Mistral, Qwen): backward calls silu's gradient kernel itself — the kernel autograd's graph calls,
+    so the gradients are the plain product's bit for bit — and runs no autograd pass of its own; another activation
+    (tanh-GELU) still differentiates through one."""
+    from transformers.activations import ACT2FN
+
+    g = torch.Generator().manual_seed(3)
+    gate, up, grad = (torch.randn(5, 24, generator=g).to(dtype) for _ in range(3))
+    nested, real_grad = [], torch.autograd.grad
+    for name, fast in (("silu", True), ("swish", True), ("gelu_pytorch_tanh", False)):
+        act = ACT2FN[name]
+        assert mlp._is_silu(act) is fast
+        plain = [t.clone().requires_grad_(True) for t in (gate, up)]
+        (act(plain[0]) * plain[1]).backward(grad)
+        nested.clear()
+        monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: nested.append(1) or real_grad(*a, **k))
+        lean = [t.clone().requires_grad_(True) for t in (gate, up)]
+        out = mlp._GatedProduct.apply(*lean, None if fast else act)
+        out.backward(grad)
+        monkeypatch.undo()
+        assert torch.equal(out, act(gate) * up)
+        assert bool(nested) is not fast
+        for p, q in zip(plain, lean):
+            if fast:
+                assert torch.equal(q.grad, p.grad), name
+            else:
+                torch.testing.assert_close(q.grad, p.grad)
+    assert not mlp._is_silu(torch.nn.SiLU(inplace=True))
+
+
+def test_an_in_place_activation_keeps_the_models_own_mlp():
+    """An in-place act would overwrite the gate the lean product keeps for backward: that MLP stays as it is."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    m = torch.nn.Sequential(LlamaMLP(tiny_config("llama", hidden_size=8, intermediate_size=16)),
+                            LlamaMLP(tiny_config("llama", hidden_size=8, intermediate_size=16)))
+    m[0].act_fn = torch.nn.SiLU(inplace=True)
+    assert mlp.lean_gated_mlps(m) == 1 and "forward" not in vars(m[0]) and "forward" in vars(m[1])
