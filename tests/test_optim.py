@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lora_dpo.optim import fused_adamw, make_optimizer
@@ -18,7 +19,7 @@ def _train(opt, params, steps: int, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=g)
+            p.grad = torch.randn(p.shape, generator=g).to(p.device)
         opt.step()
 
 
@@ -65,3 +66,16 @@ def test_a_dtype_or_device_without_fused_kernels_gets_the_default_adamw():
     meta = [torch.nn.Parameter(torch.zeros(2, device="meta"))]  # a device without fused kernels
     assert fused_adamw(meta, lr=1e-3).defaults["fused"] is None
     assert fused_adamw(_params(0), lr=1e-3).defaults["fused"] is True
+
+
+@pytest.mark.gpu
+def test_gpu_fused_updates_equal_the_default_adamw():
+    """GPU twin of test_fused_updates_equal_the_default_adamw: CUDA's fused kernel against its foreach form."""
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+    fused, plain = ([torch.nn.Parameter(p.detach().cuda()) for p in _params(0)] for _ in range(2))
+    opt = fused_adamw(fused, **kw)
+    assert opt.defaults["fused"] is True
+    _train(opt, fused, steps=5)
+    _train(torch.optim.AdamW(plain, foreach=True, **kw), plain, steps=5)
+    for f, p in zip(fused, plain):
+        torch.testing.assert_close(f, p, rtol=1e-6, atol=1e-7)
