@@ -18,6 +18,12 @@
 #              default kernel (attn_implementation auto: flex_attention on Ampere+), TRL on sdpa; two untimed steps
 #              (flex compiles its kernels in the first ones), two alternated repeats (TRL's step times varied ~4×
 #              within one run on the H200). First: the one speed target the third run left unmet (1.45×, ≥ 1.5×)
+#   profile-default  the profile stage below on lora-dpo's defaults only (packed, flex_attention): steps at
+#              the short- and long-prompt shapes of fixed lengths, and the 16 + 2 × 16 host floor, in one process.
+#              The third run's short steps (0.63–0.83 s, whatever their 1.7–2.9k tokens) sat ~0.2 s above the line
+#              its long steps drew (0.23 s + 0.12 s per 1,000 tokens; the 3,072-token 2×2048 pair: 0.565 s, on it):
+#              this says whether a short step's own shape costs that (host floor ≈ short step: host-bound) or the
+#              run around it does (varying lengths, the loop)
 #   short-compile  the short stage with lora-dpo's train.compile (attention and MLP blocks through torch.compile;
 #              they compile during the two untimed steps): what the host's share of a short step costs (lora-dpo
 #              alone, one repeat: targets.py compares it with the short stage's TRL run, the same data and settings)
@@ -94,7 +100,7 @@ stage() {  # stage NAME LIMIT MIN_NEEDED command...
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$log"
 }
-want=" ${*:-model short short-compile long long-compile profile long-offload gpu-tests long-b16 losses losses-long memory short-causal long-sdpa ckpt offload profile-kernels} "
+want=" ${*:-model short profile-default short-compile long long-compile profile long-offload gpu-tests long-b16 losses losses-long memory short-causal long-sdpa ckpt offload profile-kernels} "
 on() { [[ $want == *" $1 "* ]]; }
 # KIT_* variables shrink the kit for a smoke run on a CPU (e.g. KIT_MODEL=demo KIT_WORDS=16 KIT_TOKENS=32)
 model="--model ${KIT_MODEL:-llama3-8b-random}"
@@ -106,12 +112,13 @@ vs_trl="python3 benchmarks/vs_trl.py $model --batch 4 --steps $steps --warmup 2 
 memory="python3 benchmarks/memory.py $model --prompt-tokens $m --completion-tokens $m --batch 1 --steps 3"
 on model && stage model 240 30 python3 benchmarks/vs_trl.py $model --build-only
 on short && stage short 240 150 $vs_trl --datasets short --short-prompt $((w / 2)) --repeats 2 --json "$out/short.json"
+profile="python3 benchmarks/profile_step.py $model --steps 2 --rows 15 --shapes $((w / 2))x$w,$((4 * w))x$w,16x16"
+on profile-default && stage profile-default 150 75 $profile --settings packed:flex_attention
 on short-compile && stage short-compile 240 90 $vs_trl --datasets short --short-prompt $((w / 2)) --compile \
   --trainers ours --json "$out/short-compile.json"
 on long && stage long 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --json "$out/long.json"
 on long-compile && stage long-compile 240 90 $vs_trl --datasets long --long-prompt $((4 * w)) --compile \
   --trainers ours --json "$out/long-compile.json"
-profile="python3 benchmarks/profile_step.py $model --steps 2 --rows 15 --shapes $((w / 2))x$w,$((4 * w))x$w,16x16"
 on profile && stage profile 240 90 $profile --settings packed:flex_attention,packed:flex_attention:peft,packed:flex_attention:base-first,concatenated:sdpa
 on long-offload && stage long-offload 180 90 $vs_trl --datasets long --long-prompt $((4 * w)) --offload both \
   --trainers ours --json "$out/long-offload.json"
