@@ -20,10 +20,10 @@
 #              within one run on the H200). First: the one speed target the third run left unmet (1.45×, ≥ 1.5×)
 #   profile-default  the profile stage below on lora-dpo's defaults only (packed, flex_attention): steps at
 #              the short- and long-prompt shapes of fixed lengths, and the 16 + 2 × 16 host floor, in one process.
-#              The third run's short steps (0.63–0.83 s, whatever their 1.7–2.9k tokens) sat ~0.2 s above the line
-#              its long steps drew (0.23 s + 0.12 s per 1,000 tokens; the 3,072-token 2×2048 pair: 0.565 s, on it):
-#              this says whether a short step's own shape costs that (host floor ≈ short step: host-bound) or the
-#              run around it does (varying lengths, the loop)
+#              The third run's short steps (0.63–0.83 s at 1.1–2.0k tokens, in no order) sat above the line its
+#              long steps drew (~0.22 s + 0.21 s per 1,000 tokens), and the 2×2048 pair (3,072 tokens, one pair,
+#              one length every step: 0.565 s) well below it: this separates the shape (pairs per step, short
+#              prompts) from the run around it (a new length every step)
 #   short-compile  the short stage with lora-dpo's train.compile (attention and MLP blocks through torch.compile;
 #              they compile during the two untimed steps): what the host's share of a short step costs (lora-dpo
 #              alone, one repeat: targets.py compares it with the short stage's TRL run, the same data and settings)
