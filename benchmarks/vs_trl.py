@@ -72,6 +72,7 @@ class Probe:
         self.collections, self._collecting = [], 0.0
         self.wait_shares = []  # lora-dpo's host_wait_share per step (lora_dpo/pace.py; CUDA only)
         self.graphs_at_warmup = 0  # torch.compile graphs made by the end of the warm-up steps
+        self.allocator_at_warmup = {}  # CUDA caching-allocator counters at the end of the warm-up steps
         gc.callbacks.append(self._on_gc)
 
     def _on_gc(self, phase: str, info: dict) -> None:
@@ -97,6 +98,7 @@ class Probe:
 
                 self.resident = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
+                self.allocator_at_warmup = allocator_counts()
             else:
                 self._thread = threading.Thread(target=self._sample, daemon=True)
                 self._thread.start()
@@ -133,7 +135,21 @@ class Probe:
                 # the share of each timed step lora-dpo's host spent waiting for the GPU: near 0, the GPU waited
                 "host_wait_shares": self.wait_shares[w:] if any(x is not None for x in self.wait_shares) else None,
                 # graphs compiled inside timed steps (a new shape recompiling): a slow step's other suspect
-                "graphs_in_timed_steps": unique_graphs() - self.graphs_at_warmup}
+                "graphs_in_timed_steps": unique_graphs() - self.graphs_at_warmup,
+                # the CUDA caching allocator inside timed steps: new device memory (cudaMalloc: a new length every
+                # step can outgrow the cached blocks), memory handed back (cudaFree waits for the GPU) and retries
+                # (everything cached freed to satisfy a request): a third suspect for a slow or uneven step
+                "allocator_in_timed_steps": {k: v - self.allocator_at_warmup.get(k, 0)
+                                             for k, v in allocator_counts().items()} if self.device == "cuda" else None}
+
+
+def allocator_counts() -> dict:
+    """The CUDA caching allocator's cumulative device allocations, frees and retries in this process."""
+    import torch
+
+    stats = torch.cuda.memory_stats()
+    return {"device_allocs": stats.get("num_device_alloc", 0), "device_frees": stats.get("num_device_free", 0),
+            "retries": stats.get("num_alloc_retries", 0)}
 
 
 def unique_graphs() -> int:
@@ -141,6 +157,11 @@ def unique_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return counters["stats"]["unique_graphs"]
+
+
+def allocator(r: dict) -> str:
+    c = r["allocator_in_timed_steps"]
+    return f"{c['device_allocs']} cudaMalloc, {c['device_frees']} cudaFree, {c['retries']} retries"
 
 
 def waits(r: dict) -> str:
@@ -543,7 +564,9 @@ def main() -> None:
                           + (f"; full garbage collections in timed steps {r['full_collections']}"
                              if r.get("full_collections") else "")
                           + (f"; {r['graphs_in_timed_steps']} graphs compiled in timed steps"
-                             if r.get("graphs_in_timed_steps") else ""),
+                             if r.get("graphs_in_timed_steps") else "")
+                          + (f"; CUDA allocator in timed steps: {allocator(r)}" if r.get("allocator_in_timed_steps")
+                             else ""),
                           flush=True)
                     write_json(a, results)  # after every worker: a run cut short by a time limit keeps what ran
     report(a, results)
@@ -618,6 +641,9 @@ def report(a, results: dict) -> None:
                 notes.append(f"{ds}: {name}'s full garbage collections in timed steps, per repeat: " + "; ".join(
                     ", ".join(f"step {k} ({sec:.2f} s)" for k, sec in x["full_collections"]) or "none"
                     for x in side))
+            if side[0].get("allocator_in_timed_steps"):  # new device memory, frees, retries (CUDA)
+                notes.append(f"{ds}: {name}'s CUDA allocator in timed steps, per repeat: "
+                             + "; ".join(allocator(x) for x in side))
     for note in notes:
         print("\n" + note)
 

@@ -13,8 +13,9 @@
 #   model      a random Llama-3-8B-shaped model, built once into .gpu-cache (~16 GB on disk; seconds to a minute)
 #   short      lora-dpo vs TRL, short prompts (prompt ~1/5 of the tokens): pairs/s, peak memory, MFU, both losses,
 #              every timed step's seconds, lora-dpo's host_wait_share per timed step (near 0: the GPU waited for
-#              the host, lora_dpo/pace.py), the Python full garbage collections and the torch.compile graphs
-#              (recompiles) that fell in a timed step (the suspects for a slow one); lora-dpo on its
+#              the host, lora_dpo/pace.py), the Python full garbage collections, the torch.compile graphs
+#              (recompiles) and the CUDA allocator's cudaMalloc / cudaFree / retries that fell in the timed steps
+#              (the suspects for a slow or uneven one); lora-dpo on its
 #              default kernel (attn_implementation auto: flex_attention on Ampere+), TRL on sdpa; two untimed steps
 #              (flex compiles its kernels in the first ones), two alternated repeats (TRL's step times varied ~4×
 #              within one run on the H200). First: the one speed target the third run left unmet (1.45×, ≥ 1.5×)
