@@ -45,7 +45,8 @@
 #              embeddings and activations, folded LoRA dropout and the fused LoRA forward under bf16/fp16 autocast,
 #              the lean RMSNorm in bf16, the log-prob gradient computed in forward under bf16 autocast, training
 #              steps under torch's sync debug mode (no wait for the GPU between micro-batches), a pre-quantized
-#              checkpoint reloaded (20 tests: ~180 s on the H200, most of it loading and compiling)
+#              checkpoint reloaded, the fused AdamW against its foreach form (21 tests: ~180 s on the H200, most
+#              of it loading and compiling)
 #   long-b16   the long stage at 16 pairs per step, 4 steps: the memory ratio where activations, not the 4-bit
 #              weights both sides hold, make most of the peak
 #   losses     both trainers in fp32 on the GPU, 3 small steps, short prompts: the losses must agree as on a CPU
@@ -124,7 +125,7 @@ on profile && stage profile 240 90 $profile --settings packed:flex_attention,pac
 on long-offload && stage long-offload 180 90 $vs_trl --datasets long --long-prompt $((4 * w)) --offload both \
   --trainers ours --json "$out/long-offload.json"
 on gpu-tests && stage gpu-tests 180 45 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
-  tests/test_train.py
+  tests/test_train.py tests/test_optim.py
 on long-b16 && stage long-b16 240 150 $vs_trl --datasets long --long-prompt $((4 * w)) --batch 16 --steps 4 \
   --warmup 2 --json "$out/long-b16.json"
 losses="python3 benchmarks/vs_trl.py $model --precision fp32 --batch 2 --steps 3 --repeats 1 --completion $((w / 4))"
