@@ -60,7 +60,8 @@ def make_optimizer(model, cfg: TrainConfig):
 def fused_adamw(params: list, **kw) -> torch.optim.AdamW:
     """torch's AdamW with its fused kernels; the default (foreach / per-tensor) form where the parameters' device or
     dtype has none (torch would refuse them at the first step)."""
-    return torch.optim.AdamW(params, fused=all(p.is_floating_point() and p.device.type in _fused_devices()
+    devices = _fused_devices()
+    return torch.optim.AdamW(params, fused=all(p.is_floating_point() and p.device.type in devices
                                                for p in params) or None, **kw)
 
 
