@@ -9,7 +9,11 @@ A step is what training runs: the policy forward (adapter on) with backward, and
 off, no grad), under the training autocast, with gradient checkpointing unless --no-checkpointing. Pairs are
 random token ids of exact lengths. `concatenated:sdpa` is TRL's layout on lora-dpo's code (two causal rows per
 pair, sdpa's flash path): seconds per step over the tokens each layout runs tells whether a kernel, not the token
-count, is what makes a setting slow. Prints; asserts nothing.
+count, is what makes a setting slow. Two options bring the step closer to the training loop's, to tell what the
+loop adds: `loop` adds what it runs around a step (the loss and the gradient norm read back, clipping, fused
+AdamW); `vary` gives every timed step pairs of lengths no step had before (a few tokens more each step; its batch
+and mask built inside the step, as the loop's are), then times the same lengths a second time ("seen"). Prints;
+asserts nothing.
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ def main() -> None:
                         "peft: peft's own LoRA forward instead of lora-dpo's fused one, lora_dpo/lora_forward.py; "
                         "recompute: log-prob chunks checkpointed and recomputed in backward instead of their "
                         "gradient computed in forward, lora_dpo/logps.py; base-first: down_proj's base GEMM before "
-                        "its LoRA update, so the checkpointed recompute runs it too, lora_forward.base_gemm_last)")
+                        "its LoRA update, so the checkpointed recompute runs it too, lora_forward.base_gemm_last; "
+                        "loop: the training loop's work around a step too (results and gradient norm read back, "
+                        "clipping, fused AdamW); vary: new pair lengths every timed step, then the same ones again)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="timed steps per setting")
     p.add_argument("--rows", type=int, default=15, help="kernels listed per setting")
@@ -57,6 +63,7 @@ def main() -> None:
     from lora_dpo.logps import causal_lm
     from lora_dpo.lora_forward import base_gemm_last, fuse_lora_forward, unfuse_lora_forward
     from lora_dpo.objective import dpo_forward
+    from lora_dpo.optim import fused_adamw
     from lora_dpo.recipe import DpoConfig, LoraConfig, ModelConfig, QuantizationConfig
 
     torch.set_flush_denormal(True)  # as training does (lora_dpo/train.py)
@@ -81,11 +88,29 @@ def main() -> None:
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    def step(batch):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = fused_adamw(params, lr=1e-4)  # only the `loop` option steps it
+
+    def step(batch, loop=False):
+        if isinstance(batch, list):  # pairs: their batch and mask built here, as the training loop does per step
+            batch = batching.build(batch, tokenizer.pad_token_id, layout).to(device)
+            batch.model_inputs(attn, dtype)
         with autocast, forced():
             loss, _ = dpo_forward(model, batch, DpoConfig())
         loss.backward()
+        if loop:  # what lora_dpo/train.py runs around a step: its results and the gradient norm read back (each
+            float(loss)  # waits for the GPU), clipping, the optimizer
+            float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+            optimizer.step()
         model.zero_grad(set_to_none=True)
+
+    def timed(batches, loop) -> float:
+        sync()
+        t0 = time.perf_counter()
+        for b in batches:
+            step(b, loop)
+        sync()
+        return (time.perf_counter() - t0) / len(batches)
 
     print(f"machine: {machine()}\nmodel: {a.model}, {dtype}, {a.batch} pairs per step, gradient checkpointing "
           f"{'on' if a.checkpointing else 'off'}\n")
@@ -102,10 +127,11 @@ def main() -> None:
         for layout, attn, *options in settings:
             name = ":".join([layout, attn, *options])
             kernel = [o for o in options if o in kernels]
-            unknown = [o for o in options if o not in kernels and o not in ("peft", "recompute", "base-first")]
+            unknown = [o for o in options if o not in kernels and o not in OPTIONS]
             if unknown:
-                p.error(f"--settings {name}: unknown option {unknown[0]} (efficient, flash, math, peft, recompute "
-                        "or base-first)")
+                p.error(f"--settings {name}: unknown option {unknown[0]} (efficient, flash, math, "
+                        f"{', '.join(OPTIONS)})")
+            loop, vary = "loop" in options, "vary" in options
             (unfuse_lora_forward if "peft" in options else fuse_lora_forward)(model)
             if a.checkpointing:
                 base_gemm_last(model_lib.decoder_layers(model), on="base-first" not in options)
@@ -129,17 +155,23 @@ def main() -> None:
             sync()
             t_mask = time.perf_counter() - t_mask
             for _ in range(a.warmup):
-                step(batch)
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(a.steps):
-                step(batch)
-            sync()
-            seconds = (time.perf_counter() - t0) / a.steps
-            summary.append((shape, name, tokens, seconds))
+                step(batch, loop)
+            if vary:  # k more prompt and completion tokens at step k: a length no step had; the last one profiled
+                grown = [[Pair(q.prompt_ids + ids(k), q.chosen_ids + ids(k), q.rejected_ids + ids(k), q.index)
+                          for q in pairs] for k in range(1, a.steps + 2)]
+                seconds = timed(grown[:-1], loop)
+                grown_tokens = sum(int(batching.build(g, tokenizer.pad_token_id, layout).input_ids.numel())
+                                   for g in grown[:-1]) // a.steps  # row tokens, on average
+                summary.append((shape, f"{name} (new lengths)", grown_tokens, seconds))
+                seen = timed(grown[:-1], loop)
+                summary.append((shape, f"{name} (lengths seen)", grown_tokens, seen))
+                print(f"=== {name}: {seconds:.3f} s/step on new lengths, {seen:.3f} s/step on the same lengths again")
+            else:
+                seconds = timed([batch] * a.steps, loop)
+                summary.append((shape, name, tokens, seconds))
             with torch.profiler.profile(activities=activities) as prof:
                 t_prof = time.perf_counter()
-                step(batch)
+                step(grown[-1] if vary else batch, loop)
                 sync()
                 t_prof = time.perf_counter() - t_prof
             from torch._dynamo.utils import counters
@@ -161,6 +193,7 @@ def main() -> None:
         if shared:  # the same pairs in the same rows: s/step compares the kernels directly
             print(f"\n{shape}: fastest prefix-shared setting here: {min(shared)[1]} ({min(shared)[0]:.3f} s/step)")
 
+OPTIONS = ("peft", "recompute", "base-first", "loop", "vary")
 KINDS = (  # (kind, pattern over the lower-cased kernel or op name); the first that matches names the kind
     ("attention", r"attention|flash|fmha|sdpa|flex|triton_tem"),
     ("4-bit weights (bitsandbytes dequantize; on a CPU its matmul too)", r"dequant|bitsandbytes|gemm_4bit"),

@@ -18,18 +18,32 @@
 #              (the suspects for a slow or uneven one); lora-dpo on its
 #              default kernel (attn_implementation auto: flex_attention on Ampere+), TRL on sdpa; two untimed steps
 #              (flex compiles its kernels in the first ones), two alternated repeats (TRL's step times varied ~4×
-#              within one run on the H200). First: the one speed target the third run left unmet (1.45×, ≥ 1.5×)
-#   profile-default  the profile stage below on lora-dpo's defaults only (packed, flex_attention): steps at
-#              the short- and long-prompt shapes of fixed lengths, and the 16 + 2 × 16 host floor, in one process.
-#              The third run's short steps (0.63–0.83 s at 1.1–2.0k tokens, in no order) sat above the line its
-#              long steps drew (~0.22 s + 0.21 s per 1,000 tokens), and the 2×2048 pair (3,072 tokens, one pair,
-#              one length every step: 0.565 s) well below it: this separates the shape (pairs per step, short
-#              prompts) from the run around it (a new length every step)
+#              within one run on the H200). First: the short target (≥ 1.5×; 1.45× in the third run, 1.91× in the fourth)
+#   profile-loop  what the training loop adds to a step: the fourth run's fixed-shape steps (profile-default)
+#              took 0.51 s (short shape) and 0.71 s (long), its vs-TRL steps ~0.3 s more at as many tokens, in the
+#              host-bound (short) and the GPU-bound (long) regime alike. At both shapes, lora-dpo's defaults with
+#              the loop's work around each step (results and gradient norm read back, clipping, fused AdamW:
+#              `loop`), with a new pair length every timed step and then the same lengths again (`vary`: a cost
+#              paid once per new shape, such as a kernel loaded or a GEMM heuristic run on first use, shows as
+#              "new lengths" slower than "lengths seen"), and both
+#   long-compile  the long stage with train.compile (lora-dpo alone, as short-compile): on short steps, where the
+#              host sets the pace, it gave +36 % pairs/s in the fourth run; whether it gains (or loses) where the GPU
+#              sets the pace decides whether train.compile can be on by default on CUDA
+#   gpu-tests  the GPU-marked tests: bf16 + paged 8-bit AdamW, fp16 + GradScaler, flex_attention training,
+#              prefix sharing on a CUDA 4-bit base (sdpa, sdpa_causal and flex) against the plain forward, offloaded
+#              embeddings and activations, folded LoRA dropout and the fused LoRA forward under bf16/fp16 autocast,
+#              the lean RMSNorm in bf16, the log-prob gradient computed in forward under bf16 autocast, training
+#              steps under torch's sync debug mode (no wait for the GPU between micro-batches), a pre-quantized
+#              checkpoint reloaded, the fused AdamW against its foreach form (21 tests: ~180 s on the H200, most
+#              of it loading and compiling)
+#   long       the short stage on long prompts (prompt ~2/3 of the tokens), one repeat
 #   short-compile  the short stage with lora-dpo's train.compile (attention and MLP blocks through torch.compile;
 #              they compile during the two untimed steps): what the host's share of a short step costs (lora-dpo
 #              alone, one repeat: targets.py compares it with the short stage's TRL run, the same data and settings)
-#   long       the short stage on long prompts (prompt ~2/3 of the tokens), one repeat
-#   long-compile  the long stage with train.compile (lora-dpo alone, as short-compile)
+#   profile-default  the profile stage below on lora-dpo's defaults only (packed, flex_attention): steps at
+#              the short- and long-prompt shapes of fixed lengths, and the 16 + 2 × 16 host floor, in one process.
+#              The fourth run: 0.51 s at the short shape, 0.52 s at the floor (the GPU busy 10 %), 0.71 s at the
+#              long shape: short steps are the host's
 #   profile    lora-dpo steps timed and one under torch.profiler (one model load), at the short- and long-prompt
 #              shapes: packed on flex with lora-dpo's fused LoRA forward and with peft's own (lora_dpo/lora_forward.py:
 #              its GPU gain), with down_proj's base GEMM first (recomputed in backward: lora_forward.base_gemm_last's
@@ -40,13 +54,6 @@
 #   long-offload  the long stage with lora-dpo keeping embeddings and checkpointed inputs in CPU memory
 #              (model.offload_embeddings, train.offload_activations; TRL has neither): the memory ratio and its cost
 #              (lora-dpo alone, compared with the long stage's TRL run)
-#   gpu-tests  the GPU-marked tests: bf16 + paged 8-bit AdamW, fp16 + GradScaler, flex_attention training,
-#              prefix sharing on a CUDA 4-bit base (sdpa, sdpa_causal and flex) against the plain forward, offloaded
-#              embeddings and activations, folded LoRA dropout and the fused LoRA forward under bf16/fp16 autocast,
-#              the lean RMSNorm in bf16, the log-prob gradient computed in forward under bf16 autocast, training
-#              steps under torch's sync debug mode (no wait for the GPU between micro-batches), a pre-quantized
-#              checkpoint reloaded, the fused AdamW against its foreach form (21 tests: ~180 s on the H200, most
-#              of it loading and compiling)
 #   long-b16   the long stage at 16 pairs per step, 4 steps: the memory ratio where activations, not the 4-bit
 #              weights both sides hold, make most of the peak
 #   losses     both trainers in fp32 on the GPU, 3 small steps, short prompts: the losses must agree as on a CPU
@@ -102,7 +109,7 @@ stage() {  # stage NAME LIMIT MIN_NEEDED command...
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$log"
 }
-want=" ${*:-model short profile-default short-compile long long-compile profile long-offload gpu-tests long-b16 losses losses-long memory short-causal long-sdpa ckpt offload profile-kernels} "
+want=" ${*:-model short profile-loop long-compile gpu-tests long short-compile profile-default profile long-offload long-b16 losses losses-long memory short-causal long-sdpa ckpt offload profile-kernels} "
 on() { [[ $want == *" $1 "* ]]; }
 # KIT_* variables shrink the kit for a smoke run on a CPU (e.g. KIT_MODEL=demo KIT_WORDS=16 KIT_TOKENS=32)
 model="--model ${KIT_MODEL:-llama3-8b-random}"
@@ -116,6 +123,9 @@ on model && stage model 240 30 python3 benchmarks/vs_trl.py $model --build-only
 on short && stage short 240 150 $vs_trl --datasets short --short-prompt $((w / 2)) --repeats 2 --json "$out/short.json"
 profile="python3 benchmarks/profile_step.py $model --steps 2 --rows 15 --shapes $((w / 2))x$w,$((4 * w))x$w,16x16"
 on profile-default && stage profile-default 150 75 $profile --settings packed:flex_attention
+on profile-loop && stage profile-loop 150 75 $profile --settings \
+  packed:flex_attention,packed:flex_attention:loop,packed:flex_attention:vary,packed:flex_attention:vary:loop \
+  --shapes $((w / 2))x$w,$((4 * w))x$w --steps 3 --rows 10
 on short-compile && stage short-compile 240 90 $vs_trl --datasets short --short-prompt $((w / 2)) --compile \
   --trainers ours --json "$out/short-compile.json"
 on long && stage long 240 120 $vs_trl --datasets long --long-prompt $((4 * w)) --json "$out/long.json"
@@ -124,7 +134,7 @@ on long-compile && stage long-compile 240 90 $vs_trl --datasets long --long-prom
 on profile && stage profile 240 90 $profile --settings packed:flex_attention,packed:flex_attention:peft,packed:flex_attention:base-first,concatenated:sdpa
 on long-offload && stage long-offload 180 90 $vs_trl --datasets long --long-prompt $((4 * w)) --offload both \
   --trainers ours --json "$out/long-offload.json"
-on gpu-tests && stage gpu-tests 180 45 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
+on gpu-tests && stage gpu-tests 180 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
   tests/test_train.py tests/test_optim.py
 on long-b16 && stage long-b16 240 150 $vs_trl --datasets long --long-prompt $((4 * w)) --batch 16 --steps 4 \
   --warmup 2 --json "$out/long-b16.json"
