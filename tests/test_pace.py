@@ -80,13 +80,21 @@ def test_the_note_comes_once_and_only_when_the_gpu_waited():
     assert p.note({"host_wait_share": 0.01}) is None  # said once
 
 
+def test_the_note_does_not_suggest_compiling_a_compiled_run():
+    p = pace_mod.Pace(torch.device("cuda"), compiled=True)
+    p.span = (3, 3)
+    note = p.note({"host_wait_share": 0.02})
+    assert note.startswith("note: the GPU waited for the host in step 3:")
+    assert "train.per_device_train_batch_size" in note and "compile" not in note
+
+
 def test_training_logs_the_share_from_the_third_step_and_says_when_the_gpu_waited(recipe_dict, monkeypatch,
                                                                                    capsys):
     """A CPU has nothing to wait for, so the measure is forced on: every read is then instant (share ~0) and the
     note comes once; steps 1-2 are warm-up."""
     recipe_dict["data"].pop("eval")
     recipe_dict["train"]["max_steps"] = 4
-    monkeypatch.setattr(train_mod, "Pace", lambda device: pace_mod.Pace(device, enabled=True))
+    monkeypatch.setattr(train_mod, "Pace", lambda device, **kw: pace_mod.Pace(device, enabled=True, **kw))
     rows = train(recipe_from_dict(recipe_dict)).history
     assert ["host_wait_share" in r for r in rows] == [False, False, True, True]
     assert all(0 <= r["host_wait_share"] < pace_mod.WAITING for r in rows[2:])
@@ -98,7 +106,7 @@ def test_the_wait_is_the_steps_read_of_its_results(recipe_dict, monkeypatch, cap
     """The share measures the reads: reads made slow (as a busy GPU makes them) raise it above the note's line."""
     recipe_dict["data"].pop("eval")
     recipe_dict["train"]["max_steps"] = 3
-    monkeypatch.setattr(train_mod, "Pace", lambda device: pace_mod.Pace(device, enabled=True))
+    monkeypatch.setattr(train_mod, "Pace", lambda device, **kw: pace_mod.Pace(device, enabled=True, **kw))
     add = train_mod.MetricMeter.add
     monkeypatch.setattr(train_mod.MetricMeter, "add", lambda self, *a: (time.sleep(0.5), add(self, *a))[1])
     rows = train(recipe_from_dict(recipe_dict)).history
