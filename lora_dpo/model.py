@@ -348,7 +348,9 @@ def attach_lora(base, cfg: LoraConfig, *, seed: int, gradient_checkpointing: boo
             layer.gradient_checkpointing = False  # each layer decides for itself at every call
         if fuse_forward:  # their recompute stops before the MLP's last base GEMM
             lora_forward.base_gemm_last(layers[:k])
-    return model
+    # in eval mode throughout, as the base loads: peft's wrapper would say `training` while every layer under it is
+    # in eval mode — where transformers checkpoints nothing. Whatever trains calls .train() (lora_dpo/train.py)
+    return model.eval()
 
 
 def decoder_layers(model) -> list:

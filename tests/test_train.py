@@ -236,6 +236,33 @@ def test_gradient_checkpointing_run_matches_plain_run(recipe_dict, tmp_path, cap
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
 
 
+def test_checkpointed_layers_recompute_in_every_training_step(recipe_dict, monkeypatch):
+    """Matching losses cannot tell a checkpointed run from one that silently ran without (transformers checkpoints a
+    layer only in training mode; the base loads in eval mode, and evaluation in between switches to it): every
+    decoder layer's attention runs twice with grad per step — the policy's forward and its recompute in backward —
+    including the steps after a held-out evaluation. Without checkpointing, once. (Counted on the attention: the
+    recompute calls the layer's forward past the layer's own hooks.)"""
+    from lora_dpo import model as M
+
+    real_attach, calls = M.attach_lora, {}
+
+    def attach_and_count(*args, **kw):
+        model = real_attach(*args, **kw)
+        assert not any(m.training for m in model.modules())  # one mode throughout until training says otherwise
+        for i, layer in enumerate(M.decoder_layers(model)):
+            layer.self_attn.register_forward_pre_hook(
+                lambda mod, _args, i=i: calls.update({i: calls.get(i, 0) + (mod.training and torch.is_grad_enabled())}))
+        return model
+
+    monkeypatch.setattr(M, "attach_lora", attach_and_count)
+    for checkpointing, per_step in ((True, 2), (False, 1)):
+        calls.clear()
+        recipe_dict["train"].update(max_steps=3, eval_steps=1, gradient_checkpointing=checkpointing)
+        recipe_dict["output"]["overwrite"] = True
+        train(recipe_from_dict(recipe_dict))
+        assert calls == {0: 3 * per_step, 1: 3 * per_step}
+
+
 def test_training_takes_the_log_prob_gradient_in_forward_and_matches_the_recomputing_path(recipe_dict, tmp_path,
                                                                                          monkeypatch):
     """A real run's chunks take logps._TokenLogps (nothing in training hooks or wraps the LM head), and its losses
