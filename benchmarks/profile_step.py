@@ -75,6 +75,8 @@ def main() -> None:
     model = model_lib.attach_lora(model_lib.load_base(cfg, QuantizationConfig(), dtype, device),
                                   LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"), seed=0,
                                   gradient_checkpointing=a.checkpointing)
+    model.train()  # as lora_dpo/train.py before its loop: transformers checkpoints a layer only in training mode,
+    # and the loaded base's layers start in eval mode (peft's wrapper does not: it says training either way)
     lm = causal_lm(model)
     try:
         shapes = [tuple(int(n) for n in s.split("x")) for s in a.shapes.split(",")] if a.shapes else \
@@ -112,8 +114,10 @@ def main() -> None:
         sync()
         return (time.perf_counter() - t0) / len(batches)
 
-    print(f"machine: {machine()}\nmodel: {a.model}, {dtype}, {a.batch} pairs per step, gradient checkpointing "
-          f"{'on' if a.checkpointing else 'off'}\n")
+    layers = model_lib.decoder_layers(model)
+    recompute = sum(bool(getattr(layer, "gradient_checkpointing", False)) and layer.training for layer in layers)
+    print(f"machine: {machine()}\nmodel: {a.model}, {dtype}, {a.batch} pairs per step, gradient checkpointing: "
+          f"{recompute} of {len(layers)} decoder layers recompute in backward\n")
     summary = []
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -183,6 +187,8 @@ def main() -> None:
             print(by_kind(prof.key_averages(), cuda, t_prof) + "\n")
             if cuda:  # the host's side: what keeps a GPU waiting when it is not busy
                 print(host_side(prof.key_averages(), t_prof, a.rows) + "\n")
+            else:  # what the host dispatches either way: a device-independent count of the step's operators
+                print(f"operator calls: {sum(r.count for r in prof.key_averages() if '::' in r.key)}\n")
     print("| pair tokens | layout:attention[:options] | row tokens | s/step | ms per 1k row tokens |\n"
           "|---|---|---|---|---|")
     for shape, name, tokens, seconds in summary:

@@ -19,13 +19,6 @@
 #              default kernel (attn_implementation auto: flex_attention on Ampere+), TRL on sdpa; two untimed steps
 #              (flex compiles its kernels in the first ones), two alternated repeats (TRL's step times varied ~4×
 #              within one run on the H200). First: the short target (≥ 1.5×; 1.45× in the third run, 1.91× in the fourth)
-#   profile-loop  what the training loop adds to a step: the fourth run's fixed-shape steps (profile-default)
-#              took 0.51 s (short shape) and 0.71 s (long), its vs-TRL steps ~0.3 s more at as many tokens, in the
-#              host-bound (short) and the GPU-bound (long) regime alike. At both shapes, lora-dpo's defaults with
-#              the loop's work around each step (results and gradient norm read back, clipping, fused AdamW:
-#              `loop`), with a new pair length every timed step and then the same lengths again (`vary`: a cost
-#              paid once per new shape, such as a kernel loaded or a GEMM heuristic run on first use, shows as
-#              "new lengths" slower than "lengths seen"), and both
 #   long-compile  the long stage with train.compile (lora-dpo alone, as short-compile): on short steps, where the
 #              host sets the pace, it gave +36 % pairs/s in the fourth run; whether it gains (or loses) where the GPU
 #              sets the pace decides whether train.compile can be on by default on CUDA
@@ -36,6 +29,12 @@
 #              steps under torch's sync debug mode (no wait for the GPU between micro-batches), a pre-quantized
 #              checkpoint reloaded, the fused AdamW against its foreach form (21 tests: ~180 s on the H200, most
 #              of it loading and compiling)
+#   profile-loop  what the training loop adds to a step beyond its forward and backward: at both shapes,
+#              lora-dpo's defaults alone, with the loop's work around each step (results and gradient norm read
+#              back, clipping, fused AdamW: `loop`), with a new pair length every timed step and then the same
+#              lengths again (`vary`: a cost paid once per new shape, a kernel loaded or a GEMM heuristic run on
+#              first use, shows as "new lengths" slower than "lengths seen"), and both. (The fourth run's ~0.3 s
+#              between profiled and trained steps was the recompute: profile_step.py did not checkpoint then)
 #   long       the short stage on long prompts (prompt ~2/3 of the tokens), one repeat
 #   short-compile  the short stage with lora-dpo's train.compile (attention and MLP blocks through torch.compile;
 #              they compile during the two untimed steps): what the host's share of a short step costs (lora-dpo
@@ -109,7 +108,7 @@ stage() {  # stage NAME LIMIT MIN_NEEDED command...
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$log"
 }
-want=" ${*:-model short profile-loop long-compile gpu-tests long short-compile profile-default profile long-offload long-b16 losses losses-long memory short-causal long-sdpa ckpt offload profile-kernels} "
+want=" ${*:-model short long-compile gpu-tests profile-loop long short-compile profile-default profile long-offload long-b16 losses losses-long memory short-causal long-sdpa ckpt offload profile-kernels} "
 on() { [[ $want == *" $1 "* ]]; }
 # KIT_* variables shrink the kit for a smoke run on a CPU (e.g. KIT_MODEL=demo KIT_WORDS=16 KIT_TOKENS=32)
 model="--model ${KIT_MODEL:-llama3-8b-random}"
