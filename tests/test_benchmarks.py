@@ -85,3 +85,20 @@ def test_profile_sorts_kernels_into_kinds(name, kind):
     """profile_step.py's time-by-kind summary (what the GPU kit's profile stage reports): cuBLAS/CUTLASS GEMMs, the
     4-bit dequantize, attention kernels (flex's Triton template, flash), copies and the rest apart."""
     assert _script("profile_step").kind_of(name).startswith(kind)
+
+
+def test_profile_steps_recompute_as_training_does(tiny_model_dir, monkeypatch, capsys):
+    """profile_step.py's checkpointed steps recompute every layer, as the training loop's do (its steps once ran
+    without: the loaded layers stayed in eval mode, where transformers checkpoints nothing), and its options run:
+    the loop's work around a step, new lengths every step then the same again."""
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["profile_step.py", "--model", str(tiny_model_dir), "--shapes", "4x4",
+                                      "--steps", "2", "--warmup", "1", "--rows", "0",
+                                      "--settings", "packed:sdpa,packed:sdpa:vary:loop"])
+    _script("profile_step").main()
+    out = capsys.readouterr().out
+    assert "gradient checkpointing: 2 of 2 decoder layers recompute in backward" in out
+    assert "| 4+2×4 | packed:sdpa | " in out
+    assert "packed:sdpa:vary:loop (new lengths)" in out and "packed:sdpa:vary:loop (lengths seen)" in out
+    assert out.count("operator calls: ") == 2
