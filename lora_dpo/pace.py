@@ -22,9 +22,11 @@ WAITING = 0.1  # under this share of a step spent waiting for the GPU, the GPU w
 class Pace:
     """Host time per step and the part of it spent waiting for the GPU, over a logging window."""
 
-    def __init__(self, device, enabled: bool | None = None, compiled: bool = False) -> None:
+    def __init__(self, device, enabled: bool | None = None, compiled: bool = False, all_recompute: bool = False
+                 ) -> None:
         self.enabled = device.type == "cuda" if enabled is None else enabled
         self.compiled = compiled  # train.compile is on: the note does not suggest it
+        self.all_recompute = all_recompute  # every layer recomputes by the recipe's choice, not auto's: it may say so
         self.wait = self.total = 0.0
         self.first = self.last = None  # the window's measured steps
         self.span = (None, None)  # those of the last window taken
@@ -72,10 +74,14 @@ class Pace:
         self.said = True
         first, last = self.span
         steps = f"step {first}" if first == last else f"steps {first}-{last}"
-        more = ("More pairs per micro-batch (train.per_device_train_batch_size; `lora-dpo estimate` names the most "
-                "that fit)")
+        ways = ["more pairs per micro-batch (train.per_device_train_batch_size; `lora-dpo estimate` names the most "
+                "that fit)"]
+        if self.all_recompute:  # each recomputed layer is a second forward's worth of Python and launches
+            ways.append("fewer recomputing layers (train.gradient_checkpointing_layers: auto keeps the activations of "
+                        "as many as fit; the recompute is ~30 % of a step's operator calls)")
+        if not self.compiled:
+            ways.append("train.compile: true (fused kernels launched from generated code: +36 % pairs/s on an H200's "
+                        "short-prompt steps, for ~25 s of compiling in the first steps)")
         return (f"note: the GPU waited for the host in {steps}: the host spent {share:.0%} of each step waiting for "
-                f"the GPU, so the GPU finished first and sat idle while Python queued the next work. "
-                + (f"{more} keeps it busier" if self.compiled else
-                   f"{more} or train.compile: true (fused kernels launched from generated code: +36 % pairs/s on "
-                   f"an H200's short-prompt steps, for ~25 s of compiling in the first steps) keep it busier"))
+                f"the GPU, so the GPU finished first and sat idle while Python queued the next work. Keeping it "
+                f"busier: {'; '.join(ways)}")

@@ -207,7 +207,10 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
         offload.look_up_ahead(causal_lm(policy), batch.input_ids)  # embeddings kept in CPU memory: looked up now
         return MicroBatch(batch, host.num_tokens(), ref_of(chunk))
 
-    upcoming, pace = None, Pace(device, compiled=tcfg.compile)  # from the loop's third step: the first ones compile
+    all_recompute = (tcfg.gradient_checkpointing and tcfg.gradient_checkpointing_layers != "auto"
+                     and all(layer.gradient_checkpointing for layer in model_lib.decoder_layers(policy)))
+    upcoming, pace = None, Pace(device, compiled=tcfg.compile, all_recompute=all_recompute)  # from the loop's third
+    # step: the first ones compile kernels
     with _StopSignal() as stop, heap.frozen():  # no full collection walking the libraries' objects mid-step
         for step in range(start + 1, steps + 1):
             step_meter, step_tokens, results, at = MetricMeter(), 0, [], step

@@ -80,12 +80,17 @@ def test_the_note_comes_once_and_only_when_the_gpu_waited():
     assert p.note({"host_wait_share": 0.01}) is None  # said once
 
 
-def test_the_note_does_not_suggest_compiling_a_compiled_run():
+def test_the_note_suggests_only_what_the_run_does_not_do_already():
     p = pace_mod.Pace(torch.device("cuda"), compiled=True)
     p.span = (3, 3)
     note = p.note({"host_wait_share": 0.02})
     assert note.startswith("note: the GPU waited for the host in step 3:")
     assert "train.per_device_train_batch_size" in note and "compile" not in note
+    assert "gradient_checkpointing_layers" not in note  # nothing recomputes, or auto chose how many
+    p = pace_mod.Pace(torch.device("cuda"), all_recompute=True)
+    p.span = (3, 3)
+    note = p.note({"host_wait_share": 0.02})
+    assert "train.gradient_checkpointing_layers: auto" in note and "train.compile: true" in note
 
 
 def test_training_logs_the_share_from_the_third_step_and_says_when_the_gpu_waited(recipe_dict, monkeypatch,
@@ -100,6 +105,19 @@ def test_training_logs_the_share_from_the_third_step_and_says_when_the_gpu_waite
     assert all(0 <= r["host_wait_share"] < pace_mod.WAITING for r in rows[2:])
     captured = capsys.readouterr()
     assert (captured.out + captured.err).count("note: the GPU waited for the host in step 3:") == 1
+
+
+@pytest.mark.parametrize("checkpointing, layers, suggested", [(True, 1.0, True), (True, 0.5, False),
+                                                              (True, "auto", False), (False, 1.0, False)])
+def test_training_tells_the_pace_whether_every_layer_recomputes_by_the_recipes_choice(
+        recipe_dict, monkeypatch, checkpointing, layers, suggested):
+    recipe_dict["data"].pop("eval")
+    recipe_dict["train"].update(max_steps=1, gradient_checkpointing=checkpointing,
+                                gradient_checkpointing_layers=layers)
+    made = []
+    monkeypatch.setattr(train_mod, "Pace", lambda device, **kw: made.append(kw) or pace_mod.Pace(device, **kw))
+    train(recipe_from_dict(recipe_dict))
+    assert made == [{"compiled": False, "all_recompute": suggested}]
 
 
 def test_the_wait_is_the_steps_read_of_its_results(recipe_dict, monkeypatch, capsys):
