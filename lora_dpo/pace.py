@@ -78,7 +78,7 @@ class Pace:
                 "that fit)"]
         if self.all_recompute:  # each recomputed layer is a second forward's worth of Python and launches
             ways.append("fewer recomputing layers (train.gradient_checkpointing_layers: auto keeps the activations of "
-                        "as many as fit; the recompute is ~30 % of a step's operator calls)")
+                        "as many as fit; recomputing every layer adds ~30 % to a step's operator calls)")
         if not self.compiled:
             ways.append("train.compile: true (fused kernels launched from generated code: +36 % pairs/s on an H200's "
                         "short-prompt steps, for ~25 s of compiling in the first steps)")

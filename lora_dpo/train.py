@@ -207,8 +207,9 @@ def _run(recipe: Recipe, out: Path, device: torch.device, dtype: torch.dtype, ct
         offload.look_up_ahead(causal_lm(policy), batch.input_ids)  # embeddings kept in CPU memory: looked up now
         return MicroBatch(batch, host.num_tokens(), ref_of(chunk))
 
-    all_recompute = (tcfg.gradient_checkpointing and tcfg.gradient_checkpointing_layers != "auto"
-                     and all(layer.gradient_checkpointing for layer in model_lib.decoder_layers(policy)))
+    layers = model_lib.decoder_layers(policy)
+    all_recompute = (tcfg.gradient_checkpointing and tcfg.gradient_checkpointing_layers != "auto" and bool(layers)
+                     and all(layer.gradient_checkpointing for layer in layers))
     upcoming, pace = None, Pace(device, compiled=tcfg.compile, all_recompute=all_recompute)  # from the loop's third
     # step: the first ones compile kernels
     with _StopSignal() as stop, heap.frozen():  # no full collection walking the libraries' objects mid-step
