@@ -178,8 +178,9 @@ class TrainConfig:
     compile: bool = _f(
         False, "Each decoder layer's attention and MLP through torch.compile (inductor): fewer, fused kernels, "
         "launched from generated code instead of Python operator by operator — for steps that wait on the host "
-        "(small micro-batches on a fast GPU). The first steps compile (a minute or more); generation stays eager. "
-        "Needs a C++ compiler on a CPU and Triton on a GPU.")
+        "(small micro-batches on a fast GPU: +36 % pairs/s on an H200's 4-pair short-prompt steps of an 8B model). "
+        "The first steps compile (~25 s more there; a minute or more on a CPU); generation stays eager. Needs a C++ "
+        "compiler on a CPU and Triton on a GPU.")
     layout: Literal["packed", "shared", "concatenated"] = _f(
         "packed", "How pairs become rows. shared: one [prompt | chosen | rejected] row per pair, the prompt runs "
         "once (4-D mask); packed: shared, and several pairs per row so padding costs nothing; concatenated: "
