@@ -96,7 +96,10 @@ def test_profile_steps_recompute_as_training_does(tiny_model_dir, monkeypatch, c
     monkeypatch.setattr(sys, "argv", ["profile_step.py", "--model", str(tiny_model_dir), "--shapes", "4x4",
                                       "--steps", "2", "--warmup", "1", "--rows", "0",
                                       "--settings", "packed:sdpa,packed:sdpa:vary:loop"])
-    _script("profile_step").main()
+    from lora_dpo.preflight import flushing_denormals
+
+    with flushing_denormals():  # the script flushes subnormal floats process-wide, as training does: restored after
+        _script("profile_step").main()
     out = capsys.readouterr().out
     assert "gradient checkpointing: 2 of 2 decoder layers recompute in backward" in out
     assert "| 4+2×4 | packed:sdpa | " in out
