@@ -5,6 +5,7 @@ Read top to bottom: this is the order things happen in.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -341,6 +342,8 @@ def _load_policy(recipe: Recipe, device: torch.device, dtype: torch.dtype, ctx: 
     share, why = tcfg.gradient_checkpointing_layers, ""
     if tcfg.gradient_checkpointing and share == "auto":
         share, why = _auto_checkpoint_share(recipe, base, device, train_pairs)
+    elif tcfg.gradient_checkpointing:
+        why = _fewer_would_fit(recipe, base, device, train_pairs, share)
     policy = model_lib.attach_lora(base, recipe.lora, seed=tcfg.seed, gradient_checkpointing=tcfg.
                                    gradient_checkpointing, checkpoint_share=share)
     attn = causal_lm(policy).config._attn_implementation
@@ -377,6 +380,23 @@ def _auto_checkpoint_share(recipe: Recipe, base, device: torch.device, pairs: li
         f" (auto: the fewest that fit, predicted peak {gib(est.total)} of {gib(total)} with {AUTO_SPARE:.0%} to spare)"
         if est.fits and est.total <= (1 - AUTO_SPARE) * total else
         f" (auto: all, and even so the predicted peak is {gib(est.total)} of {gib(total)}; see lora-dpo estimate)")
+
+
+def _fewer_would_fit(recipe: Recipe, base, device: torch.device, pairs: list, share: float) -> str:
+    """With the share of recomputing layers a recipe chose, on a GPU: what auto would recompute instead, to print,
+    when that is fewer (each layer left out saves its recompute: faster steps); "" otherwise."""
+    from lora_dpo.estimate import AUTO_SPARE
+    from lora_dpo.recipe import checkpointed_layers
+
+    if device.type != "cuda":
+        return ""
+    n = len(model_lib.decoder_layers(base))
+    as_auto = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, gradient_checkpointing_layers="auto"))
+    fewer = checkpointed_layers(True, _auto_checkpoint_share(as_auto, base, device, pairs)[0], n)
+    if fewer >= checkpointed_layers(True, share, n):
+        return ""
+    return (f" (train.gradient_checkpointing_layers: auto would recompute {fewer} of them on this GPU, predicted to "
+            f"fit with {AUTO_SPARE:.0%} of its memory to spare: faster steps)")
 
 
 def _finish(recipe: Recipe, out: Path, policy, tokenizer, device: torch.device, eval_rows, eval_pairs, before,

@@ -329,6 +329,28 @@ def test_auto_checkpoint_share_plans_against_the_gpu(tiny_model_dir, recipe_dict
     assert got == 1.0 and "auto: all, since estimate models the" in why and "'llama' is not one of them" in why
 
 
+def test_a_recipes_checkpointing_share_says_when_auto_would_recompute_fewer(tiny_model_dir, recipe_dict,
+                                                                           monkeypatch):
+    """Every layer recomputing by the recipe's choice, on a GPU with room: the run says auto would recompute fewer
+    (faster steps) — not when auto would recompute as many, on a CPU, or for a share already at auto's."""
+    from types import SimpleNamespace
+
+    from lora_dpo import model as M
+    from lora_dpo.recipe import ModelConfig, QuantizationConfig
+    from lora_dpo.train import _fewer_would_fit
+
+    base = M.load_base(ModelConfig(name_or_path=str(tiny_model_dir)), QuantizationConfig(), torch.float32,
+                       torch.device("cpu"))
+    recipe_dict["train"].update(gradient_checkpointing=True)
+    recipe, cuda = recipe_from_dict(recipe_dict), torch.device("cuda")
+    for gib, share, said in ((80, 1.0, "auto would recompute 1 of them on this GPU"), (80, 0.5, ""), (0.01, 1.0, "")):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device, n=gib: SimpleNamespace(total_memory=int(n * 2**30)))
+        got = _fewer_would_fit(recipe, base, cuda, [], share)
+        assert (said in got) if said else got == "", (gib, share, got)
+    assert _fewer_would_fit(recipe, base, torch.device("cpu"), [], 1.0) == ""
+
+
 def test_precision_follows_the_device():
     from lora_dpo.model import device_and_dtype
 
