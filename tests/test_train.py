@@ -349,6 +349,8 @@ def test_a_recipes_checkpointing_share_says_when_auto_would_recompute_fewer(tiny
         got = _fewer_would_fit(recipe, base, cuda, [], share)
         assert (said in got) if said else got == "", (gib, share, got)
     assert _fewer_would_fit(recipe, base, torch.device("cpu"), [], 1.0) == ""
+    monkeypatch.setattr(sys.modules["lora_dpo.train"], "_auto_checkpoint_share", lambda *a: 1 / 0)  # it trips
+    assert _fewer_would_fit(recipe, base, cuda, [], 1.0) == ""
 
 
 def test_precision_follows_the_device():
